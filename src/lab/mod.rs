@@ -1,0 +1,1 @@
+//! Real QEMU processes and guests for tests, captures, benchmarks and the demo.

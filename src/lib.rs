@@ -1,0 +1,14 @@
+//! postcopy-sidecar: a sidecar that speaks QEMU's live-migration wire protocol next to a
+//! stock, unpatched QEMU.
+//!
+//! The crate is split so that the protocol knowledge stays testable without any I/O:
+//! - [`wire`]: the sans-IO codec for the forward stream, the preempt channel and the
+//!   return path (pure parse/encode over byte slices);
+//! - [`qmp`]: the QMP control client used to drive and observe QEMU;
+//! - [`lab`]: starting real QEMUs and guests for tests, captures, benchmarks and the demo.
+#![warn(missing_docs)]
+
+pub mod inspect;
+pub mod lab;
+pub mod qmp;
+pub mod wire;

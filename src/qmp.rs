@@ -1,0 +1,1 @@
+//! QMP client used to configure and observe QEMU.

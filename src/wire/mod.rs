@@ -1,0 +1,30 @@
+//! Sans-IO codec for QEMU's migration protocol, specified in `protocol-spec/`.
+//!
+//! Pure parse/encode over byte slices: no sockets, no async, no clocks. Three incremental
+//! decoders cover the three byte streams of a postcopy migration:
+//! - [`StreamDecoder`]: the main channel (file header, configuration, sections, RAM
+//!   records, commands, the device-state package, EOF, VMDESCRIPTION);
+//! - [`PreemptDecoder`]: the postcopy-preempt channel (bare RAM records);
+//! - [`RpDecoder`]: the return path (PONGs, page requests, received bitmaps, ...).
+//!
+//! Each decoder borrows the caller's buffer and returns one event at a time with its
+//! absolute offset and length; every event re-encodes to exactly the bytes it came from.
+
+pub mod command;
+pub mod decoder;
+pub mod error;
+pub mod preempt;
+pub mod primitives;
+pub mod ram;
+pub mod return_path;
+pub mod stream;
+
+pub use command::{Advise, Command, CommandCode};
+pub use decoder::{
+    DecoderOptions, Event, OpaqueTail, PostcopyPhase, Step, StreamDecoder, StreamEnd, coalesce,
+};
+pub use error::{Channel, DecodeError, ErrorKind};
+pub use preempt::PreemptDecoder;
+pub use ram::{BlockEntry, BlockId, PageHeader, RamLayout, RamRecord};
+pub use return_path::{RpDecoder, RpMessage, RpType};
+pub use stream::{Configuration, SectionHeader, SectionKind};
