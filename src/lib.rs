@@ -8,7 +8,11 @@
 //! - [`lab`]: starting real QEMUs and guests for tests, captures, benchmarks and the demo.
 #![warn(missing_docs)]
 
+pub mod capture;
+pub mod control;
+pub mod daemon;
 pub mod inspect;
 pub mod lab;
 pub mod qmp;
+pub mod source;
 pub mod wire;

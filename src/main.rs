@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use postcopy_sidecar::daemon::receive::{ReceiveOptions, receive};
 use postcopy_sidecar::inspect;
+use postcopy_sidecar::source::{SendOptions, send};
 
 /// A sidecar for QEMU postcopy live migration.
 #[derive(Parser)]
@@ -31,10 +33,53 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Carry an incoming migration to the destination QEMU, taking over its page requests.
+    Receive {
+        /// The destination QEMU's QMP socket (QEMU started with -incoming defer).
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Address the source migrates to, e.g. 0.0.0.0:4444.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Write the JSON report here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Use the postcopy-preempt channel (enable it on the source too).
+        #[arg(long)]
+        preempt: bool,
+        /// No live view even on a terminal.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Drive a source QEMU to migrate (with postcopy) to an address, and wait for the end.
+    Send {
+        /// The source QEMU's QMP socket.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Where to migrate to (the sidecar's --listen address).
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        /// Switch to postcopy this many seconds after starting; omit to stay in precopy.
+        #[arg(long)]
+        postcopy_after: Option<f64>,
+        /// Use the postcopy-preempt channel.
+        #[arg(long)]
+        preempt: bool,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600.0)]
+        timeout: f64,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match cli.command {
         Cmd::Inspect {
             stream,
@@ -42,7 +87,83 @@ fn main() -> ExitCode {
             preempt,
             json,
         } => run_inspect(stream, return_path, preempt, json),
+        Cmd::Receive {
+            qmp,
+            listen,
+            report,
+            preempt,
+            quiet,
+        } => {
+            use std::io::IsTerminal;
+            let opts = ReceiveOptions {
+                qmp,
+                listen,
+                preempt,
+                report,
+                live: !quiet && std::io::stderr().is_terminal(),
+            };
+            runtime().block_on(async move {
+                match receive(opts).await {
+                    Ok(r) => {
+                        print!("{}", r.table());
+                        match &r.error {
+                            None => ExitCode::SUCCESS,
+                            Some(e) => {
+                                eprintln!("error: {e}");
+                                ExitCode::from(1)
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+        Cmd::Send {
+            qmp,
+            to,
+            postcopy_after,
+            preempt,
+            timeout,
+        } => {
+            let opts = SendOptions {
+                qmp,
+                to,
+                postcopy_after: postcopy_after.map(std::time::Duration::from_secs_f64),
+                preempt,
+                timeout: std::time::Duration::from_secs_f64(timeout),
+            };
+            runtime().block_on(async move {
+                match send(&opts).await {
+                    Ok(r) => {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&r).expect("report serialises")
+                        );
+                        if r.status == "completed" {
+                            ExitCode::SUCCESS
+                        } else {
+                            eprintln!("error: migration ended in state {}", r.status);
+                            ExitCode::from(1)
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("error: source QMP: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
     }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 fn run_inspect(

@@ -194,13 +194,15 @@ pub fn parse_command(input: &[u8]) -> PResult<'_, Command<'_>> {
     let code = CommandCode(code);
     let name = code.name();
     let (rest, payload) = bytes(len as usize)(i)?;
+    // Length errors point at the length field (after the type byte and the command number).
+    let len_field = &input[3..];
     let cmd = match code {
         CommandCode::OPEN_RETURN_PATH => {
-            fixed_len(i, name, len, 0)?;
+            fixed_len(len_field, name, len, 0)?;
             Command::OpenReturnPath
         }
         CommandCode::PING => {
-            fixed_len(i, name, len, 4)?;
+            fixed_len(len_field, name, len, 4)?;
             Command::Ping(u32_(payload)?.1)
         }
         CommandCode::POSTCOPY_ADVISE => match len {
@@ -228,7 +230,7 @@ pub fn parse_command(input: &[u8]) -> PResult<'_, Command<'_>> {
             }
             _ => {
                 return fail(
-                    i,
+                    len_field,
                     ErrorKind::BadCommandLength {
                         name,
                         len,
@@ -238,26 +240,26 @@ pub fn parse_command(input: &[u8]) -> PResult<'_, Command<'_>> {
             }
         },
         CommandCode::POSTCOPY_LISTEN => {
-            fixed_len(i, name, len, 0)?;
+            fixed_len(len_field, name, len, 0)?;
             Command::PostcopyListen
         }
         CommandCode::POSTCOPY_RUN => {
-            fixed_len(i, name, len, 0)?;
+            fixed_len(len_field, name, len, 0)?;
             Command::PostcopyRun
         }
         CommandCode::POSTCOPY_RAM_DISCARD => parse_discard(payload)?.1,
         CommandCode::PACKAGED => {
-            fixed_len(i, name, len, 4)?;
+            fixed_len(len_field, name, len, 4)?;
             Command::Packaged {
                 length: u32_(payload)?.1,
             }
         }
         CommandCode::ENABLE_COLO => {
-            fixed_len(i, name, len, 0)?;
+            fixed_len(len_field, name, len, 0)?;
             Command::EnableColo
         }
         CommandCode::POSTCOPY_RESUME => {
-            fixed_len(i, name, len, 0)?;
+            fixed_len(len_field, name, len, 0)?;
             Command::PostcopyResume
         }
         CommandCode::RECV_BITMAP => {
@@ -265,7 +267,7 @@ pub fn parse_command(input: &[u8]) -> PResult<'_, Command<'_>> {
                 Ok(v) => v,
                 Err(_) => {
                     return fail(
-                        i,
+                        len_field,
                         ErrorKind::BadCommandLength {
                             name,
                             len,
@@ -276,7 +278,7 @@ pub fn parse_command(input: &[u8]) -> PResult<'_, Command<'_>> {
             };
             if !p.is_empty() || block.is_empty() {
                 return fail(
-                    i,
+                    len_field,
                     ErrorKind::BadCommandLength {
                         name,
                         len,
@@ -287,7 +289,7 @@ pub fn parse_command(input: &[u8]) -> PResult<'_, Command<'_>> {
             Command::RecvBitmap { block }
         }
         CommandCode::SWITCHOVER_START => {
-            fixed_len(i, name, len, 0)?;
+            fixed_len(len_field, name, len, 0)?;
             Command::SwitchoverStart
         }
         other => return fail(&input[1..], ErrorKind::UnknownCommand(other.0)),

@@ -205,7 +205,8 @@ pub struct DecoderOptions {
 }
 
 /// Incremental decoder of the main stream. See the module docs for the calling contract.
-#[derive(Debug)]
+/// Cloning snapshots the decoder (e.g. to judge a stream's end without consuming it).
+#[derive(Debug, Clone)]
 pub struct StreamDecoder {
     offset: u64,
     mode: Mode,
@@ -319,7 +320,7 @@ impl StreamDecoder {
                     return Ok(Step::NeedMore);
                 }
                 Err(nom::Err::Error(e) | nom::Err::Failure(e)) => {
-                    let at = self.offset + (inp.len() - e.input.len().min(inp.len())) as u64;
+                    let at = self.offset + error_position(inp, e.input) as u64;
                     return Err(self.poison(at, e.kind));
                 }
             }
@@ -722,6 +723,17 @@ impl StreamDecoder {
             }
         }
         None
+    }
+}
+
+/// Position within `inp` of the slice a parser failed at. Errors may be raised on a
+/// sub-slice that is not a suffix of the input (e.g. a command's payload), so the
+/// position comes from the slice's address, not from its remaining length.
+fn error_position(inp: &[u8], at: &[u8]) -> usize {
+    let base = inp.as_ptr() as usize;
+    match (at.as_ptr() as usize).checked_sub(base) {
+        Some(pos) if pos <= inp.len() => pos,
+        _ => inp.len() - at.len().min(inp.len()),
     }
 }
 

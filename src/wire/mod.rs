@@ -10,6 +10,7 @@
 //! Each decoder borrows the caller's buffer and returns one event at a time with its
 //! absolute offset and length; every event re-encodes to exactly the bytes it came from.
 
+pub mod check;
 pub mod command;
 pub mod decoder;
 pub mod error;

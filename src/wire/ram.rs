@@ -303,7 +303,8 @@ pub fn parse_ram_record<'a>(
             if ctx != RamContext::SectionStart {
                 return fail(input, ErrorKind::MisplacedMemSize);
             }
-            chan.list_remaining = Some(offset);
+            // QEMU's loader reads block entries while bytes remain: none for a zero total.
+            chan.list_remaining = (offset != 0).then_some(offset);
             Ok((i, RamRecord::MemSize { total: offset }))
         }
         FLAG_HOOK => fail(input, ErrorKind::RamHook),

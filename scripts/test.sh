@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The project's one test command: installs what the tests need (QEMU 10.0 and 7.2, the
+# guest kernel, the guest initramfs, cargo-fuzz), then runs every check and test.
+# Usage: ./scripts/test.sh        (CI runs exactly this through .ci/run)
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+export CARGO_TERM_COLOR=never
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "setting up the host (QEMU, guest kernel, guest initramfs)"
+"$REPO/scripts/setup.sh"
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets -- -D warnings
+
+step "building (release, used by the interop tests and benchmarks)"
+cargo build --release --all-targets
+
+step "tests: codec, daemon, interop against real QEMU and a real Linux guest"
+# Guests under TCG on two cores: run interop cases one at a time.
+cargo test --release -- --test-threads=1
+
+step "fuzz smoke run over the committed corpus"
+"$REPO/scripts/fuzz-smoke.sh"

@@ -1,0 +1,10 @@
+//! `postcopy-sidecar receive`: the destination-side daemon that carries a migration
+//! between the source QEMU and the destination QEMU, decoding it and taking over the
+//! return path's page requests.
+
+pub mod live;
+pub mod receive;
+pub mod relay;
+pub mod report;
+pub mod stats;
+pub mod tracker;

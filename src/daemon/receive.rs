@@ -1,0 +1,246 @@
+//! Orchestration of `receive`: attach to the destination QEMU over QMP, check and
+//! configure it, make it listen on a private endpoint, accept the source's connections,
+//! run the pumps, wait for the end, and report.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::task::JoinSet;
+
+use super::live::LiveView;
+use super::relay::{self, RelayError, Shared};
+use super::report::{DestinationInfo, Report};
+use crate::control::MigrationControl;
+use crate::qmp::{Qmp, QmpError};
+
+/// Options of `receive`.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// The destination QEMU's QMP socket.
+    pub qmp: PathBuf,
+    /// Where the source connects.
+    pub listen: SocketAddr,
+    /// Use the postcopy-preempt channel.
+    pub preempt: bool,
+    /// Write the JSON report here.
+    pub report: Option<PathBuf>,
+    /// Show the live view (on a terminal).
+    pub live: bool,
+}
+
+/// Why `receive` could not carry the migration.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// QMP failed.
+    #[error("destination QMP: {0}")]
+    Qmp(#[from] QmpError),
+    /// A RAM backend the sidecar cannot serve.
+    #[error(
+        "RAM backend '{id}' is {kind}{share}; postcopy through the sidecar needs guest RAM in a shared memfd: start QEMU with `-object memory-backend-memfd,id={id},size=...,share=on -machine memory-backend={id}` (libvirt: <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>)"
+    )]
+    UnsupportedBackend {
+        /// Backend id.
+        id: String,
+        /// Its QOM type.
+        kind: String,
+        /// ", share=off" when that is the problem.
+        share: &'static str,
+    },
+    /// Guest RAM without any memory backend (legacy `-m`).
+    #[error(
+        "guest RAM block '{0}' has no memory backend (legacy -m); start QEMU with `-object memory-backend-memfd,id=m,size=...,share=on -machine memory-backend=m`"
+    )]
+    LegacyRam(String),
+    /// Local socket setup failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// A channel failed.
+    #[error("{0}")]
+    Relay(#[from] RelayError),
+    /// The destination reported failure.
+    #[error("destination migration ended in state '{0}'")]
+    DestinationFailed(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ReceiveError {
+    let what = what.into();
+    move |source| ReceiveError::Io { what, source }
+}
+
+/// Checks that every guest-RAM backend is a shared memfd (the sidecar's guarded reads and
+/// QEMU's own shared-memory postcopy rely on it).
+pub async fn check_backends(qmp: &Qmp) -> Result<(), ReceiveError> {
+    let backends = qmp.memory_backends().await?;
+    for b in &backends {
+        let memfd = b.qom_type == "memory-backend-memfd";
+        if !memfd || !b.share {
+            return Err(ReceiveError::UnsupportedBackend {
+                id: b.id.clone(),
+                kind: b.qom_type.clone(),
+                share: if memfd { ", share=off" } else { "" },
+            });
+        }
+    }
+    let blocks = qmp.ram_blocks().await?;
+    for blk in blocks {
+        if blk.name == "pc.ram" && backends.is_empty() {
+            return Err(ReceiveError::LegacyRam(blk.name));
+        }
+    }
+    Ok(())
+}
+
+/// Runs one migration through the sidecar and returns its report (also written/printed).
+pub async fn receive(opts: ReceiveOptions) -> Result<Report, ReceiveError> {
+    let qmp = Qmp::connect(&opts.qmp).await?;
+    let (maj, min, mic) = qmp.version().await?;
+    let mut dest = DestinationInfo {
+        qemu_version: format!("{maj}.{min}.{mic}"),
+        machine: qmp.machine_type().await.unwrap_or_default(),
+        ..Default::default()
+    };
+    check_backends(&qmp).await?;
+    tracing::info!(version = %dest.qemu_version, machine = %dest.machine, "destination attached");
+
+    let private = tempfile::Builder::new()
+        .prefix("postcopy-sidecar-")
+        .tempdir()
+        .map_err(io(
+            "creating the private directory for the destination endpoint",
+        ))?;
+    let endpoint = private.path().join("incoming.sock");
+    let mut caps = vec![
+        ("postcopy-ram", true),
+        ("return-path", true),
+        ("postcopy-blocktime", true),
+    ];
+    if opts.preempt {
+        caps.push(("postcopy-preempt", true));
+    }
+    qmp.set_capabilities(&caps).await?;
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .map_err(io(format!("listening on {}", opts.listen)))?;
+    qmp.migrate_incoming(&format!("unix:{}", endpoint.display()))
+        .await?;
+    tracing::info!(listen = %opts.listen, endpoint = %endpoint.display(), "waiting for the source");
+
+    let shared = Arc::new(Shared::default());
+    let live = opts.live.then(|| LiveView::start(shared.clone()));
+    let result = carry(&listener, &endpoint, opts.preempt, shared.clone(), &qmp).await;
+    if let Some(l) = live {
+        l.finish();
+    }
+
+    let status = qmp
+        .migrate_status()
+        .await
+        .unwrap_or_else(|_| "unknown".into());
+    dest.running = qmp.is_running().await.unwrap_or(false);
+    dest.postcopy_blocktime_ms = qmp.postcopy_blocktime_ms().await.ok().flatten();
+    dest.migration_status = status.clone();
+    let error = match result {
+        Err(e) => Some(e.to_string()),
+        Ok(()) if status != "completed" => {
+            Some(ReceiveError::DestinationFailed(status).to_string())
+        }
+        Ok(()) if !dest.running => {
+            Some("destination VM is not running after the migration".to_string())
+        }
+        Ok(()) => None,
+    };
+    let stats = shared.stats.lock().expect("stats lock").clone();
+    let tracker = shared.tracker.lock().expect("tracker lock");
+    let report = Report::build(&stats, tracker.as_ref(), dest, opts.preempt, error);
+    drop(tracker);
+    if let Some(p) = &opts.report {
+        write_report(p, &report)?;
+    }
+    Ok(report)
+}
+
+fn write_report(path: &Path, report: &Report) -> Result<(), ReceiveError> {
+    let json = serde_json::to_vec_pretty(report).expect("report serialises");
+    std::fs::write(path, json).map_err(io(format!("writing the report to {}", path.display())))
+}
+
+async fn accept(listener: &TcpListener) -> Result<TcpStream, ReceiveError> {
+    let (s, peer) = listener
+        .accept()
+        .await
+        .map_err(io("accepting the source"))?;
+    s.set_nodelay(true).map_err(io("setting TCP_NODELAY"))?;
+    tracing::info!(%peer, "source connected");
+    Ok(s)
+}
+
+async fn connect_destination(endpoint: &Path) -> Result<UnixStream, ReceiveError> {
+    UnixStream::connect(endpoint).await.map_err(io(format!(
+        "connecting to the destination at {}",
+        endpoint.display()
+    )))
+}
+
+/// Accepts the source's channels in order and connects each to the destination in the same
+/// order (protocol-spec/preempt.md#preempt-channel), then waits for every pump and for the
+/// destination to report the end of the migration. The preempt connection is awaited
+/// alongside the main channel: a migration that completes in precopy never opens it.
+async fn carry(
+    listener: &TcpListener,
+    endpoint: &Path,
+    preempt: bool,
+    shared: Arc<Shared>,
+    qmp: &Qmp,
+) -> Result<(), ReceiveError> {
+    let src = accept(listener).await?;
+    shared.stats.lock().expect("stats lock").started = std::time::Instant::now();
+    let dst = connect_destination(endpoint).await?;
+    let (src_r, src_w) = src.into_split();
+    let (dst_r, dst_w) = dst.into_split();
+    let mut pumps: JoinSet<Result<(), RelayError>> = JoinSet::new();
+    let sh = shared.clone();
+    pumps.spawn(async move { relay::forward_main(src_r, dst_w, sh).await.map(|_| ()) });
+    pumps.spawn(relay::relay_return_path(dst_r, src_w, shared.clone()));
+    let mut want_preempt = preempt;
+    let result = loop {
+        tokio::select! {
+            second = accept(listener), if want_preempt => {
+                want_preempt = false;
+                let src2 = second?;
+                let dst2 = connect_destination(endpoint).await?;
+                tracing::info!("preempt channel connected");
+                let (s_r, s_w) = src2.into_split();
+                let (d_r, d_w) = dst2.into_split();
+                pumps.spawn(relay::forward_preempt(s_r, d_w, shared.clone()));
+                pumps.spawn(relay::drain_preempt_reverse(d_r, s_w));
+            }
+            done = pumps.join_next() => match done {
+                None => break Ok(()),
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => break Err(e),
+                Some(Err(join)) => break Err(RelayError::Io {
+                    channel: crate::wire::Channel::Main,
+                    side: "pump task",
+                    source: std::io::Error::other(join.to_string()),
+                }),
+            }
+        }
+    };
+    // The first pump to fail ends the migration: aborting the others drops every socket,
+    // so both QEMUs see the break at once instead of hanging.
+    pumps.abort_all();
+    result?;
+    let status = qmp.wait_migration_end(Duration::from_secs(120)).await?;
+    if status != "completed" {
+        return Err(ReceiveError::DestinationFailed(status));
+    }
+    Ok(())
+}

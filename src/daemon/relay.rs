@@ -1,0 +1,474 @@
+//! The data path: async pumps that carry each channel between the source and the
+//! destination while decoding it. Only bytes that decoded cleanly are forwarded, and they
+//! are forwarded as slices of the read buffer (`BytesMut::split_to`), never copied in user
+//! space. Page requests on the return path go through the [`PageTracker`].
+//!
+//! The pumps are generic over `AsyncRead`/`AsyncWrite`, so tests drive them with in-memory
+//! pipes and real captures, without QEMU.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::stats::Stats;
+use super::tracker::{PageTracker, RequestDecision};
+use crate::wire::{
+    Channel, Command, DecodeError, Event, PostcopyPhase, PreemptDecoder, RamLayout, RamRecord,
+    RpDecoder, RpMessage, Step, StreamDecoder, StreamEnd,
+};
+
+/// Read size per socket read: small enough that bulk pages never pile up in the sidecar
+/// ahead of an urgent one (reference: head-of-line blocking behind a relay's buffers).
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Why a channel stopped carrying data.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Bytes that do not decode; nothing from the bad record on was forwarded.
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    /// A socket failed.
+    #[error("{channel} {side}: {source}")]
+    Io {
+        /// Channel.
+        channel: Channel,
+        /// "reading from the source" etc.
+        side: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The destination sent bytes on a channel where it never sends any.
+    #[error("destination sent {0} unexpected bytes on the preempt channel")]
+    UnexpectedPreemptData(usize),
+}
+
+/// State shared by the pumps of one migration.
+pub struct Shared {
+    /// Takeover state; created once the RAM block list is known.
+    pub tracker: Mutex<Option<PageTracker>>,
+    /// Byte and page counters.
+    pub stats: Mutex<Stats>,
+    /// Block table and target page size, published when the block list is complete
+    /// (the preempt channel waits for it before decoding).
+    pub layout: watch::Sender<Option<(RamLayout, u64)>>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            tracker: Mutex::new(None),
+            stats: Mutex::new(Stats::default()),
+            layout: watch::Sender::new(None),
+        }
+    }
+}
+
+fn io_err(channel: Channel, side: &'static str) -> impl FnOnce(std::io::Error) -> RelayError {
+    move |source| RelayError::Io {
+        channel,
+        side,
+        source,
+    }
+}
+
+/// A page seen in the stream, applied to the tracker in one batch per read.
+#[derive(Clone, Copy)]
+struct Delivery {
+    block: usize,
+    offset: u64,
+    zero: bool,
+    postcopy: bool,
+    wire_len: usize,
+}
+
+/// Carries the main channel from the source (`src`) to the destination (`dst`), decoding
+/// every record. Returns how the stream ended.
+pub async fn forward_main<R, W>(
+    mut src: R,
+    mut dst: W,
+    shared: Arc<Shared>,
+) -> Result<StreamEnd, RelayError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let ch = Channel::Main;
+    let mut dec = StreamDecoder::default();
+    let mut buf = BytesMut::with_capacity(4 * READ_CHUNK);
+    let mut deliveries = Vec::new();
+    loop {
+        if buf.capacity() - buf.len() < READ_CHUNK {
+            buf.reserve(4 * READ_CHUNK);
+        }
+        let n = src
+            .read_buf(&mut buf)
+            .await
+            .map_err(io_err(ch, "reading from the source"))?;
+        if n == 0 {
+            let end = dec.finish(&buf)?;
+            dst.shutdown()
+                .await
+                .map_err(io_err(ch, "closing towards the destination"))?;
+            return Ok(end);
+        }
+        let mut consumed = 0;
+        let mut opaque = 0u64;
+        let mut ram_bytes_layout_ready = false;
+        loop {
+            let step = dec.next(&buf[consumed..]);
+            let (len, event) = match step {
+                Ok(Step::Event { len, event, .. }) => (len, event),
+                Ok(Step::NeedMore) => break,
+                Err(e) => {
+                    // Forward what decoded before the bad record, then stop.
+                    let good = buf.split_to(consumed).freeze();
+                    let _ = dst.write_all(&good).await;
+                    return Err(e.into());
+                }
+            };
+            consumed += len;
+            let postcopy = dec.phase() >= PostcopyPhase::Listening;
+            match &event {
+                Event::Ram(rec) => {
+                    if let Some(h) = rec.page_header() {
+                        deliveries.push(Delivery {
+                            block: h.block,
+                            offset: h.offset,
+                            zero: matches!(rec, RamRecord::Zero { .. }),
+                            postcopy,
+                            wire_len: len,
+                        });
+                    } else if *rec == RamRecord::Eos && shared.layout.borrow().is_none() {
+                        ram_bytes_layout_ready = true;
+                    }
+                }
+                Event::Command(c) => apply_command(&shared, &dec, c),
+                Event::Opaque(d) => opaque += d.len() as u64,
+                _ => {}
+            }
+            if ram_bytes_layout_ready {
+                ram_bytes_layout_ready = false;
+                publish_layout(&shared, &dec);
+            }
+        }
+        let now = Instant::now();
+        account(
+            &shared,
+            &deliveries,
+            now,
+            Channel::Main,
+            consumed,
+            opaque,
+            dec.phase(),
+        );
+        deliveries.clear();
+        if consumed > 0 {
+            let out = buf.split_to(consumed).freeze();
+            dst.write_all(&out)
+                .await
+                .map_err(io_err(ch, "writing to the destination"))?;
+        }
+    }
+}
+
+fn publish_layout(shared: &Shared, dec: &StreamDecoder) {
+    let layout = dec.layout().clone();
+    let tps = dec.target_page_size();
+    shared
+        .tracker
+        .lock()
+        .expect("tracker lock")
+        .get_or_insert_with(|| PageTracker::new(&layout, tps));
+    shared.layout.send_replace(Some((layout, tps)));
+}
+
+fn apply_command(shared: &Shared, dec: &StreamDecoder, c: &Command<'_>) {
+    let mut stats = shared.stats.lock().expect("stats lock");
+    stats.command(c.name(), Instant::now(), dec.phase());
+    drop(stats);
+    if let Command::PostcopyRamDiscard { block, .. } = c {
+        let mut tr = shared.tracker.lock().expect("tracker lock");
+        if tr.is_none() {
+            drop(tr);
+            publish_layout(shared, dec);
+            tr = shared.tracker.lock().expect("tracker lock");
+        }
+        if let Some(t) = tr.as_mut()
+            && let Some(b) = t.block_index(block)
+        {
+            for (start, len) in c.discard_ranges() {
+                t.discarded(b, start, len);
+            }
+        }
+    }
+}
+
+fn account(
+    shared: &Shared,
+    deliveries: &[Delivery],
+    now: Instant,
+    channel: Channel,
+    bytes: usize,
+    opaque: u64,
+    phase: PostcopyPhase,
+) {
+    let mut latencies = Vec::new();
+    if !deliveries.is_empty() {
+        let mut tr = shared.tracker.lock().expect("tracker lock");
+        if let Some(t) = tr.as_mut() {
+            for d in deliveries {
+                if let Some(w) = t.delivered(d.block, d.offset, d.zero, now) {
+                    latencies.push(w);
+                }
+            }
+        }
+    }
+    let mut s = shared.stats.lock().expect("stats lock");
+    s.channel_bytes(channel, bytes as u64);
+    s.opaque_bytes += opaque;
+    s.phase = s.phase.max(phase);
+    for d in deliveries {
+        s.page(d.postcopy, d.zero, d.wire_len as u64);
+    }
+    s.served += latencies.len() as u64;
+}
+
+/// Carries a preempt channel from the source to the destination. It waits for the main
+/// channel's block table before decoding (QEMU 7.2 opens this channel at the very start).
+pub async fn forward_preempt<R, W>(
+    mut src: R,
+    mut dst: W,
+    shared: Arc<Shared>,
+) -> Result<(), RelayError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let ch = Channel::Preempt;
+    let mut buf = BytesMut::with_capacity(4 * READ_CHUNK);
+    let mut dec: Option<PreemptDecoder> = None;
+    let mut layout_rx = shared.layout.subscribe();
+    let mut deliveries = Vec::new();
+    loop {
+        if buf.capacity() - buf.len() < READ_CHUNK {
+            buf.reserve(4 * READ_CHUNK);
+        }
+        let n = src
+            .read_buf(&mut buf)
+            .await
+            .map_err(io_err(ch, "reading from the source"))?;
+        if n == 0 && buf.is_empty() {
+            dst.shutdown()
+                .await
+                .map_err(io_err(ch, "closing towards the destination"))?;
+            return Ok(());
+        }
+        if dec.is_none() {
+            // Bytes before the block table is known: wait for it, then decode.
+            let ready = layout_rx
+                .wait_for(Option::is_some)
+                .await
+                .map(|v| v.clone())
+                .ok()
+                .flatten();
+            if let Some((layout, tps)) = ready {
+                dec = Some(PreemptDecoder::new(tps, layout));
+            }
+        }
+        let Some(d) = dec.as_mut() else {
+            continue;
+        };
+        let mut consumed = 0;
+        loop {
+            match d.next(&buf[consumed..]) {
+                Ok(Step::Event { len, event, .. }) => {
+                    consumed += len;
+                    if let Some(h) = event.page_header() {
+                        deliveries.push(Delivery {
+                            block: h.block,
+                            offset: h.offset,
+                            zero: matches!(event, RamRecord::Zero { .. }),
+                            postcopy: true,
+                            wire_len: len,
+                        });
+                    }
+                }
+                Ok(Step::NeedMore) => break,
+                Err(e) => {
+                    let good = buf.split_to(consumed).freeze();
+                    let _ = dst.write_all(&good).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        account(
+            &shared,
+            &deliveries,
+            Instant::now(),
+            ch,
+            consumed,
+            0,
+            PostcopyPhase::None,
+        );
+        deliveries.clear();
+        if consumed > 0 {
+            let out = buf.split_to(consumed).freeze();
+            dst.write_all(&out)
+                .await
+                .map_err(io_err(ch, "writing to the destination"))?;
+        }
+        if n == 0 {
+            d.finish(&buf)?;
+            dst.shutdown()
+                .await
+                .map_err(io_err(ch, "closing towards the destination"))?;
+            return Ok(());
+        }
+    }
+}
+
+/// Drains the destination side of a preempt connection, which QEMU never writes to; it
+/// only closes it at the end.
+pub async fn drain_preempt_reverse<R, W>(mut from_dst: R, mut to_src: W) -> Result<(), RelayError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut b = [0u8; 512];
+    let n = from_dst
+        .read(&mut b)
+        .await
+        .map_err(io_err(Channel::Preempt, "reading from the destination"))?;
+    if n > 0 {
+        return Err(RelayError::UnexpectedPreemptData(n));
+    }
+    let _ = to_src.shutdown().await;
+    Ok(())
+}
+
+/// Carries the return path from the destination to the source, taking over page requests:
+/// each one is recorded, and only pages the stream will not bring anyway are asked of the
+/// source, always in the REQ_PAGES_ID form (the two legs' "previous block" differ once
+/// the sidecar drops a request; protocol-spec/return-path.md#rp-req-pages).
+pub async fn relay_return_path<R, W>(
+    mut from_dst: R,
+    mut to_src: W,
+    shared: Arc<Shared>,
+) -> Result<(), RelayError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let ch = Channel::ReturnPath;
+    let mut dec = RpDecoder::new();
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut out = Vec::with_capacity(4096);
+    loop {
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        let n = from_dst
+            .read_buf(&mut buf)
+            .await
+            .map_err(io_err(ch, "reading from the destination"))?;
+        if n == 0 {
+            dec.finish(&buf)?;
+            to_src
+                .shutdown()
+                .await
+                .map_err(io_err(ch, "closing towards the source"))?;
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut consumed = 0;
+        let mut received = 0u64;
+        loop {
+            let (len, msg) = match dec.next(&buf[consumed..]) {
+                Ok(Step::Event { len, event, .. }) => (len, event),
+                Ok(Step::NeedMore) => break,
+                Err(e) => {
+                    let _ = to_src.write_all(&out).await;
+                    return Err(e.into());
+                }
+            };
+            let raw = &buf[consumed..consumed + len];
+            consumed += len;
+            received += len as u64;
+            let request = match &msg {
+                RpMessage::ReqPagesId { start, len, block } => Some((*start, *len, block.to_vec())),
+                RpMessage::ReqPages { start, len } => {
+                    Some((*start, *len, dec.last_block().unwrap_or_default().to_vec()))
+                }
+                _ => None,
+            };
+            let Some((start, len, block)) = request else {
+                shared
+                    .stats
+                    .lock()
+                    .expect("stats lock")
+                    .rp_message(msg.name());
+                out.extend_from_slice(raw);
+                continue;
+            };
+            if forward_request(&shared, &block, start, len, now) {
+                RpMessage::ReqPagesId {
+                    start,
+                    len,
+                    block: &block,
+                }
+                .encode(&mut out);
+            }
+        }
+        buf.advance_to(consumed);
+        shared
+            .stats
+            .lock()
+            .expect("stats lock")
+            .channel_bytes(ch, received);
+        if !out.is_empty() {
+            to_src
+                .write_all(&out)
+                .await
+                .map_err(io_err(ch, "writing to the source"))?;
+            out.clear();
+        }
+    }
+}
+
+/// Records a request and says whether it must go on to the source.
+fn forward_request(shared: &Shared, block: &[u8], start: u64, len: u32, now: Instant) -> bool {
+    let mut tr = shared.tracker.lock().expect("tracker lock");
+    let Some(t) = tr.as_mut() else {
+        return true;
+    };
+    let Some(b) = t.block_index(block) else {
+        return true;
+    };
+    let decisions = t.requested(b, start, u64::from(len), now);
+    let forward = decisions
+        .iter()
+        .any(|(_, d)| *d == RequestDecision::Forward);
+    if forward {
+        t.forwarded_message();
+    }
+    drop(tr);
+    shared
+        .stats
+        .lock()
+        .expect("stats lock")
+        .request(now, forward, decisions.len() as u64);
+    forward
+}
+
+trait AdvanceTo {
+    fn advance_to(&mut self, n: usize);
+}
+
+impl AdvanceTo for BytesMut {
+    fn advance_to(&mut self, n: usize) {
+        let _ = self.split_to(n);
+    }
+}

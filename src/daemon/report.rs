@@ -1,0 +1,208 @@
+//! The final report of a carried migration: JSON for machines (`--report FILE`) and a
+//! readable table for people (stdout). Built from the live [`Stats`] and the tracker.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::stats::{ChannelBytes, PhaseFigures, Stats};
+use super::tracker::{BlockFigures, LatencyFigures, PageTracker, RequestFigures};
+
+/// What the destination QEMU said about itself.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct DestinationInfo {
+    /// QEMU version, e.g. `10.0.2`.
+    pub qemu_version: String,
+    /// Machine type.
+    pub machine: String,
+    /// `query-migrate` status at the end.
+    pub migration_status: String,
+    /// Whether the VM was running at the end.
+    pub running: bool,
+    /// Destination's own vCPU blocktime (ms), when QEMU reports it.
+    pub postcopy_blocktime_ms: Option<u64>,
+}
+
+/// Milestones, in ms since the sidecar accepted the source.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Timeline {
+    /// POSTCOPY_ADVISE forwarded.
+    pub advise_ms: Option<u64>,
+    /// POSTCOPY_LISTEN forwarded (switch to postcopy).
+    pub listen_ms: Option<u64>,
+    /// POSTCOPY_RUN forwarded.
+    pub run_ms: Option<u64>,
+    /// Migration complete.
+    pub total_ms: u64,
+}
+
+/// The report of one migration.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Report {
+    /// "completed", or "failed".
+    pub outcome: String,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    /// Destination facts.
+    pub destination: DestinationInfo,
+    /// Milestones.
+    pub timeline: Timeline,
+    /// Whether the preempt channel was used.
+    pub preempt: bool,
+    /// Pages and bytes before POSTCOPY_LISTEN.
+    pub precopy: PhaseFigures,
+    /// Pages and bytes from POSTCOPY_LISTEN on.
+    pub postcopy: PhaseFigures,
+    /// Device-state bytes passed through unframed (protocol-spec/device-state.md).
+    pub opaque_bytes: u64,
+    /// Bytes by channel.
+    pub bytes: ChannelBytes,
+    /// Commands by name.
+    pub commands: BTreeMap<String, u64>,
+    /// Return-path messages other than requests, by name.
+    pub return_path_messages: BTreeMap<String, u64>,
+    /// Page requests.
+    pub requests: RequestFigures,
+    /// Fault-service latency.
+    pub latency: LatencyFigures,
+    /// Per RAM block.
+    pub blocks: Vec<BlockFigures>,
+}
+
+impl Report {
+    /// Builds the report from the live state.
+    pub fn build(
+        stats: &Stats,
+        tracker: Option<&PageTracker>,
+        destination: DestinationInfo,
+        preempt: bool,
+        error: Option<String>,
+    ) -> Report {
+        let ms = |k: &str| {
+            stats
+                .milestones
+                .get(k)
+                .map(|t| t.saturating_duration_since(stats.started).as_millis() as u64)
+        };
+        Report {
+            outcome: if error.is_none() {
+                "completed"
+            } else {
+                "failed"
+            }
+            .to_string(),
+            error,
+            destination,
+            timeline: Timeline {
+                advise_ms: ms("advise"),
+                listen_ms: ms("listen"),
+                run_ms: ms("run"),
+                total_ms: stats.started.elapsed().as_millis() as u64,
+            },
+            preempt,
+            precopy: stats.precopy.clone(),
+            postcopy: stats.postcopy.clone(),
+            opaque_bytes: stats.opaque_bytes,
+            bytes: stats.bytes.clone(),
+            commands: stats.commands.clone(),
+            return_path_messages: stats.rp_messages.clone(),
+            requests: tracker
+                .map(PageTracker::request_figures)
+                .unwrap_or_default(),
+            latency: tracker
+                .map(PageTracker::latency_figures)
+                .unwrap_or_default(),
+            blocks: tracker.map(PageTracker::block_figures).unwrap_or_default(),
+        }
+    }
+
+    /// The human-readable table printed at the end.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let d = &self.destination;
+        let _ = writeln!(
+            s,
+            "migration {}{}",
+            self.outcome,
+            self.error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            s,
+            "destination  QEMU {} ({}), status {}, {}",
+            d.qemu_version,
+            d.machine,
+            d.migration_status,
+            if d.running { "running" } else { "not running" }
+        );
+        let t = &self.timeline;
+        let opt = |v: Option<u64>| v.map(|x| format!("{x} ms")).unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            s,
+            "timeline     advise {}, listen {}, run {}, total {} ms",
+            opt(t.advise_ms),
+            opt(t.listen_ms),
+            opt(t.run_ms),
+            t.total_ms
+        );
+        let _ = writeln!(
+            s,
+            "{:<12} {:>12} {:>12} {:>14}",
+            "phase", "pages", "zero pages", "bytes"
+        );
+        for (name, f) in [("precopy", &self.precopy), ("postcopy", &self.postcopy)] {
+            let _ = writeln!(
+                s,
+                "{:<12} {:>12} {:>12} {:>14}",
+                name, f.pages, f.zero_pages, f.bytes
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:<12} {:>12} {:>12} {:>14}",
+            "device state", "-", "-", self.opaque_bytes
+        );
+        let b = &self.bytes;
+        let _ = writeln!(
+            s,
+            "channels     main {} B, preempt {} B, return path {} B",
+            b.main, b.preempt, b.return_path
+        );
+        let r = &self.requests;
+        let _ = writeln!(
+            s,
+            "requests     {} messages for {} pages: {} asked of the source, {} already requested, {} already delivered, {} outstanding",
+            r.messages,
+            r.pages,
+            r.forwarded_pages,
+            r.deduplicated_pages,
+            r.already_delivered_pages,
+            r.outstanding_pages
+        );
+        let l = &self.latency;
+        let _ = writeln!(
+            s,
+            "latency      {} faults served: p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+            l.count, l.p50_us, l.p90_us, l.p99_us, l.max_us
+        );
+        if let Some(bt) = d.postcopy_blocktime_ms {
+            let _ = writeln!(s, "blocktime    {bt} ms (destination's own vCPU blocktime)");
+        }
+        let _ = writeln!(
+            s,
+            "{:<24} {:>12} {:>10} {:>10} {:>10}",
+            "block", "length", "pages", "zero", "requested"
+        );
+        for blk in &self.blocks {
+            let _ = writeln!(
+                s,
+                "{:<24} {:>12} {:>10} {:>10} {:>10}",
+                blk.name, blk.length, blk.pages, blk.zero_pages, blk.requested_pages
+            );
+        }
+        s
+    }
+}

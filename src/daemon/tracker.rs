@@ -1,0 +1,337 @@
+//! Page-request takeover state, kept free of I/O and clocks (time is passed in) so that
+//! every decision can be tested in memory.
+//!
+//! It answers one question for each page the destination asks for: will the stream bring
+//! it anyway (already delivered, or already requested and not yet arrived), or must the
+//! request go on to the source? QEMU's source answers a request only for pages that are
+//! still dirty and never sends a page twice (protocol-spec/postcopy-sequence.md#sequence-page-flow),
+//! so the tracker mirrors the source's view: a page is *delivered* once a PAGE or ZERO
+//! record for it has been forwarded after the last discard of its range.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::wire::RamLayout;
+
+/// What to do with one page of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestDecision {
+    /// Not delivered and not asked for yet: ask the source.
+    Forward,
+    /// Already asked for and not yet arrived: the earlier request will bring it.
+    AlreadyRequested,
+    /// Already forwarded to the destination (in flight to it): nothing to ask.
+    AlreadyDelivered,
+}
+
+/// Figures for one RAM block.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct BlockFigures {
+    /// Block idstr.
+    pub name: String,
+    /// Used length in bytes.
+    pub length: u64,
+    /// Full pages forwarded.
+    pub pages: u64,
+    /// Zero pages forwarded.
+    pub zero_pages: u64,
+    /// Target pages the destination asked for.
+    pub requested_pages: u64,
+    /// Target pages whose request went on to the source.
+    pub forwarded_pages: u64,
+}
+
+struct BlockState {
+    figures: BlockFigures,
+    delivered: Vec<u64>,
+    /// page index → time of the first unanswered request.
+    pending: HashMap<u64, Instant>,
+}
+
+impl BlockState {
+    fn bit(&self, page: u64) -> bool {
+        self.delivered
+            .get((page / 64) as usize)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    fn set(&mut self, page: u64, on: bool) {
+        if let Some(w) = self.delivered.get_mut((page / 64) as usize) {
+            if on {
+                *w |= 1 << (page % 64);
+            } else {
+                *w &= !(1 << (page % 64));
+            }
+        }
+    }
+}
+
+/// Request counts.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct RequestFigures {
+    /// REQ_PAGES / REQ_PAGES_ID messages received from the destination.
+    pub messages: u64,
+    /// Target pages those messages asked for.
+    pub pages: u64,
+    /// Request messages sent on to the source.
+    pub forwarded_messages: u64,
+    /// Target pages asked of the source.
+    pub forwarded_pages: u64,
+    /// Pages not asked again because an earlier request was still outstanding.
+    pub deduplicated_pages: u64,
+    /// Pages not asked because they had already been forwarded to the destination.
+    pub already_delivered_pages: u64,
+    /// Requests still unanswered at the end.
+    pub outstanding_pages: u64,
+}
+
+/// Fault-service latency: from the first request for a page to the moment the sidecar
+/// handed the page to the destination.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LatencyFigures {
+    /// Requests answered.
+    pub count: u64,
+    /// Median, µs.
+    pub p50_us: f64,
+    /// 90th percentile, µs.
+    pub p90_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Worst, µs.
+    pub max_us: f64,
+    /// Mean, µs.
+    pub mean_us: f64,
+}
+
+/// The takeover state of one migration.
+pub struct PageTracker {
+    tps: u64,
+    blocks: Vec<BlockState>,
+    requests: RequestFigures,
+    latency: Histogram<u64>,
+}
+
+impl PageTracker {
+    /// A tracker for this block table and target page size.
+    pub fn new(layout: &RamLayout, tps: u64) -> Self {
+        let blocks = layout
+            .blocks()
+            .iter()
+            .map(|b| {
+                let pages = b.used_length.div_ceil(tps);
+                BlockState {
+                    figures: BlockFigures {
+                        name: String::from_utf8_lossy(&b.name).into_owned(),
+                        length: b.used_length,
+                        ..Default::default()
+                    },
+                    delivered: vec![0; pages.div_ceil(64) as usize],
+                    pending: HashMap::new(),
+                }
+            })
+            .collect();
+        PageTracker {
+            tps,
+            blocks,
+            requests: RequestFigures::default(),
+            latency: Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .expect("valid histogram bounds"),
+        }
+    }
+
+    /// Target page size.
+    pub fn target_page_size(&self) -> u64 {
+        self.tps
+    }
+
+    /// Index of a block by name.
+    pub fn block_index(&self, name: &[u8]) -> Option<usize> {
+        self.blocks
+            .iter()
+            .position(|b| b.figures.name.as_bytes() == name)
+    }
+
+    /// A page (full or zero) was forwarded to the destination at `now`. Returns the
+    /// service latency if a request was waiting for it.
+    pub fn delivered(
+        &mut self,
+        block: usize,
+        offset: u64,
+        zero: bool,
+        now: Instant,
+    ) -> Option<Duration> {
+        let b = self.blocks.get_mut(block)?;
+        let page = offset / self.tps;
+        if zero {
+            b.figures.zero_pages += 1;
+        } else {
+            b.figures.pages += 1;
+        }
+        b.set(page, true);
+        let asked = b.pending.remove(&page)?;
+        let waited = now.saturating_duration_since(asked);
+        let _ = self.latency.record((waited.as_micros() as u64).max(1));
+        Some(waited)
+    }
+
+    /// The destination will drop these pages (POSTCOPY_RAM_DISCARD): they must be sent again.
+    pub fn discarded(&mut self, block: usize, start: u64, len: u64) {
+        let tps = self.tps;
+        if let Some(b) = self.blocks.get_mut(block) {
+            let first = start / tps;
+            let last = (start + len).div_ceil(tps);
+            for p in first..last {
+                b.set(p, false);
+            }
+        }
+    }
+
+    /// The destination asked for `len` bytes at `start` of `block` at `now`. Returns the
+    /// pages (as `(offset, decision)`) so the caller can forward the ones that need it.
+    pub fn requested(
+        &mut self,
+        block: usize,
+        start: u64,
+        len: u64,
+        now: Instant,
+    ) -> Vec<(u64, RequestDecision)> {
+        let tps = self.tps;
+        self.requests.messages += 1;
+        let Some(b) = self.blocks.get_mut(block) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let first = start / tps;
+        let last = (start + len.max(1)).div_ceil(tps);
+        for p in first..last {
+            self.requests.pages += 1;
+            b.figures.requested_pages += 1;
+            let d = if b.bit(p) {
+                self.requests.already_delivered_pages += 1;
+                RequestDecision::AlreadyDelivered
+            } else {
+                match b.pending.entry(p) {
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        self.requests.deduplicated_pages += 1;
+                        RequestDecision::AlreadyRequested
+                    }
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(now);
+                        b.figures.forwarded_pages += 1;
+                        self.requests.forwarded_pages += 1;
+                        RequestDecision::Forward
+                    }
+                }
+            };
+            out.push((p * tps, d));
+        }
+        out
+    }
+
+    /// Counts one request message sent on to the source.
+    pub fn forwarded_message(&mut self) {
+        self.requests.forwarded_messages += 1;
+    }
+
+    /// Request counts so far.
+    pub fn request_figures(&self) -> RequestFigures {
+        let mut r = self.requests.clone();
+        r.outstanding_pages = self.blocks.iter().map(|b| b.pending.len() as u64).sum();
+        r
+    }
+
+    /// Latency percentiles so far.
+    pub fn latency_figures(&self) -> LatencyFigures {
+        let h = &self.latency;
+        if h.is_empty() {
+            return LatencyFigures::default();
+        }
+        LatencyFigures {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5) as f64,
+            p90_us: h.value_at_quantile(0.9) as f64,
+            p99_us: h.value_at_quantile(0.99) as f64,
+            max_us: h.max() as f64,
+            mean_us: h.mean(),
+        }
+    }
+
+    /// Per-block figures.
+    pub fn block_figures(&self) -> Vec<BlockFigures> {
+        self.blocks.iter().map(|b| b.figures.clone()).collect()
+    }
+
+    /// The raw latency histogram (µs), for exporters.
+    pub fn latency_histogram(&self) -> &Histogram<u64> {
+        &self.latency
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> RamLayout {
+        let mut l = RamLayout::default();
+        l.announce(b"m", 64 * 4096);
+        l.announce(b"pc.bios", 4 * 4096);
+        l
+    }
+
+    #[test]
+    fn first_request_goes_to_the_source_and_duplicates_do_not() {
+        let mut t = PageTracker::new(&layout(), 4096);
+        let t0 = Instant::now();
+        assert_eq!(
+            t.requested(0, 0x3000, 4096, t0),
+            vec![(0x3000, RequestDecision::Forward)]
+        );
+        assert_eq!(
+            t.requested(0, 0x3000, 4096, t0),
+            vec![(0x3000, RequestDecision::AlreadyRequested)]
+        );
+        let waited = t.delivered(0, 0x3000, false, t0 + Duration::from_micros(250));
+        assert_eq!(waited, Some(Duration::from_micros(250)));
+        assert_eq!(
+            t.requested(0, 0x3000, 4096, t0),
+            vec![(0x3000, RequestDecision::AlreadyDelivered)]
+        );
+        let r = t.request_figures();
+        assert_eq!(
+            (
+                r.messages,
+                r.pages,
+                r.forwarded_pages,
+                r.deduplicated_pages,
+                r.already_delivered_pages
+            ),
+            (3, 3, 1, 1, 1)
+        );
+        assert_eq!(t.latency_figures().count, 1);
+    }
+
+    #[test]
+    fn discard_makes_a_delivered_page_requestable_again() {
+        let mut t = PageTracker::new(&layout(), 4096);
+        let now = Instant::now();
+        t.delivered(1, 0x1000, true, now);
+        t.discarded(1, 0, 4 * 4096);
+        assert_eq!(
+            t.requested(1, 0x1000, 4096, now),
+            vec![(0x1000, RequestDecision::Forward)]
+        );
+        assert_eq!(t.block_figures()[1].zero_pages, 1);
+    }
+
+    #[test]
+    fn a_host_page_request_covers_every_target_page() {
+        let mut t = PageTracker::new(&layout(), 4096);
+        let d = t.requested(0, 0x8000, 0x4000, Instant::now());
+        assert_eq!(d.len(), 4);
+        assert!(d.iter().all(|(_, d)| *d == RequestDecision::Forward));
+        assert_eq!(t.request_figures().outstanding_pages, 4);
+    }
+}
