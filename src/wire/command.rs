@@ -57,6 +57,8 @@ impl CommandCode {
 pub const SECTION_COMMAND: u8 = 0x08;
 /// Discard ranges per command: QEMU packs at most 12 (forward-stream.md#cmd-postcopy-ram-discard).
 pub const MAX_DISCARD_RANGES: usize = 12;
+/// Longest POSTCOPY_RAM_DISCARD payload: version, name length, 255-byte name, NUL, 12 ranges.
+pub const MAX_DISCARD_LEN: u16 = 3 + 255 + 16 * MAX_DISCARD_RANGES as u16;
 
 /// The two page sizes announced by POSTCOPY_ADVISE (forward-stream.md#cmd-postcopy-advise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +176,20 @@ impl Command<'_> {
     }
 }
 
+/// The length every QEMU writes for fixed-size commands (forward-stream.md#commands).
+fn fixed_length(code: CommandCode) -> Option<u16> {
+    match code {
+        CommandCode::PING | CommandCode::PACKAGED => Some(4),
+        CommandCode::OPEN_RETURN_PATH
+        | CommandCode::POSTCOPY_LISTEN
+        | CommandCode::POSTCOPY_RUN
+        | CommandCode::ENABLE_COLO
+        | CommandCode::POSTCOPY_RESUME
+        | CommandCode::SWITCHOVER_START => Some(0),
+        _ => None,
+    }
+}
+
 fn fixed_len<'a>(i: &'a [u8], name: &'static str, len: u16, want: u16) -> PResult<'a, ()> {
     if len != want {
         let rule = match want {
@@ -193,9 +209,26 @@ pub fn parse_command(input: &[u8]) -> PResult<'_, Command<'_>> {
     let (i, len) = u16_(i)?;
     let code = CommandCode(code);
     let name = code.name();
-    let (rest, payload) = bytes(len as usize)(i)?;
     // Length errors point at the length field (after the type byte and the command number).
     let len_field = &input[3..];
+    // Reject an impossible length before waiting for that many payload bytes.
+    if let Some(want) = fixed_length(code) {
+        fixed_len(len_field, name, len, want)?;
+    } else if code.0 == 0 || code.0 > CommandCode::SWITCHOVER_START.0 {
+        return fail(&input[1..], ErrorKind::UnknownCommand(code.0));
+    } else {
+        let (max, rule) = match code {
+            CommandCode::POSTCOPY_ADVISE => (16, "expected 0 or 16"),
+            CommandCode::POSTCOPY_RAM_DISCARD => {
+                (MAX_DISCARD_LEN, "over 3 + 255 + 12 ranges of 16")
+            }
+            _ => (256, "must be 1 + idstr length"),
+        };
+        if len > max {
+            return fail(len_field, ErrorKind::BadCommandLength { name, len, rule });
+        }
+    }
+    let (rest, payload) = bytes(len as usize)(i)?;
     let cmd = match code {
         CommandCode::OPEN_RETURN_PATH => {
             fixed_len(len_field, name, len, 0)?;

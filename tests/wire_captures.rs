@@ -1,0 +1,147 @@
+//! Every real capture under `protocol-spec/captures/` (main stream, preempt channels,
+//! return path) must decode completely, re-encode byte for byte, decode identically in
+//! random chunks and one byte at a time, and inspect without error. Fails when there is
+//! no capture at all.
+
+mod common;
+
+use common::*;
+use postcopy_sidecar::inspect;
+use postcopy_sidecar::wire::check::{self, ChannelDecoder};
+use postcopy_sidecar::wire::{PreemptDecoder, RamLayout, RpDecoder, Step, StreamDecoder};
+
+/// Byte-at-a-time feeding covers this much of each stream.
+const BYTEWISE_LIMIT: usize = 2 << 20;
+/// Random chunk sizes are drawn from 1..=CHUNK_MAX.
+const CHUNK_MAX: u64 = 9000;
+
+/// Decodes the main stream completely; returns the page size and layout the preempt
+/// channels need.
+fn decode_main(c: &Capture) -> (u64, RamLayout) {
+    let mut dec = StreamDecoder::new(c.options.clone());
+    let mut pos = 0;
+    let mut out = Vec::with_capacity(c.main.len());
+    loop {
+        match dec.next(&c.main[pos..]) {
+            Ok(Step::Event { offset, len, event }) => {
+                assert_eq!(offset, pos as u64, "{}: offsets are contiguous", c.name);
+                event.encode(&mut out);
+                pos += len;
+            }
+            Ok(Step::NeedMore) => break,
+            Err(e) => panic!("{}: main stream: {e}", c.name),
+        }
+    }
+    assert_eq!(pos, c.main.len(), "{}: main stream not consumed", c.name);
+    dec.finish(&c.main[pos..])
+        .unwrap_or_else(|e| panic!("{}: main stream end: {e}", c.name));
+    assert!(
+        out == c.main,
+        "{}: re-encoded main stream differs from the capture",
+        c.name
+    );
+    (dec.target_page_size(), dec.layout().clone())
+}
+
+/// Decodes a side channel completely and checks its re-encoding.
+fn decode_side<D: ChannelDecoder>(dec: D, data: &[u8], what: &str) {
+    let o = check::feed_whole(dec, data);
+    assert_eq!(o.error, None, "{what}");
+    assert_eq!(o.end, Some(Ok("end".to_string())), "{what}");
+    assert_eq!(o.consumed, data.len() as u64, "{what}: not consumed");
+}
+
+#[test]
+fn captures_decode_completely_and_reencode_byte_for_byte() {
+    for c in captures() {
+        let (tps, layout) = decode_main(&c);
+        assert!(!layout.blocks().is_empty(), "{}: no RAM blocks", c.name);
+        for (name, data) in &c.preempt {
+            decode_side(
+                PreemptDecoder::new(tps, layout.clone()),
+                data,
+                &format!("{}/{name}", c.name),
+            );
+        }
+        if let Some(rp) = &c.return_path {
+            decode_side(RpDecoder::new(), rp, &format!("{}/return path", c.name));
+        }
+    }
+}
+
+/// Whole, seeded random chunks of 1..=9000 bytes, and (over the first 2 MiB) one byte at a
+/// time: identical outcomes after coalescing.
+fn assert_chunkings<D: ChannelDecoder>(make: impl Fn() -> D, data: &[u8], seed: u64, what: &str) {
+    let whole = check::feed_whole(make(), data);
+    assert_eq!(whole.consumed, data.len() as u64, "{what}: not consumed");
+    let mut rng = Rng::new(seed);
+    let chunked = check::feed(make(), data, || rng.range(1, CHUNK_MAX) as usize);
+    check::assert_same(&whole, &chunked, &format!("{what}: random chunks"));
+
+    let head = &data[..data.len().min(BYTEWISE_LIMIT)];
+    let head_whole = if head.len() == data.len() {
+        whole
+    } else {
+        check::feed_whole(make(), head)
+    };
+    let bytewise = check::feed_bytewise(make(), head);
+    check::assert_same(&head_whole, &bytewise, &format!("{what}: byte at a time"));
+}
+
+#[test]
+fn captures_decode_identically_in_any_chunking() {
+    for (i, c) in captures().into_iter().enumerate() {
+        let seed = 0xc0ffee + i as u64;
+        assert_chunkings(
+            || StreamDecoder::new(c.options.clone()),
+            &c.main,
+            seed,
+            &format!("{}/main", c.name),
+        );
+        let (tps, layout) = decode_main(&c);
+        for (name, data) in &c.preempt {
+            assert_chunkings(
+                || PreemptDecoder::new(tps, layout.clone()),
+                data,
+                seed,
+                &format!("{}/{name}", c.name),
+            );
+        }
+        if let Some(rp) = &c.return_path {
+            assert_chunkings(RpDecoder::new, rp, seed, &format!("{}/return path", c.name));
+        }
+    }
+}
+
+#[test]
+fn captures_inspect_without_error() {
+    for c in captures() {
+        if c.needs_options {
+            // `inspect` cannot be told block page sizes; the decode tests cover this one.
+            continue;
+        }
+        let preempt: Vec<Vec<u8>> = c.preempt.iter().map(|(_, d)| d.clone()).collect();
+        let r = inspect::inspect(&c.main, c.return_path.as_deref(), &preempt);
+        assert_eq!(r.summary.error, None, "{}: inspect error", c.name);
+        assert!(r.summary.end.is_some(), "{}: no end of stream", c.name);
+        assert_eq!(r.summary.stream_bytes, c.main.len() as u64);
+        assert!(!r.timeline.is_empty());
+        assert_eq!(
+            r.summary.return_path.is_some(),
+            c.return_path.is_some(),
+            "{}",
+            c.name
+        );
+    }
+}
+
+/// The development capture: the facts the other tests rely on.
+#[test]
+fn dev_capture_is_a_postcopy_migration() {
+    let main = dev_capture_main();
+    let r = inspect::inspect(&main, None, &[]);
+    let pc = r.summary.postcopy.expect("postcopy milestones");
+    assert!(pc.advise.is_some() && pc.listen.is_some() && pc.run.is_some());
+    assert!(pc.package.is_some());
+    assert_eq!(r.summary.end.as_deref(), Some("eof"));
+}
