@@ -11,6 +11,7 @@
 pub mod capture;
 pub mod control;
 pub mod daemon;
+pub mod demo;
 pub mod inspect;
 pub mod lab;
 pub mod qmp;

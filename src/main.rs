@@ -50,6 +50,22 @@ enum Cmd {
         /// No live view even on a terminal.
         #[arg(long)]
         quiet: bool,
+        /// The destination was started with -S: do not require it to run at the end.
+        #[arg(long)]
+        allow_paused: bool,
+    },
+    /// Boot a small local VM and migrate it with postcopy through the sidecar (the main job
+    /// on its embedded default; run scripts/setup.sh first, or use scripts/demo.sh).
+    Demo {
+        /// Guest RAM, MiB.
+        #[arg(long, default_value_t = 256)]
+        ram_mib: u64,
+        /// Memory the guest workload fills and keeps verifying, MiB.
+        #[arg(long, default_value_t = 128)]
+        workload_mib: u64,
+        /// Use the postcopy-preempt channel.
+        #[arg(long)]
+        preempt: bool,
     },
     /// Drive a source QEMU to migrate (with postcopy) to an address, and wait for the end.
     Send {
@@ -93,6 +109,7 @@ fn main() -> ExitCode {
             report,
             preempt,
             quiet,
+            allow_paused,
         } => {
             use std::io::IsTerminal;
             let opts = ReceiveOptions {
@@ -101,6 +118,7 @@ fn main() -> ExitCode {
                 preempt,
                 report,
                 live: !quiet && std::io::stderr().is_terminal(),
+                allow_paused,
             };
             runtime().block_on(async move {
                 match receive(opts).await {
@@ -114,6 +132,28 @@ fn main() -> ExitCode {
                             }
                         }
                     }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            })
+        }
+        Cmd::Demo {
+            ram_mib,
+            workload_mib,
+            preempt,
+        } => {
+            use std::io::IsTerminal;
+            let opts = postcopy_sidecar::demo::DemoOptions {
+                ram_mib,
+                workload_mib,
+                preempt,
+                live: std::io::stderr().is_terminal(),
+            };
+            runtime().block_on(async move {
+                match postcopy_sidecar::demo::demo(opts).await {
+                    Ok(_) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("error: {e}");
                         ExitCode::from(1)

@@ -1,0 +1,309 @@
+//! Migrations of a real Linux guest through the sidecar, between stock QEMUs on loopback.
+//!
+//! Each case asserts: the migration completed, the guest kept running on the destination
+//! and reports zero mismatches afterwards, and the sidecar's count of page requests equals
+//! what the destination actually sent (counted independently from the destination QEMU's
+//! own `migrate_send_rp_message` trace on its stderr) and what the source received
+//! (`postcopy-requests`). QEMU runs under KVM where it boots the guest, TCG otherwise.
+//!
+//! They need `scripts/setup.sh` to have run; without it they fail (never skip).
+
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use postcopy_sidecar::daemon::receive::{ReceiveOptions, receive_on};
+use postcopy_sidecar::daemon::report::Report;
+use postcopy_sidecar::lab::{
+    LabError, QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode,
+};
+use postcopy_sidecar::source::{SendOptions, SendReport, send};
+
+const BOOT: Duration = Duration::from_secs(180);
+const MIGRATION: Duration = Duration::from_secs(300);
+const PROGRESS: Duration = Duration::from_secs(120);
+
+fn need<T>(r: Result<T, LabError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Precopy,
+    Postcopy,
+    Preempt,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    src: QemuVersion,
+    dst: QemuVersion,
+    /// Machine type when source and destination differ in version.
+    machine: Option<&'static str>,
+    linux: bool,
+    mode: Mode,
+    /// Destination started with -S: the guest cannot write, so RAM must match the source's.
+    paused_destination: bool,
+}
+
+impl Case {
+    fn postcopy(v: QemuVersion) -> Case {
+        Case {
+            src: v,
+            dst: v,
+            machine: None,
+            linux: true,
+            mode: Mode::Postcopy,
+            paused_destination: false,
+        }
+    }
+}
+
+struct Outcome {
+    report: Report,
+    source: SendReport,
+    dst_requests_sent: u64,
+    src: Vm,
+    dst: Vm,
+    _dir: tempfile::TempDir,
+}
+
+/// Destination requests as QEMU itself logs them: RP message types 3 (REQ_PAGES_ID) and 4.
+fn requests_in_trace(vm: &Vm) -> u64 {
+    vm.stderr()
+        .lines()
+        .iter()
+        .filter(|l| {
+            l.contains("migrate_send_rp_message 3:") || l.contains("migrate_send_rp_message 4:")
+        })
+        .count() as u64
+}
+
+async fn run(case: Case) -> Outcome {
+    let dir = tempfile::Builder::new()
+        .prefix("receive-")
+        .tempdir()
+        .expect("temp dir");
+    let mut spec = VmSpec::new(need(QemuBinary::find(case.src)))
+        .name("src")
+        .ram_mib(256);
+    if let Some(m) = case.machine {
+        spec = spec.machine(m);
+    }
+    spec = if case.linux {
+        spec.linux(Workload {
+            mib: 96,
+            mode: WorkloadMode::Hot,
+            hot_mib: 16,
+            seed: 11,
+        })
+    } else {
+        spec.firmware_only()
+    };
+    let mut dspec = spec
+        .destination(need(QemuBinary::find(case.dst)))
+        .paused(case.paused_destination);
+    if case.dst == QemuVersion::V10_0 {
+        dspec = dspec.arg("-trace").arg("migrate_send_rp_message");
+    }
+    let src = need(Vm::spawn(&spec, dir.path()).await);
+    if case.linux {
+        need(src.wait_workload_ready(BOOT).await);
+        need(src.wait_progress(src.serial().len(), 1, PROGRESS).await);
+    }
+    let dst = need(Vm::spawn(&dspec, dir.path()).await);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let preempt = case.mode == Mode::Preempt;
+    let sidecar = tokio::spawn(receive_on(
+        listener,
+        ReceiveOptions {
+            qmp: dst.spare_qmp_path().to_path_buf(),
+            listen: addr,
+            preempt,
+            report: Some(dir.path().join("report.json")),
+            live: false,
+            allow_paused: case.paused_destination,
+        },
+    ));
+    let source = send(&SendOptions {
+        qmp: src.spare_qmp_path().to_path_buf(),
+        to: addr,
+        postcopy_after: (case.mode != Mode::Precopy).then_some(Duration::from_millis(500)),
+        preempt,
+        timeout: MIGRATION,
+    })
+    .await
+    .expect("source QMP");
+    let report = tokio::time::timeout(MIGRATION, sidecar)
+        .await
+        .expect("sidecar finishes")
+        .expect("sidecar task")
+        .unwrap_or_else(|e| panic!("sidecar: {e}\nsource: {source:?}"));
+    eprintln!("{}", report.table());
+    assert_eq!(source.status, "completed", "source: {source:?}");
+    assert_eq!(report.outcome, "completed", "{:?}", report.error);
+    assert_eq!(report.destination.migration_status, "completed");
+    let dst_requests_sent = requests_in_trace(&dst);
+    Outcome {
+        report,
+        source,
+        dst_requests_sent,
+        src,
+        dst,
+        _dir: dir,
+    }
+}
+
+/// The guest runs on the destination, makes progress, and has never seen a wrong word.
+async fn assert_guest_healthy(o: &Outcome) {
+    // Every destination serial line comes after the switch: two fresh progress lines.
+    let seen = need(o.dst.wait_progress(0, 2, PROGRESS).await);
+    assert!(seen.iter().all(|p| p.mismatches == 0), "{seen:?}");
+    need(o.dst.check_workload_clean());
+    need(o.src.check_workload_clean());
+}
+
+fn assert_request_counts(o: &Outcome, dst_traced: bool) {
+    let r = &o.report.requests;
+    if dst_traced {
+        assert_eq!(
+            r.messages, o.dst_requests_sent,
+            "sidecar saw {} requests, the destination sent {}",
+            r.messages, o.dst_requests_sent
+        );
+    }
+    assert_eq!(
+        Some(r.forwarded_messages),
+        o.source.postcopy_requests,
+        "sidecar forwarded {} requests, the source received {:?}",
+        r.forwarded_messages,
+        o.source.postcopy_requests
+    );
+    assert_eq!(
+        r.pages,
+        r.forwarded_pages + r.deduplicated_pages + r.already_delivered_pages
+    );
+    assert_eq!(r.outstanding_pages, 0, "requests never answered: {r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_10_0_running_guest_through_the_sidecar() {
+    let o = run(Case::postcopy(QemuVersion::V10_0)).await;
+    assert!(o.report.timeline.run_ms.is_some(), "no POSTCOPY_RUN seen");
+    assert!(o.report.postcopy.pages > 0);
+    assert_request_counts(&o, true);
+    assert_guest_healthy(&o).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_preempt_10_0_running_guest_through_the_sidecar() {
+    let o = run(Case {
+        mode: Mode::Preempt,
+        ..Case::postcopy(QemuVersion::V10_0)
+    })
+    .await;
+    assert!(o.report.preempt);
+    assert_request_counts(&o, true);
+    assert_guest_healthy(&o).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn precopy_10_0_running_guest_through_the_sidecar() {
+    let o = run(Case {
+        mode: Mode::Precopy,
+        ..Case::postcopy(QemuVersion::V10_0)
+    })
+    .await;
+    assert!(o.report.timeline.listen_ms.is_none());
+    assert!(
+        o.report.opaque_bytes > 0,
+        "device state should pass through as opaque"
+    );
+    assert_eq!(o.report.requests.messages, 0);
+    assert_guest_healthy(&o).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_10_0_idle_vm_through_the_sidecar() {
+    let o = run(Case {
+        linux: false,
+        ..Case::postcopy(QemuVersion::V10_0)
+    })
+    .await;
+    assert_request_counts(&o, true);
+    assert!(o.dst.qmp().run_state().await.unwrap() == "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_7_2_running_guest_through_the_sidecar() {
+    let o = run(Case::postcopy(QemuVersion::V7_2)).await;
+    assert_request_counts(&o, false);
+    assert_guest_healthy(&o).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_7_2_to_10_0_running_guest_through_the_sidecar() {
+    let o = run(Case {
+        src: QemuVersion::V7_2,
+        dst: QemuVersion::V10_0,
+        machine: Some("pc-q35-7.2"),
+        ..Case::postcopy(QemuVersion::V10_0)
+    })
+    .await;
+    assert_request_counts(&o, true);
+    assert_guest_healthy(&o).await;
+}
+
+/// Finds the memfd that backs guest RAM in a QEMU process, through /proc (pread on it
+/// never allocates; after a completed migration every page is present anyway).
+fn guest_memfd(pid: u32) -> std::fs::File {
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/PID/fd") {
+        let e = e.unwrap();
+        if let Ok(target) = std::fs::read_link(e.path())
+            && target
+                .to_string_lossy()
+                .starts_with("/memfd:memory-backend-memfd")
+        {
+            return std::fs::File::open(e.path()).expect("open memfd");
+        }
+    }
+    panic!("no memory-backend memfd in /proc/{pid}/fd");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_destination_ram_equals_source_ram_at_switchover() {
+    let o = run(Case {
+        paused_destination: true,
+        ..Case::postcopy(QemuVersion::V10_0)
+    })
+    .await;
+    // The source stopped at switchover and the destination never ran: byte-equal RAM.
+    assert_eq!(o.src.qmp().run_state().await.unwrap(), "postmigrate");
+    assert_ne!(o.dst.qmp().run_state().await.unwrap(), "running");
+    let (a, b) = (guest_memfd(o.src.pid()), guest_memfd(o.dst.pid()));
+    let len = 256u64 << 20;
+    let mut bad = Vec::new();
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    for off in (0..len).step_by(1 << 20) {
+        a.read_exact_at(&mut x, off).unwrap();
+        b.read_exact_at(&mut y, off).unwrap();
+        if x != y {
+            for p in 0..256u64 {
+                let r = (p * 4096) as usize..((p + 1) * 4096) as usize;
+                if x[r.clone()] != y[r] {
+                    bad.push(off + p * 4096);
+                }
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} pages differ, first at {:#x?}",
+        bad.len(),
+        &bad[..bad.len().min(8)]
+    );
+    assert_request_counts(&o, true);
+}

@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# Installs everything the tests, captures and demo need on a Debian 12 host (run as root):
+#   - QEMU 10.0 from bookworm-backports (system-wide, /usr/bin/qemu-system-x86_64);
+#   - QEMU 7.2 from bookworm, extracted (not installed) under .cache/qemu-7.2/ so both
+#     versions can run side by side for cross-version migration;
+#   - the guest kernel (Debian's cloud kernel) as .cache/guest/vmlinuz;
+#   - the guest initramfs with our workload as /init (scripts/build-guest.sh).
+# Idempotent: a second run only checks what is cached and touches the network for nothing.
+# Override the cache location with POSTCOPY_SIDECAR_CACHE.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+START=$SECONDS
+need_root
+mkdir -p "$CACHE"
+
+# shellcheck disable=SC1091
+. /etc/os-release
+CODENAME="${VERSION_CODENAME:-bookworm}"
+BPO="${CODENAME}-backports"
+
+# --- 1. the backports source, derived from the distribution's own source --------------------
+add_backports_source() {
+	local dst=/etc/apt/sources.list.d/postcopy-sidecar-backports.sources
+	local src=/etc/apt/sources.list.d/debian.sources
+	[ -f "$dst" ] && return 0
+	if grep -rqsE "(^Suites:.*[[:space:]]|^deb[[:space:]].*[[:space:]])${BPO}([[:space:]]|$)" \
+		/etc/apt/sources.list /etc/apt/sources.list.d/; then
+		return 0 # already configured by someone else
+	fi
+	say "adding the $BPO apt source (derived from the $CODENAME source)"
+	local tmp
+	tmp="$(mktemp)"
+	if [ -f "$src" ]; then
+		# Keep each stanza that serves the plain release suite; swap its Suites line.
+		awk -v suite="$CODENAME" -v bpo="$BPO" 'BEGIN { RS = ""; ORS = "" }
+			{
+				n = split($0, L, "\n"); keep = 0
+				for (i = 1; i <= n; i++) if (L[i] ~ /^Suites:/) {
+					m = split(substr(L[i], 8), S, /[[:space:]]+/)
+					for (j = 1; j <= m; j++) if (S[j] == suite) keep = 1
+				}
+				if (!keep) next
+				for (i = 1; i <= n; i++) print ((L[i] ~ /^Suites:/) ? "Suites: " bpo : L[i]) "\n"
+				print "\n"
+			}' "$src" >"$tmp"
+	elif [ -f /etc/apt/sources.list ]; then
+		awk -v suite="$CODENAME" -v bpo="$BPO" '$1 == "deb" && $3 == suite {
+				printf "Types: deb\nURIs: %s\nSuites: %s\nComponents: main\n\n", $2, bpo; exit
+			}' /etc/apt/sources.list >"$tmp"
+	fi
+	[ -s "$tmp" ] || die "found no $CODENAME apt source to derive $BPO from"
+	install -m 0644 "$tmp" "$dst"
+	rm -f "$tmp"
+	APT_UPDATED=0
+}
+add_backports_source
+
+# --- 2. host packages -----------------------------------------------------------------------
+# libclang-dev: bindgen in userfaultfd-sys; libc6-dev: the static guest binary; cpio: initramfs.
+apt_install_missing libclang-dev libc6-dev cpio gzip ca-certificates
+
+case "$(pkg_version qemu-system-x86)" in
+1:10.*) ;;
+*)
+	apt_update_once
+	say "installing QEMU 10.0 from $BPO"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		-t "$BPO" qemu-system-x86 >/dev/null
+	;;
+esac
+QEMU10=/usr/bin/qemu-system-x86_64
+[ -x "$QEMU10" ] || die "$QEMU10 missing after install"
+
+# Boots a firmware-only VM under TCG and checks QMP answers; $1.. = the command line.
+qmp_boot_check() {
+	local out
+	out="$(printf '%s\n' '{"execute":"qmp_capabilities"}' '{"execute":"query-status"}' \
+		'{"execute":"quit"}' | timeout 60 "$@" -nodefaults -display none -accel tcg -M q35 \
+		-m 64 -qmp stdio 2>&1)" || true
+	if ! grep -q '"status": "running"' <<<"$out"; then
+		printf '%s\n' "$out" >&2
+		return 1
+	fi
+}
+
+V10="$(pkg_version qemu-system-x86)"
+if [ "$(cat "$CACHE/qemu-10.0.ok" 2>/dev/null || true)" != "$V10" ]; then
+	qmp_boot_check "$QEMU10" || die "QEMU 10.0 ($V10) does not boot a firmware-only VM"
+	echo "$V10" >"$CACHE/qemu-10.0.ok"
+fi
+say "QEMU 10.0: $("$QEMU10" --version | head -n1)"
+
+# --- 3. QEMU 7.2, extracted beside the system one --------------------------------------------
+Q72="$CACHE/qemu-7.2"
+install_qemu72() {
+	apt_update_once
+	local v_x86 v_data v_bios deb
+	v_x86="$(stable_version qemu-system-x86)"
+	v_data="$(stable_version qemu-system-data)"
+	v_bios="$(stable_version seabios)"
+	case "$v_x86" in 1:7.2*) ;; *) die "no QEMU 7.2 in the $CODENAME sources (got '$v_x86')" ;; esac
+	say "extracting QEMU $v_x86 (+ data $v_data, seabios $v_bios) into $Q72"
+	rm -rf "$Q72.tmp"
+	mkdir -p "$Q72.tmp"
+	# qemu-system-common carries the accel-tcg module that 7.2 loads at run time.
+	for spec in "qemu-system-x86=$v_x86" "qemu-system-common=$v_x86" \
+		"qemu-system-data=$v_data" "seabios=$v_bios"; do
+		deb="$(download_deb "${spec%%=*}" "${spec#*=}")"
+		dpkg -x "$deb" "$Q72.tmp"
+	done
+	rm -rf "$Q72.tmp/usr/share/doc" "$Q72.tmp/usr/share/man"
+	# The shared libraries it links are plain bookworm libraries: install the missing ones.
+	deb="$(download_deb qemu-system-x86 "$v_x86")"
+	mapfile -t libs < <(dpkg-deb -f "$deb" Depends | tr ',' '\n' | sed -e 's/|.*//' \
+		-e 's/(.*)//' -e 's/[[:space:]]//g' | grep -vE '^(qemu-|seabios$|ipxe-qemu$)' | grep .)
+	apt_install_missing "${libs[@]}" ipxe-qemu
+	# A wrapper for people: the lab code sets the same -L dirs and module dir itself.
+	cat >"$Q72.tmp/qemu-system-x86_64" <<'EOF'
+#!/bin/sh
+# QEMU 7.2 extracted by scripts/setup.sh: its own firmware and modules, not the system's.
+D="$(cd "$(dirname "$0")" && pwd)"
+export QEMU_MODULE_DIR="$D/usr/lib/x86_64-linux-gnu/qemu"
+exec "$D/usr/bin/qemu-system-x86_64" -L "$D/usr/share/qemu" -L "$D/usr/share/seabios" \
+	-L /usr/lib/ipxe/qemu "$@"
+EOF
+	chmod +x "$Q72.tmp/qemu-system-x86_64"
+	echo "$v_x86" >"$Q72.tmp/.version"
+	rm -rf "$Q72"
+	mv "$Q72.tmp" "$Q72"
+}
+if [ ! -f "$Q72/.version" ] || [ ! -x "$Q72/usr/bin/qemu-system-x86_64" ]; then
+	install_qemu72
+fi
+missing="$(ldd "$Q72/usr/bin/qemu-system-x86_64" \
+	"$Q72/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so" | grep 'not found' || true)"
+[ -z "$missing" ] || die "QEMU 7.2 misses libraries: $missing"
+V72="$("$Q72/qemu-system-x86_64" --version | head -n1)"
+case "$V72" in *"version 7.2"*) ;; *) die "unexpected QEMU 7.2 version line: $V72" ;; esac
+if [ "$(cat "$CACHE/qemu-7.2.ok" 2>/dev/null || true)" != "$(cat "$Q72/.version")" ]; then
+	qmp_boot_check "$Q72/qemu-system-x86_64" || die "QEMU 7.2 does not boot a firmware-only VM"
+	cp "$Q72/.version" "$CACHE/qemu-7.2.ok"
+fi
+say "QEMU 7.2: $V72"
+
+# --- 4. the guest kernel ---------------------------------------------------------------------
+GUEST="$CACHE/guest"
+mkdir -p "$GUEST"
+if [ ! -s "$GUEST/vmlinuz" ]; then
+	apt_update_once
+	# linux-image-cloud-amd64 is a metapackage: resolve it to the real image package.
+	meta_v="$(apt-cache policy linux-image-cloud-amd64 | awk '/Candidate:/ { print $2 }')"
+	real="$(apt-cache show "linux-image-cloud-amd64=$meta_v" | awk -F': ' '/^Depends:/ {
+		split($2, d, /[ ,(]/); print d[1]; exit }')"
+	[ -n "$real" ] || die "could not resolve linux-image-cloud-amd64 to a kernel package"
+	real_v="$(apt-cache show "$real" | awk '/^Version:/ { print $2; exit }')"
+	say "fetching guest kernel $real $real_v"
+	deb="$(download_deb "$real" "$real_v")"
+	rm -rf "$GUEST/kernel.tmp"
+	mkdir -p "$GUEST/kernel.tmp"
+	# Only /boot is needed (the guest loads no modules): skip the package's module tree.
+	dpkg --fsys-tarfile "$deb" | tar -x -C "$GUEST/kernel.tmp" --wildcards './boot/vmlinuz-*'
+	cp "$(find "$GUEST/kernel.tmp/boot" -name 'vmlinuz-*' | head -n1)" "$GUEST/vmlinuz.tmp"
+	rm -rf "$GUEST/kernel.tmp"
+	echo "$real $real_v" >"$GUEST/vmlinuz.pkg"
+	mv "$GUEST/vmlinuz.tmp" "$GUEST/vmlinuz"
+fi
+say "guest kernel: $(cat "$GUEST/vmlinuz.pkg" 2>/dev/null || echo "$GUEST/vmlinuz")"
+
+# --- 5. the guest initramfs ------------------------------------------------------------------
+"$REPO/scripts/build-guest.sh"
+
+say "done in $((SECONDS - START))s"
