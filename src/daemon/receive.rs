@@ -156,12 +156,24 @@ pub async fn receive_on(
         l.finish();
     }
 
-    let status = qmp
-        .migrate_status()
-        .await
-        .unwrap_or_else(|_| "unknown".into());
-    dest.running = qmp.is_running().await.unwrap_or(false);
-    dest.postcopy_blocktime_ms = qmp.postcopy_blocktime_ms().await.ok().flatten();
+    // A destination whose postcopy broke can have its main loop stuck behind a vCPU that
+    // waits for a page that will never come; its QMP then stops answering. Ask once, briefly,
+    // and never use the session after a timeout: the `qapi` client cannot take a new
+    // command while an abandoned one is pending.
+    let final_state = tokio::time::timeout(Duration::from_secs(5), async {
+        let status = qmp
+            .migrate_status()
+            .await
+            .unwrap_or_else(|_| "unknown".into());
+        let running = qmp.is_running().await.unwrap_or(false);
+        let blocktime = qmp.postcopy_blocktime_ms().await.ok().flatten();
+        (status, running, blocktime)
+    })
+    .await;
+    let (status, running, blocktime) =
+        final_state.unwrap_or_else(|_| ("unknown (QMP did not answer)".into(), false, None));
+    dest.running = running;
+    dest.postcopy_blocktime_ms = blocktime;
     dest.migration_status = status.clone();
     let error = match result {
         Err(e) => Some(e.to_string()),
@@ -188,21 +200,49 @@ fn write_report(path: &Path, report: &Report) -> Result<(), ReceiveError> {
     std::fs::write(path, json).map_err(io(format!("writing the report to {}", path.display())))
 }
 
+/// Receive buffer of a source connection. Bulk pages queued in the sidecar's socket
+/// buffers delay an urgent page behind them (head-of-line blocking), so the buffers are
+/// kept small; loopback and LAN round trips are short enough for full speed.
+pub const SOURCE_RCVBUF: usize = 256 * 1024;
+/// Send buffer towards the destination QEMU, small for the same reason.
+pub const DESTINATION_SNDBUF: usize = 64 * 1024;
+
+/// A buffer size, overridable through the environment for experiments (0 = kernel default).
+fn buffer_size(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 async fn accept(listener: &TcpListener) -> Result<TcpStream, ReceiveError> {
     let (s, peer) = listener
         .accept()
         .await
         .map_err(io("accepting the source"))?;
     s.set_nodelay(true).map_err(io("setting TCP_NODELAY"))?;
+    let rcvbuf = buffer_size("POSTCOPY_SIDECAR_SOURCE_RCVBUF", SOURCE_RCVBUF);
+    if rcvbuf > 0 {
+        socket2::SockRef::from(&s)
+            .set_recv_buffer_size(rcvbuf)
+            .map_err(io("setting the source socket's receive buffer"))?;
+    }
     tracing::info!(%peer, "source connected");
     Ok(s)
 }
 
 async fn connect_destination(endpoint: &Path) -> Result<UnixStream, ReceiveError> {
-    UnixStream::connect(endpoint).await.map_err(io(format!(
+    let s = UnixStream::connect(endpoint).await.map_err(io(format!(
         "connecting to the destination at {}",
         endpoint.display()
-    )))
+    )))?;
+    let sndbuf = buffer_size("POSTCOPY_SIDECAR_DESTINATION_SNDBUF", DESTINATION_SNDBUF);
+    if sndbuf > 0 {
+        socket2::SockRef::from(&s)
+            .set_send_buffer_size(sndbuf)
+            .map_err(io("setting the destination socket's send buffer"))?;
+    }
+    Ok(s)
 }
 
 /// Accepts the source's channels in order and connects each to the destination in the same

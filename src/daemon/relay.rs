@@ -123,7 +123,16 @@ where
                 Ok(Step::Event { len, event, .. }) => (len, event),
                 Ok(Step::NeedMore) => break,
                 Err(e) => {
-                    // Forward what decoded before the bad record, then stop.
+                    // Forward (and count) what decoded before the bad record, then stop.
+                    account(
+                        &shared,
+                        &deliveries,
+                        Instant::now(),
+                        Channel::Main,
+                        consumed,
+                        opaque,
+                        dec.phase(),
+                    );
                     let good = buf.split_to(consumed).freeze();
                     let _ = dst.write_all(&good).await;
                     return Err(e.into());
@@ -298,6 +307,15 @@ where
                 }
                 Ok(Step::NeedMore) => break,
                 Err(e) => {
+                    account(
+                        &shared,
+                        &deliveries,
+                        Instant::now(),
+                        ch,
+                        consumed,
+                        0,
+                        PostcopyPhase::None,
+                    );
                     let good = buf.split_to(consumed).freeze();
                     let _ = dst.write_all(&good).await;
                     return Err(e.into());

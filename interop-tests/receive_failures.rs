@@ -1,0 +1,209 @@
+//! How `receive` fails, against real QEMUs: clearly, promptly, naming what went wrong, and
+//! without forwarding bytes it could not decode.
+//!
+//! They need `scripts/setup.sh` to have run; without it they fail (never skip).
+
+use std::time::Duration;
+
+use postcopy_sidecar::daemon::receive::{ReceiveError, ReceiveOptions, receive_on};
+use postcopy_sidecar::daemon::report::Report;
+use postcopy_sidecar::lab::{
+    LabError, QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode,
+};
+use postcopy_sidecar::qmp::{event_name, migration_event_status};
+use postcopy_sidecar::source::{SendOptions, send};
+use tokio::io::AsyncWriteExt;
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+fn need<T>(r: Result<T, LabError>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn spec() -> VmSpec {
+    VmSpec::new(need(QemuBinary::find(QemuVersion::V10_0)))
+        .name("src")
+        .ram_mib(256)
+        .linux(Workload {
+            mib: 96,
+            mode: WorkloadMode::Hot,
+            hot_mib: 16,
+            seed: 5,
+        })
+}
+
+fn options(dst: &Vm, addr: std::net::SocketAddr) -> ReceiveOptions {
+    ReceiveOptions {
+        qmp: dst.spare_qmp_path().to_path_buf(),
+        listen: addr,
+        preempt: false,
+        report: None,
+        live: false,
+        allow_paused: false,
+    }
+}
+
+async fn start_sidecar(
+    dst: &Vm,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<Result<Report, ReceiveError>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (addr, tokio::spawn(receive_on(listener, options(dst, addr))))
+}
+
+async fn finished(
+    h: tokio::task::JoinHandle<Result<Report, ReceiveError>>,
+) -> Result<Report, ReceiveError> {
+    tokio::time::timeout(LIMIT, h)
+        .await
+        .expect("the sidecar ends by itself")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ram_backend_that_is_not_a_shared_memfd_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let dspec = spec()
+        .firmware_only()
+        .destination(need(QemuBinary::find(QemuVersion::V10_0)))
+        .arg("-object")
+        .arg("memory-backend-ram,id=scratch,size=16M");
+    let dst = need(Vm::spawn(&dspec, dir.path()).await);
+    let (_, h) = start_sidecar(&dst).await;
+    let err = finished(h).await.expect_err("must refuse");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, ReceiveError::UnsupportedBackend { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("'scratch'") && msg.contains("memory-backend-ram"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("memory-backend-memfd") && msg.contains("share=on"),
+        "the fix must be named: {msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_do_not_decode_end_the_migration_with_their_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = need(
+        Vm::spawn(
+            &spec()
+                .firmware_only()
+                .destination(need(QemuBinary::find(QemuVersion::V10_0))),
+            dir.path(),
+        )
+        .await,
+    );
+    let (addr, h) = start_sidecar(&dst).await;
+    // A valid opening, then a section type no QEMU sends.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut bytes = b"QEVM\x00\x00\x00\x03".to_vec();
+    bytes.extend_from_slice(&[0x08, 0x00, 0x01, 0x00, 0x00]); // OPEN_RETURN_PATH
+    bytes.push(0x42);
+    bytes.extend_from_slice(&[0u8; 64]);
+    s.write_all(&bytes).await.unwrap();
+    let report = finished(h).await.expect("a report");
+    let e = report.error.clone().expect("an error");
+    assert!(
+        e.contains("main stream at offset 13") && e.contains("unknown section type byte 0x42"),
+        "{e}"
+    );
+    assert_eq!(report.outcome, "failed");
+    // Only the 13 decoded bytes reached the destination.
+    assert_eq!(report.bytes.main, 13, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_dies_in_postcopy_ends_the_sidecar_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = need(Vm::spawn(&spec(), dir.path()).await);
+    need(src.wait_workload_ready(LIMIT).await);
+    let dst = need(
+        Vm::spawn(
+            &spec().destination(need(QemuBinary::find(QemuVersion::V10_0))),
+            dir.path(),
+        )
+        .await,
+    );
+    let resumed = dst.qmp().event_cursor();
+    let (addr, h) = start_sidecar(&dst).await;
+    let src_qmp = src.spare_qmp_path().to_path_buf();
+    let sender = tokio::spawn(async move {
+        send(&SendOptions {
+            qmp: src_qmp,
+            to: addr,
+            postcopy_after: Some(Duration::from_millis(0)),
+            preempt: false,
+            timeout: LIMIT,
+        })
+        .await
+    });
+    // Once the destination runs (POSTCOPY_RUN), the source holds pages it alone has.
+    dst.qmp()
+        .wait_for_event_after(resumed, |e| event_name(e) == "RESUME", LIMIT)
+        .await
+        .expect("destination resumes in postcopy");
+    src.kill().await;
+    let report = finished(h).await.expect("a report");
+    let e = report.error.clone().expect("an error");
+    assert!(
+        e.contains("stream ends inside") || e.contains("source") || e.contains("reset"),
+        "{e}"
+    );
+    assert_eq!(report.outcome, "failed");
+    sender.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_exits_ends_the_sidecar_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = need(Vm::spawn(&spec(), dir.path()).await);
+    need(src.wait_workload_ready(LIMIT).await);
+    let dst = need(
+        Vm::spawn(
+            &spec().destination(need(QemuBinary::find(QemuVersion::V10_0))),
+            dir.path(),
+        )
+        .await,
+    );
+    let active = dst.qmp().event_cursor();
+    let (addr, h) = start_sidecar(&dst).await;
+    let src_qmp = src.spare_qmp_path().to_path_buf();
+    // Precopy only: the source keeps streaming until the destination goes away.
+    let sender = tokio::spawn(async move {
+        send(&SendOptions {
+            qmp: src_qmp,
+            to: addr,
+            postcopy_after: None,
+            preempt: false,
+            timeout: LIMIT,
+        })
+        .await
+    });
+    // Kill the destination once pages are flowing into it.
+    dst.qmp()
+        .wait_for_event_after(
+            active,
+            |e| migration_event_status(e).as_deref() == Some("active"),
+            LIMIT,
+        )
+        .await
+        .expect("destination migration active");
+    dst.kill().await;
+    let report = finished(h).await;
+    let msg = match report {
+        Ok(r) => r.error.expect("an error"),
+        Err(e) => e.to_string(),
+    };
+    assert!(!msg.is_empty());
+    eprintln!("sidecar said: {msg}");
+    let status = sender.await.unwrap().expect("source QMP");
+    assert_ne!(status.status, "completed");
+}
