@@ -23,5 +23,8 @@ step "tests: codec, daemon, interop against real QEMU and a real Linux guest"
 # Guests under TCG on two cores: run interop cases one at a time.
 cargo test --release -- --test-threads=1
 
+step "guest workload unit tests"
+(cd "$REPO/interop-tests/guest-workload" && cargo test --release)
+
 step "fuzz smoke run over the committed corpus"
 "$REPO/scripts/fuzz-smoke.sh"

@@ -109,6 +109,21 @@ pub struct Qmp {
     raw_events: broadcast::Sender<RawEvent>,
     shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Set once a command failed in transport or was abandoned: the `qapi` client keeps
+    /// that command's reply slot, and the next command would panic on it ("duplicate
+    /// command id"), so the session refuses further commands instead.
+    broken: std::sync::atomic::AtomicBool,
+}
+
+/// Marks the session broken if a command future is dropped before its reply.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicBool, bool);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for Qmp {
@@ -314,6 +329,7 @@ impl Qmp {
             raw_events: raw_tx,
             shared,
             tasks: vec![filter, poller],
+            broken: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -323,13 +339,22 @@ impl Qmp {
         C: qapi::Command,
         Writer: futures::Sink<qapi::Execute<C, u32>, Error = io::Error> + Unpin,
     {
-        self.service
-            .execute(command)
-            .await
-            .map_err(|e| QmpError::Command {
-                command: C::NAME,
-                message: e.to_string(),
-            })
+        if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(QmpError::Closed(format!(
+                "{}: the QMP session broke earlier",
+                C::NAME
+            )));
+        }
+        let mut guard = InFlight(&self.broken, false);
+        let r = self.service.execute(command).await;
+        // A reply from QEMU (success or QEMU's own error) completes the exchange; a
+        // transport failure leaves qapi's slot behind, so the session is done.
+        guard.1 = !matches!(r, Err(qapi::ExecuteError::Io(_)));
+        drop(guard);
+        r.map_err(|e| QmpError::Command {
+            command: C::NAME,
+            message: e.to_string(),
+        })
     }
 
     /// A receiver of every typed event from now on.

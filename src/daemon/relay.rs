@@ -74,6 +74,39 @@ fn io_err(channel: Channel, side: &'static str) -> impl FnOnce(std::io::Error) -
     }
 }
 
+/// Reads at most [`READ_CHUNK`] more bytes from the source into `buf`; 0 means end.
+async fn read_more<R: AsyncRead + Unpin>(
+    src: &mut R,
+    buf: &mut BytesMut,
+    ch: Channel,
+) -> Result<usize, RelayError> {
+    if buf.capacity() - buf.len() < READ_CHUNK {
+        buf.reserve(4 * READ_CHUNK);
+    }
+    let mut limited = (&mut *src).take(READ_CHUNK as u64);
+    limited
+        .read_buf(buf)
+        .await
+        .map_err(io_err(ch, "reading from the source"))
+}
+
+/// Sends the first `consumed` (decoded) bytes of `buf` to the destination as a slice of
+/// the read buffer, without copying them.
+async fn forward_decoded<W: AsyncWrite + Unpin>(
+    dst: &mut W,
+    buf: &mut BytesMut,
+    consumed: usize,
+    ch: Channel,
+) -> Result<(), RelayError> {
+    if consumed > 0 {
+        let out = buf.split_to(consumed).freeze();
+        dst.write_all(&out)
+            .await
+            .map_err(io_err(ch, "writing to the destination"))?;
+    }
+    Ok(())
+}
+
 /// A page seen in the stream, applied to the tracker in one batch per read.
 #[derive(Clone, Copy)]
 struct Delivery {
@@ -100,13 +133,7 @@ where
     let mut buf = BytesMut::with_capacity(4 * READ_CHUNK);
     let mut deliveries = Vec::new();
     loop {
-        if buf.capacity() - buf.len() < READ_CHUNK {
-            buf.reserve(4 * READ_CHUNK);
-        }
-        let n = src
-            .read_buf(&mut buf)
-            .await
-            .map_err(io_err(ch, "reading from the source"))?;
+        let n = read_more(&mut src, &mut buf, ch).await?;
         if n == 0 {
             let end = dec.finish(&buf)?;
             dst.shutdown()
@@ -174,12 +201,7 @@ where
             dec.phase(),
         );
         deliveries.clear();
-        if consumed > 0 {
-            let out = buf.split_to(consumed).freeze();
-            dst.write_all(&out)
-                .await
-                .map_err(io_err(ch, "writing to the destination"))?;
-        }
+        forward_decoded(&mut dst, &mut buf, consumed, ch).await?;
     }
 }
 
@@ -262,13 +284,7 @@ where
     let mut layout_rx = shared.layout.subscribe();
     let mut deliveries = Vec::new();
     loop {
-        if buf.capacity() - buf.len() < READ_CHUNK {
-            buf.reserve(4 * READ_CHUNK);
-        }
-        let n = src
-            .read_buf(&mut buf)
-            .await
-            .map_err(io_err(ch, "reading from the source"))?;
+        let n = read_more(&mut src, &mut buf, ch).await?;
         if n == 0 && buf.is_empty() {
             dst.shutdown()
                 .await
@@ -332,12 +348,7 @@ where
             PostcopyPhase::None,
         );
         deliveries.clear();
-        if consumed > 0 {
-            let out = buf.split_to(consumed).freeze();
-            dst.write_all(&out)
-                .await
-                .map_err(io_err(ch, "writing to the destination"))?;
-        }
+        forward_decoded(&mut dst, &mut buf, consumed, ch).await?;
         if n == 0 {
             d.finish(&buf)?;
             dst.shutdown()

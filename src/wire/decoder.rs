@@ -729,6 +729,33 @@ impl StreamDecoder {
 /// Position within `inp` of the slice a parser failed at. Errors may be raised on a
 /// sub-slice that is not a suffix of the input (e.g. a command's payload), so the
 /// position comes from the slice's address, not from its remaining length.
+/// Turns one parser result of a single-record decoder (preempt channel, return path) into a
+/// [`Step`]: `on_event` validates or applies the record before the offset advances.
+pub(crate) fn to_step<'a, T>(
+    r: PResult<'a, T>,
+    input: &'a [u8],
+    offset: &mut u64,
+    on_event: impl FnOnce(&T) -> Result<(), ErrorKind>,
+) -> Result<Step<T>, (u64, ErrorKind)> {
+    match r {
+        Ok((rest, event)) => {
+            on_event(&event).map_err(|kind| (*offset, kind))?;
+            let len = input.len() - rest.len();
+            let at = *offset;
+            *offset += len as u64;
+            Ok(Step::Event {
+                offset: at,
+                len,
+                event,
+            })
+        }
+        Err(nom::Err::Incomplete(_)) => Ok(Step::NeedMore),
+        Err(nom::Err::Error(e) | nom::Err::Failure(e)) => {
+            Err((*offset + error_position(input, e.input) as u64, e.kind))
+        }
+    }
+}
+
 fn error_position(inp: &[u8], at: &[u8]) -> usize {
     let base = inp.as_ptr() as usize;
     match (at.as_ptr() as usize).checked_sub(base) {

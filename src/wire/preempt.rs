@@ -2,7 +2,7 @@
 //! records with no stream header and no sections, carrying the pages the destination asked
 //! for. It keeps its own "previous block" for CONTINUE, separate from the main channel's.
 
-use super::decoder::Step;
+use super::decoder::{Step, to_step};
 use super::error::{Channel, DecodeError, ErrorKind};
 use super::ram::{
     BlockListFraming, RamChannel, RamContext, RamLayout, RamRecord, parse_ram_record,
@@ -59,31 +59,22 @@ impl PreemptDecoder {
             };
         }
         let framing = BlockListFraming::default();
-        match parse_ram_record(
+        let r = parse_ram_record(
             input,
             self.tps,
             RamContext::Pages,
             &mut self.chan,
             &mut self.layout,
             &framing,
-        ) {
-            Ok((rest, rec)) => {
-                let len = input.len() - rest.len();
-                // Pre-8.0 sources end the channel with EOS (preempt.md#preempt-channel).
-                self.ended = rec == RamRecord::Eos;
-                let offset = self.offset;
-                self.offset += len as u64;
-                Ok(Step::Event {
-                    offset,
-                    len,
-                    event: rec,
-                })
-            }
-            Err(nom::Err::Incomplete(_)) => Ok(Step::NeedMore),
-            Err(nom::Err::Error(e) | nom::Err::Failure(e)) => {
-                let at = self.offset + (input.len() - e.input.len().min(input.len())) as u64;
-                Err(self.poison(at, e.kind))
-            }
+        );
+        // Pre-8.0 sources end the channel with EOS (preempt.md#preempt-channel).
+        let ended = &mut self.ended;
+        match to_step(r, input, &mut self.offset, |rec| {
+            *ended = *rec == RamRecord::Eos;
+            Ok(())
+        }) {
+            Ok(step) => Ok(step),
+            Err((at, kind)) => Err(self.poison(at, kind)),
         }
     }
 

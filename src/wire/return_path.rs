@@ -2,7 +2,7 @@
 //! main channel's socket, `be16 type | be16 len | payload`, with RECV_BITMAP followed by a
 //! bitmap trailer outside its length. Incremental and zero-copy like the stream decoder.
 
-use super::decoder::Step;
+use super::decoder::{Step, to_step};
 use super::error::{Channel, DecodeError, ErrorKind, PResult, fail};
 use super::primitives::{bytes, counted, put_counted, u16_, u32_, u64_};
 
@@ -282,25 +282,12 @@ impl RpDecoder {
                 }
             }),
         };
-        match r {
-            Ok((rest, msg)) => {
-                let len = input.len() - rest.len();
-                if let Err(kind) = self.apply(&msg) {
-                    return Err(self.poison(self.offset, kind));
-                }
-                let offset = self.offset;
-                self.offset += len as u64;
-                Ok(Step::Event {
-                    offset,
-                    len,
-                    event: msg,
-                })
-            }
-            Err(nom::Err::Incomplete(_)) => Ok(Step::NeedMore),
-            Err(nom::Err::Error(e) | nom::Err::Failure(e)) => {
-                let at = self.offset + (input.len() - e.input.len().min(input.len())) as u64;
-                Err(self.poison(at, e.kind))
-            }
+        let (mode, last_block) = (&mut self.mode, &mut self.last_block);
+        match to_step(r, input, &mut self.offset, |msg| {
+            apply_message(mode, last_block, msg)
+        }) {
+            Ok(step) => Ok(step),
+            Err((at, kind)) => Err(self.poison(at, kind)),
         }
     }
 
@@ -318,41 +305,6 @@ impl RpDecoder {
         }
     }
 
-    fn apply(&mut self, msg: &RpMessage<'_>) -> Result<(), ErrorKind> {
-        match msg {
-            RpMessage::ReqPagesId { block, .. } => self.last_block = Some(block.to_vec()),
-            RpMessage::ReqPages { .. } if self.last_block.is_none() => {
-                return Err(ErrorKind::ReqPagesWithoutBlock);
-            }
-            RpMessage::RecvBitmap { .. } => self.mode = RpMode::BitmapSize,
-            RpMessage::BitmapSize(n) => {
-                if n % 8 != 0 || *n > MAX_RECV_BITMAP {
-                    return Err(ErrorKind::BadRecvBitmap(format!(
-                        "size {n} is not a multiple of 8 up to {MAX_RECV_BITMAP}"
-                    )));
-                }
-                self.mode = if *n == 0 {
-                    RpMode::BitmapEnd
-                } else {
-                    RpMode::BitmapData { remaining: *n }
-                };
-            }
-            RpMessage::BitmapData(d) => {
-                if let RpMode::BitmapData { remaining } = self.mode {
-                    let left = remaining - d.len() as u64;
-                    self.mode = if left == 0 {
-                        RpMode::BitmapEnd
-                    } else {
-                        RpMode::BitmapData { remaining: left }
-                    };
-                }
-            }
-            RpMessage::BitmapEnd => self.mode = RpMode::Messages,
-            _ => {}
-        }
-        Ok(())
-    }
-
     fn poison(&mut self, offset: u64, kind: ErrorKind) -> DecodeError {
         let e = DecodeError {
             channel: Channel::ReturnPath,
@@ -362,4 +314,45 @@ impl RpDecoder {
         self.failed = Some(e.clone());
         e
     }
+}
+
+/// Updates the decoder's state for one message (the bitmap trailer's framing, the block a
+/// later REQ_PAGES refers to), or rejects it.
+fn apply_message(
+    mode: &mut RpMode,
+    last_block: &mut Option<Vec<u8>>,
+    msg: &RpMessage<'_>,
+) -> Result<(), ErrorKind> {
+    match msg {
+        RpMessage::ReqPagesId { block, .. } => *last_block = Some(block.to_vec()),
+        RpMessage::ReqPages { .. } if last_block.is_none() => {
+            return Err(ErrorKind::ReqPagesWithoutBlock);
+        }
+        RpMessage::RecvBitmap { .. } => *mode = RpMode::BitmapSize,
+        RpMessage::BitmapSize(n) => {
+            if n % 8 != 0 || *n > MAX_RECV_BITMAP {
+                return Err(ErrorKind::BadRecvBitmap(format!(
+                    "size {n} is not a multiple of 8 up to {MAX_RECV_BITMAP}"
+                )));
+            }
+            *mode = if *n == 0 {
+                RpMode::BitmapEnd
+            } else {
+                RpMode::BitmapData { remaining: *n }
+            };
+        }
+        RpMessage::BitmapData(d) => {
+            if let RpMode::BitmapData { remaining } = *mode {
+                let left = remaining - d.len() as u64;
+                *mode = if left == 0 {
+                    RpMode::BitmapEnd
+                } else {
+                    RpMode::BitmapData { remaining: left }
+                };
+            }
+        }
+        RpMessage::BitmapEnd => *mode = RpMode::Messages,
+        _ => {}
+    }
+    Ok(())
 }
