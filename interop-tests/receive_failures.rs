@@ -54,6 +54,24 @@ async fn start_sidecar(
     (addr, tokio::spawn(receive_on(listener, options(dst, addr))))
 }
 
+/// Starts the source side of the migration in the background.
+fn start_send(
+    src: &Vm,
+    to: std::net::SocketAddr,
+    postcopy_after: Option<Duration>,
+) -> tokio::task::JoinHandle<
+    Result<postcopy_sidecar::source::SendReport, postcopy_sidecar::qmp::QmpError>,
+> {
+    let opts = SendOptions {
+        qmp: src.spare_qmp_path().to_path_buf(),
+        to,
+        postcopy_after,
+        preempt: false,
+        timeout: LIMIT,
+    };
+    tokio::spawn(async move { send(&opts).await })
+}
+
 async fn finished(
     h: tokio::task::JoinHandle<Result<Report, ReceiveError>>,
 ) -> Result<Report, ReceiveError> {
@@ -134,17 +152,7 @@ async fn a_source_that_dies_in_postcopy_ends_the_sidecar_with_a_clear_error() {
     );
     let resumed = dst.qmp().event_cursor();
     let (addr, h) = start_sidecar(&dst).await;
-    let src_qmp = src.spare_qmp_path().to_path_buf();
-    let sender = tokio::spawn(async move {
-        send(&SendOptions {
-            qmp: src_qmp,
-            to: addr,
-            postcopy_after: Some(Duration::from_millis(0)),
-            preempt: false,
-            timeout: LIMIT,
-        })
-        .await
-    });
+    let sender = start_send(&src, addr, Some(Duration::ZERO));
     // Once the destination runs (POSTCOPY_RUN), the source holds pages it alone has.
     dst.qmp()
         .wait_for_event_after(resumed, |e| event_name(e) == "RESUME", LIMIT)
@@ -175,18 +183,8 @@ async fn a_destination_that_exits_ends_the_sidecar_with_a_clear_error() {
     );
     let active = dst.qmp().event_cursor();
     let (addr, h) = start_sidecar(&dst).await;
-    let src_qmp = src.spare_qmp_path().to_path_buf();
     // Precopy only: the source keeps streaming until the destination goes away.
-    let sender = tokio::spawn(async move {
-        send(&SendOptions {
-            qmp: src_qmp,
-            to: addr,
-            postcopy_after: None,
-            preempt: false,
-            timeout: LIMIT,
-        })
-        .await
-    });
+    let sender = start_send(&src, addr, None);
     // Kill the destination once pages are flowing into it.
     dst.qmp()
         .wait_for_event_after(

@@ -307,6 +307,7 @@ where
             continue;
         };
         let mut consumed = 0;
+        let mut failure = None;
         loop {
             match d.next(&buf[consumed..]) {
                 Ok(Step::Event { len, event, .. }) => {
@@ -323,18 +324,8 @@ where
                 }
                 Ok(Step::NeedMore) => break,
                 Err(e) => {
-                    account(
-                        &shared,
-                        &deliveries,
-                        Instant::now(),
-                        ch,
-                        consumed,
-                        0,
-                        PostcopyPhase::None,
-                    );
-                    let good = buf.split_to(consumed).freeze();
-                    let _ = dst.write_all(&good).await;
-                    return Err(e.into());
+                    failure = Some(e);
+                    break;
                 }
             }
         }
@@ -348,6 +339,11 @@ where
             PostcopyPhase::None,
         );
         deliveries.clear();
+        if let Some(e) = failure {
+            // Forward (and count) what decoded before the bad record, then stop.
+            let _ = forward_decoded(&mut dst, &mut buf, consumed, ch).await;
+            return Err(e.into());
+        }
         forward_decoded(&mut dst, &mut buf, consumed, ch).await?;
         if n == 0 {
             d.finish(&buf)?;

@@ -230,14 +230,8 @@ pub fn parse_command(input: &[u8]) -> PResult<'_, Command<'_>> {
     }
     let (rest, payload) = bytes(len as usize)(i)?;
     let cmd = match code {
-        CommandCode::OPEN_RETURN_PATH => {
-            fixed_len(len_field, name, len, 0)?;
-            Command::OpenReturnPath
-        }
-        CommandCode::PING => {
-            fixed_len(len_field, name, len, 4)?;
-            Command::Ping(u32_(payload)?.1)
-        }
+        CommandCode::OPEN_RETURN_PATH => Command::OpenReturnPath,
+        CommandCode::PING => Command::Ping(u32_(payload)?.1),
         CommandCode::POSTCOPY_ADVISE => match len {
             0 => Command::PostcopyAdvise(None),
             16 => {
@@ -272,29 +266,14 @@ pub fn parse_command(input: &[u8]) -> PResult<'_, Command<'_>> {
                 );
             }
         },
-        CommandCode::POSTCOPY_LISTEN => {
-            fixed_len(len_field, name, len, 0)?;
-            Command::PostcopyListen
-        }
-        CommandCode::POSTCOPY_RUN => {
-            fixed_len(len_field, name, len, 0)?;
-            Command::PostcopyRun
-        }
+        CommandCode::POSTCOPY_LISTEN => Command::PostcopyListen,
+        CommandCode::POSTCOPY_RUN => Command::PostcopyRun,
         CommandCode::POSTCOPY_RAM_DISCARD => parse_discard(payload)?.1,
-        CommandCode::PACKAGED => {
-            fixed_len(len_field, name, len, 4)?;
-            Command::Packaged {
-                length: u32_(payload)?.1,
-            }
-        }
-        CommandCode::ENABLE_COLO => {
-            fixed_len(len_field, name, len, 0)?;
-            Command::EnableColo
-        }
-        CommandCode::POSTCOPY_RESUME => {
-            fixed_len(len_field, name, len, 0)?;
-            Command::PostcopyResume
-        }
+        CommandCode::PACKAGED => Command::Packaged {
+            length: u32_(payload)?.1,
+        },
+        CommandCode::ENABLE_COLO => Command::EnableColo,
+        CommandCode::POSTCOPY_RESUME => Command::PostcopyResume,
         CommandCode::RECV_BITMAP => {
             let (p, block) = match counted(payload) {
                 Ok(v) => v,
@@ -321,10 +300,7 @@ pub fn parse_command(input: &[u8]) -> PResult<'_, Command<'_>> {
             }
             Command::RecvBitmap { block }
         }
-        CommandCode::SWITCHOVER_START => {
-            fixed_len(len_field, name, len, 0)?;
-            Command::SwitchoverStart
-        }
+        CommandCode::SWITCHOVER_START => Command::SwitchoverStart,
         other => return fail(&input[1..], ErrorKind::UnknownCommand(other.0)),
     };
     Ok((rest, cmd))
