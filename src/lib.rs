@@ -15,5 +15,7 @@ pub mod demo;
 pub mod inspect;
 pub mod lab;
 pub mod qmp;
+pub mod restore;
+pub mod snapshot;
 pub mod source;
 pub mod wire;

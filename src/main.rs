@@ -85,6 +85,38 @@ enum Cmd {
         #[arg(long, default_value_t = 600.0)]
         timeout: f64,
     },
+    /// Snapshot a running VM for lazy restore: the sidecar receives its postcopy migration
+    /// and stores the device state and every page; the source ends paused.
+    Snapshot {
+        /// The source QEMU's QMP socket.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// Snapshot directory to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600.0)]
+        timeout: f64,
+    },
+    /// Restore a snapshot lazily into fresh destination QEMUs (`-incoming defer`): each VM
+    /// runs once its device state loads and RAM arrives on demand. Repeat --qmp for clones.
+    Restore {
+        /// The snapshot directory.
+        #[arg(long)]
+        from: PathBuf,
+        /// A destination QEMU's QMP socket; repeat to restore clones concurrently.
+        #[arg(long, required = true)]
+        qmp: Vec<PathBuf>,
+        /// Write one JSON report per destination into this directory (restore-N.json).
+        #[arg(long)]
+        report_dir: Option<PathBuf>,
+        /// Read and check every stored page before sending anything (costs one full read).
+        #[arg(long)]
+        verify_pages: bool,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600.0)]
+        timeout: f64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -196,7 +228,87 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Cmd::Snapshot { qmp, out, timeout } => run_snapshot(qmp, out, timeout),
+        Cmd::Restore {
+            from,
+            qmp,
+            report_dir,
+            verify_pages,
+            timeout,
+        } => run_restore(from, qmp, report_dir, verify_pages, timeout),
     }
+}
+
+fn run_snapshot(qmp: PathBuf, out: PathBuf, timeout: f64) -> ExitCode {
+    let opts = postcopy_sidecar::snapshot::take::SnapshotOptions {
+        qmp,
+        out,
+        timeout: std::time::Duration::from_secs_f64(timeout),
+    };
+    runtime().block_on(async move {
+        match postcopy_sidecar::snapshot::take::snapshot(&opts).await {
+            Ok(r) => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&r).expect("report serialises")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+fn run_restore(
+    from: PathBuf,
+    qmp: Vec<PathBuf>,
+    report_dir: Option<PathBuf>,
+    verify_pages: bool,
+    timeout: f64,
+) -> ExitCode {
+    use postcopy_sidecar::restore::{RestoreOptions, Snapshot, restore_clones};
+    let snapshot = match Snapshot::open(&from, verify_pages) {
+        Ok(s) => std::sync::Arc::new(s),
+        Err(e) => {
+            eprintln!("error: {} refused: {e}", from.display());
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(d) = &report_dir {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            eprintln!("error: creating {}: {e}", d.display());
+            return ExitCode::from(1);
+        }
+    }
+    let opts = qmp
+        .into_iter()
+        .enumerate()
+        .map(|(i, qmp)| RestoreOptions {
+            qmp,
+            report: report_dir
+                .as_ref()
+                .map(|d| d.join(format!("restore-{i}.json"))),
+            timeout: std::time::Duration::from_secs_f64(timeout),
+        })
+        .collect();
+    runtime().block_on(async move {
+        let reports = restore_clones(snapshot, opts).await;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reports).expect("reports serialise")
+        );
+        let mut code = ExitCode::SUCCESS;
+        for r in &reports {
+            if let Some(e) = &r.error {
+                eprintln!("error: {}: {e}", r.destination.display());
+                code = ExitCode::from(1);
+            }
+        }
+        code
+    })
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -12,6 +12,7 @@
 
 pub mod check;
 pub mod command;
+pub mod compose;
 pub mod decoder;
 pub mod error;
 pub mod preempt;

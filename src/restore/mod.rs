@@ -1,0 +1,541 @@
+//! `postcopy-sidecar restore`: the sidecar plays the migration *source* for a fresh
+//! destination QEMU (`-incoming defer`) and restores a snapshot lazily
+//! (protocol-spec/snapshot.md#snapshot-restore-stream). It replays the opening, discards
+//! all RAM, sends the device-state package so the VM runs at once, then serves page
+//! requests from the page store ahead of a background sweep, and ends the stream.
+//! Several destinations (clones) can be restored from one snapshot at once; they share
+//! the page store read-only.
+
+pub mod serve;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use crate::control::MigrationControl;
+use crate::daemon::tracker::LatencyFigures;
+use crate::qmp::{Qmp, QmpError};
+use crate::snapshot::meta::{OPENING_FILE, PACKAGE_FILE, SnapshotMeta};
+use crate::snapshot::{PageStore, SnapshotError};
+use crate::wire::compose::{RamSections, put_discards, put_package};
+use crate::wire::{Command, DecodeError, RpDecoder, RpMessage, Step};
+use serve::{PageServer, ServeError, ServeFigures};
+
+/// A snapshot opened and checked for restoring: metadata, opening and package verified
+/// against their checksums, the page store's index verified and its length checked.
+pub struct Snapshot {
+    /// Where it lives.
+    pub dir: PathBuf,
+    /// `meta.json`.
+    pub meta: SnapshotMeta,
+    /// The page store, shared by every restore of this snapshot.
+    pub store: Arc<PageStore>,
+    opening: Vec<u8>,
+    package: Vec<u8>,
+}
+
+impl Snapshot {
+    /// Opens `dir`. With `verify_pages`, every stored page is also read and checked now,
+    /// so a damaged page is refused before any byte is sent (costs one read of the store);
+    /// without it, each page is checked as it is read for sending.
+    pub fn open(dir: &Path, verify_pages: bool) -> Result<Snapshot, SnapshotError> {
+        let meta = SnapshotMeta::load(dir)?;
+        let read = |name: &'static str| {
+            let p = dir.join(name);
+            std::fs::read(&p).map_err(|e| SnapshotError::io("reading", &p, e))
+        };
+        let opening = read(OPENING_FILE)?;
+        meta.opening.check(OPENING_FILE, &opening)?;
+        let package = read(PACKAGE_FILE)?;
+        meta.package.check(PACKAGE_FILE, &package)?;
+        let store = PageStore::open(dir, &meta)?;
+        if verify_pages {
+            store.verify_all()?;
+        }
+        Ok(Snapshot {
+            dir: dir.to_path_buf(),
+            meta,
+            store: Arc::new(store),
+            opening,
+            package,
+        })
+    }
+
+    /// Everything sent before the first page: the opening, SWITCHOVER_START when the source
+    /// sent it, a discard of every block, PING 2, the package, PING 4.
+    pub fn prologue(&self) -> Vec<u8> {
+        let mut out = self.opening.clone();
+        if self.meta.stream.switchover_start {
+            Command::SwitchoverStart.encode(&mut out);
+        }
+        for b in &self.meta.blocks {
+            put_discards(&mut out, b.name.as_bytes(), &[(0, b.length)]);
+        }
+        Command::Ping(2).encode(&mut out);
+        put_package(&mut out, &self.package);
+        Command::Ping(4).encode(&mut out);
+        out
+    }
+}
+
+/// Options of one restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// The destination QEMU's QMP socket (QEMU started with `-incoming defer` and the
+    /// snapshot's machine and RAM configuration).
+    pub qmp: PathBuf,
+    /// Write the JSON report here.
+    pub report: Option<PathBuf>,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+/// Why a restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The snapshot is unusable.
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    /// QMP failed.
+    #[error("destination QMP: {0}")]
+    Qmp(#[from] QmpError),
+    /// The destination is not configured like the snapshot's source.
+    #[error("the destination does not match the snapshot: {0}")]
+    Mismatch(String),
+    /// A socket failed.
+    #[error("{what}: {source}")]
+    Net {
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The destination's return path could not be decoded.
+    #[error("destination return path: {0}")]
+    Decode(#[from] DecodeError),
+    /// Serving a page failed.
+    #[error("serving pages: {0}")]
+    Serve(#[from] ServeError),
+    /// The destination reported failure.
+    #[error("the destination's migration ended as {0}")]
+    DestinationFailed(String),
+}
+
+/// Milestones in ms since the restore connected to the destination.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RestoreTimeline {
+    /// Prologue (opening, discards, package) written.
+    pub package_sent_ms: Option<u64>,
+    /// PONG 3: the destination loaded the device state.
+    pub device_state_loaded_ms: Option<u64>,
+    /// QMP `RESUME`: the VM runs.
+    pub running_ms: Option<u64>,
+    /// Last data page written.
+    pub all_sent_ms: Option<u64>,
+    /// Migration `completed` on the destination: all RAM present.
+    pub completed_ms: Option<u64>,
+}
+
+/// The report of one restore.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RestoreReport {
+    /// "completed" or "failed".
+    pub outcome: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Destination QMP socket.
+    pub destination: PathBuf,
+    /// Destination's final migration status.
+    pub migration_status: String,
+    /// Destination's own vCPU blocktime, ms.
+    pub postcopy_blocktime_ms: Option<u64>,
+    /// ms from the start of `restore` (before attaching) to connecting.
+    pub setup_ms: u64,
+    /// Milestones.
+    pub timeline: RestoreTimeline,
+    /// Page requests received from the destination.
+    pub requests: u64,
+    /// What was sent.
+    pub served: ServeFigures,
+    /// Request → page written to the destination's socket, for requests that sent a page.
+    pub latency: LatencyFigures,
+    /// Bytes written to the destination.
+    pub bytes_sent: u64,
+}
+
+/// Send buffer towards the destination: small, so a requested page never waits behind
+/// much background data (the head-of-line blocking of postcopy-latency-measured.md).
+pub const RESTORE_SNDBUF: usize = 64 * 1024;
+/// Data pages per background section (one section is written at a time).
+pub const BACKGROUND_BATCH: usize = 16;
+
+/// A page request as the return-path reader hands it to the writer.
+struct Request {
+    block: usize,
+    start: u64,
+    len: u64,
+    at: Instant,
+}
+
+/// Restores `snapshot` into the destination behind `opts.qmp`.
+pub async fn restore(snapshot: &Snapshot, opts: &RestoreOptions) -> RestoreReport {
+    let begun = Instant::now();
+    let mut report = RestoreReport {
+        destination: opts.qmp.clone(),
+        ..Default::default()
+    };
+    let result = run(snapshot, opts, begun, &mut report).await;
+    match result {
+        Ok(()) => report.outcome = "completed".into(),
+        Err(e) => {
+            report.outcome = "failed".into();
+            report.error = Some(e.to_string());
+        }
+    }
+    if let Some(p) = &opts.report {
+        let json = serde_json::to_vec_pretty(&report).expect("report serialises");
+        if let Err(e) = std::fs::write(p, json) {
+            tracing::warn!(path = %p.display(), error = %e, "could not write the report");
+        }
+    }
+    report
+}
+
+/// Checks the destination's machine type and RAM blocks against the snapshot.
+pub async fn check_destination(qmp: &Qmp, meta: &SnapshotMeta) -> Result<(), RestoreError> {
+    let machine = qmp.machine_type().await?;
+    if !meta.source.machine.is_empty() && machine != meta.source.machine {
+        return Err(RestoreError::Mismatch(format!(
+            "machine type is {machine}, the snapshot's is {}",
+            meta.source.machine
+        )));
+    }
+    let blocks = qmp.ram_blocks().await?;
+    for b in &meta.blocks {
+        match blocks.iter().find(|d| d.name == b.name) {
+            None => {
+                return Err(RestoreError::Mismatch(format!(
+                    "RAM block {} ({} bytes) is missing on the destination",
+                    b.name, b.length
+                )));
+            }
+            Some(d) if d.used != b.length => {
+                return Err(RestoreError::Mismatch(format!(
+                    "RAM block {} is {} bytes on the destination, {} in the snapshot",
+                    b.name, d.used, b.length
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(extra) = blocks
+        .iter()
+        .find(|d| !meta.blocks.iter().any(|b| b.name == d.name))
+    {
+        return Err(RestoreError::Mismatch(format!(
+            "the destination has RAM block {} ({} bytes) that the snapshot lacks",
+            extra.name, extra.used
+        )));
+    }
+    Ok(())
+}
+
+async fn run(
+    snapshot: &Snapshot,
+    opts: &RestoreOptions,
+    begun: Instant,
+    report: &mut RestoreReport,
+) -> Result<(), RestoreError> {
+    let qmp = Qmp::connect(&opts.qmp).await?;
+    check_destination(&qmp, &snapshot.meta).await?;
+    let private = tempfile::Builder::new()
+        .prefix("postcopy-sidecar-restore-")
+        .tempdir()
+        .map_err(|e| net("creating the private socket directory", e))?;
+    let endpoint = private.path().join("incoming.sock");
+    qmp.set_capabilities(&[
+        ("events", true),
+        ("postcopy-ram", true),
+        ("return-path", true),
+        ("postcopy-blocktime", true),
+    ])
+    .await?;
+    qmp.migrate_incoming(&format!("unix:{}", endpoint.display()))
+        .await?;
+    // RESUME (the VM runs) is found afterwards by QEMU's own timestamp.
+    let mut events = qmp.subscribe_raw();
+    let sock = UnixStream::connect(&endpoint)
+        .await
+        .map_err(|e| net(format!("connecting to {}", endpoint.display()), e))?;
+    socket2::SockRef::from(&sock)
+        .set_send_buffer_size(RESTORE_SNDBUF)
+        .map_err(|e| net("setting the send buffer", e))?;
+    let t0 = Instant::now();
+    let t0_wall_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    report.setup_ms = (t0 - begun).as_millis() as u64;
+    let ms = move |t: Instant| (t.saturating_duration_since(t0)).as_millis() as u64;
+
+    let (rd, mut wr) = sock.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
+    let mut server = PageServer::new(
+        snapshot.store.clone(),
+        RamSections {
+            section_id: snapshot.meta.stream.ram_section_id,
+            footers: snapshot.meta.stream.section_footers,
+        },
+    );
+    let names: Vec<Vec<u8>> = snapshot
+        .meta
+        .blocks
+        .iter()
+        .map(|b| b.name.clone().into_bytes())
+        .collect();
+    let reader = tokio::spawn(read_return_path(rd, names, tx));
+
+    let prologue = snapshot.prologue();
+    wr.write_all(&prologue)
+        .await
+        .map_err(|e| net("sending the prologue", e))?;
+    let mut bytes_sent = prologue.len() as u64;
+    report.timeline.package_sent_ms = Some(ms(Instant::now()));
+
+    let mut latency = Histogram::<u64>::new(3).expect("histogram");
+    let mut requests = 0u64;
+    let mut out = Vec::with_capacity(256 * 1024);
+    let mut more = true;
+    let deadline = tokio::time::Instant::now() + opts.timeout;
+    let mut reader_open = true;
+    loop {
+        // Requests first: drain every request that is waiting, then one background batch.
+        let mut served_at = Vec::new();
+        loop {
+            match rx.try_recv() {
+                Ok(r) => {
+                    requests += 1;
+                    if server.serve_request(r.block, r.start, r.len, &mut out)? > 0 {
+                        served_at.push(r.at);
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    reader_open = false;
+                    break;
+                }
+            }
+        }
+        if !served_at.is_empty() {
+            write(&mut wr, &mut out, &mut bytes_sent).await?;
+            let now = Instant::now();
+            for at in served_at {
+                let us = (now - at).as_micros() as u64;
+                latency.record(us.max(1)).ok();
+            }
+            continue;
+        }
+        if more {
+            more = server.background(BACKGROUND_BATCH, &mut out)?;
+            write(&mut wr, &mut out, &mut bytes_sent).await?;
+            if !more {
+                report.timeline.all_sent_ms = Some(ms(Instant::now()));
+                server.finish(&mut out);
+                write(&mut wr, &mut out, &mut bytes_sent).await?;
+            }
+            continue;
+        }
+        if !reader_open {
+            break;
+        }
+        // Everything is sent: requests now can only be for pages in flight; keep
+        // answering (counting) them until the destination shuts its return path.
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) => return Err(net("waiting for the destination to finish", timed_out())),
+            Ok(None) => reader_open = false,
+            Ok(Some(r)) => {
+                requests += 1;
+                server.serve_request(r.block, r.start, r.len, &mut out)?;
+                write(&mut wr, &mut out, &mut bytes_sent).await?;
+            }
+        }
+    }
+    let rp = reader
+        .await
+        .map_err(|e| net("return-path reader", std::io::Error::other(e.to_string())))??;
+    report.timeline.device_state_loaded_ms = rp.pong3.map(ms);
+    let status = qmp.wait_migration_end(opts.timeout).await?;
+    report.timeline.completed_ms = Some(ms(Instant::now()));
+    report.migration_status = status.clone();
+    report.postcopy_blocktime_ms = qmp.postcopy_blocktime_ms().await.ok().flatten();
+    loop {
+        match events.try_recv() {
+            Ok(ev) if ev.name == "RESUME" && report.timeline.running_ms.is_none() => {
+                report.timeline.running_ms =
+                    Some(ev.timestamp_us.saturating_sub(t0_wall_us) / 1000);
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(_) => break,
+        }
+    }
+    report.requests = requests;
+    report.served = server.figures().clone();
+    report.bytes_sent = bytes_sent;
+    report.latency = latency_figures(&latency);
+    if status != "completed" {
+        return Err(RestoreError::DestinationFailed(status));
+    }
+    if rp.shut != Some(0) {
+        return Err(RestoreError::DestinationFailed(format!(
+            "completed but its return path ended with SHUT {:?}",
+            rp.shut
+        )));
+    }
+    Ok(())
+}
+
+fn latency_figures(h: &Histogram<u64>) -> LatencyFigures {
+    if h.is_empty() {
+        return LatencyFigures::default();
+    }
+    LatencyFigures {
+        count: h.len(),
+        p50_us: h.value_at_quantile(0.5) as f64,
+        p90_us: h.value_at_quantile(0.9) as f64,
+        p99_us: h.value_at_quantile(0.99) as f64,
+        max_us: h.max() as f64,
+        mean_us: h.mean(),
+    }
+}
+
+async fn write(
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+    out: &mut Vec<u8>,
+    sent: &mut u64,
+) -> Result<(), RestoreError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    wr.write_all(out)
+        .await
+        .map_err(|e| net("writing to the destination", e))?;
+    *sent += out.len() as u64;
+    out.clear();
+    Ok(())
+}
+
+/// What the return path said besides requests.
+struct ReturnPathEnd {
+    pong3: Option<Instant>,
+    shut: Option<u32>,
+}
+
+/// Decodes the destination's return path, handing page requests to the writer.
+async fn read_return_path(
+    mut rd: tokio::net::unix::OwnedReadHalf,
+    names: Vec<Vec<u8>>,
+    tx: mpsc::UnboundedSender<Request>,
+) -> Result<ReturnPathEnd, RestoreError> {
+    let mut dec = RpDecoder::new();
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut end = ReturnPathEnd {
+        pong3: None,
+        shut: None,
+    };
+    let mut block = None;
+    loop {
+        while let Step::Event { len, event, .. } = dec.next(&buf)? {
+            match event {
+                RpMessage::ReqPagesId {
+                    start,
+                    len,
+                    block: name,
+                } => {
+                    let b = names.iter().position(|n| n == name).ok_or_else(|| {
+                        ServeError::Request(serve::RequestError::UnknownBlock(
+                            String::from_utf8_lossy(name).into(),
+                        ))
+                    })?;
+                    block = Some(b);
+                    let _ = tx.send(Request {
+                        block: b,
+                        start,
+                        len: len.into(),
+                        at: Instant::now(),
+                    });
+                }
+                RpMessage::ReqPages { start, len } => {
+                    let b = block.ok_or_else(|| {
+                        net(
+                            "the destination's first request named no block",
+                            std::io::Error::from(std::io::ErrorKind::InvalidData),
+                        )
+                    })?;
+                    let _ = tx.send(Request {
+                        block: b,
+                        start,
+                        len: len.into(),
+                        at: Instant::now(),
+                    });
+                }
+                RpMessage::Pong(3) => end.pong3 = Some(Instant::now()),
+                RpMessage::Shut(v) => end.shut = Some(v),
+                _ => {}
+            }
+            buf.advance(len);
+        }
+        if end.shut.is_some() {
+            return Ok(end);
+        }
+        let n = rd
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| net("reading the destination's return path", e))?;
+        if n == 0 {
+            dec.finish(&buf)?;
+            return Ok(end);
+        }
+    }
+}
+
+fn net(what: impl Into<String>, source: std::io::Error) -> RestoreError {
+    RestoreError::Net {
+        what: what.into(),
+        source,
+    }
+}
+
+fn timed_out() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")
+}
+
+/// Restores `snapshot` into several destinations at once (clones); one report each, in
+/// the order of `opts`.
+pub async fn restore_clones(
+    snapshot: Arc<Snapshot>,
+    opts: Vec<RestoreOptions>,
+) -> Vec<RestoreReport> {
+    let tasks: Vec<_> = opts
+        .into_iter()
+        .map(|o| {
+            let s = snapshot.clone();
+            tokio::spawn(async move { restore(&s, &o).await })
+        })
+        .collect();
+    let mut reports = Vec::new();
+    for t in tasks {
+        reports.push(t.await.unwrap_or_else(|e| RestoreReport {
+            outcome: "failed".into(),
+            error: Some(format!("restore task: {e}")),
+            ..Default::default()
+        }));
+    }
+    reports
+}
