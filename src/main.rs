@@ -277,11 +277,11 @@ fn run_restore(
             return ExitCode::from(1);
         }
     };
-    if let Some(d) = &report_dir {
-        if let Err(e) = std::fs::create_dir_all(d) {
-            eprintln!("error: creating {}: {e}", d.display());
-            return ExitCode::from(1);
-        }
+    if let Some(d) = &report_dir
+        && let Err(e) = std::fs::create_dir_all(d)
+    {
+        eprintln!("error: creating {}: {e}", d.display());
+        return ExitCode::from(1);
     }
     let opts = qmp
         .into_iter()

@@ -148,7 +148,7 @@ impl PageServer {
     ) -> Result<u64, ServeError> {
         let ps = self.store.page_size();
         let length = self.store.blocks()[block].length;
-        if start >= length || len > length - start || start % ps != 0 {
+        if start >= length || len > length - start || !start.is_multiple_of(ps) {
             return Err(ServeError::Request(RequestError::OutOfRange {
                 block: String::from_utf8_lossy(&self.names[block]).into(),
                 start,

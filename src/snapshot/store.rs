@@ -94,7 +94,7 @@ impl StoreWriter {
         let b = self.blocks.get(block).ok_or_else(|| {
             SnapshotError::Unsupported(format!("page for unknown block #{block}"))
         })?;
-        if offset % self.page_size != 0 || offset >= b.length {
+        if !offset.is_multiple_of(self.page_size) || offset >= b.length {
             return Err(SnapshotError::Unsupported(format!(
                 "page at offset {offset:#x} outside block {} ({} bytes) or unaligned",
                 b.name, b.length

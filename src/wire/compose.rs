@@ -168,10 +168,10 @@ mod tests {
         while at < out.len() {
             match dec.next(&out[at..]).unwrap() {
                 Step::Event { len, event, .. } => {
-                    if let Event::Ram(r) = &event {
-                        if let Some(h) = r.page_header() {
-                            pages.push(h.offset);
-                        }
+                    if let Event::Ram(r) = &event
+                        && let Some(h) = r.page_header()
+                    {
+                        pages.push(h.offset);
                     }
                     names.push(event.kind_name());
                     at += len;
