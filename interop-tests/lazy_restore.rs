@@ -14,6 +14,7 @@ use std::time::Duration;
 use postcopy_sidecar::lab::{
     LabError, QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode,
 };
+use postcopy_sidecar::restore::progress::{DEFAULT_MARKER, ProgressWatch};
 use postcopy_sidecar::restore::{RestoreOptions, RestoreReport, Snapshot, restore, restore_clones};
 use postcopy_sidecar::snapshot::SnapshotError;
 use postcopy_sidecar::snapshot::meta::PAGES_FILE;
@@ -59,8 +60,13 @@ async fn snapshot_running_guest(version: QemuVersion, dir: &Path) -> (VmSpec, Vm
     (spec, src, report)
 }
 
+/// A fresh destination whose console is also written to `dir/NAME.console`, so the
+/// restore can time the guest's first progress line.
 async fn destination(spec: &VmSpec, version: QemuVersion, name: &str, dir: &Path) -> Vm {
-    let d = spec.destination(need(QemuBinary::find(version))).name(name);
+    let d = spec
+        .destination(need(QemuBinary::find(version)))
+        .name(name)
+        .serial_log(dir.join(format!("{name}.console")));
     need(Vm::spawn(&d, dir).await)
 }
 
@@ -69,7 +75,13 @@ async fn assert_restored(dst: &Vm, report: &RestoreReport) {
     eprintln!("{}", serde_json::to_string_pretty(report).unwrap());
     assert_eq!(report.outcome, "completed", "{:?}", report.error);
     assert_eq!(report.migration_status, "completed");
-    assert!(report.timeline.running_ms.is_some(), "no RESUME seen");
+    let t = &report.timeline;
+    assert!(t.running_ms.is_some(), "no RESUME seen");
+    let progress = t
+        .first_progress_ms
+        .expect("the guest's first progress line was timed");
+    assert!(t.running_ms <= Some(progress), "{t:?}");
+    assert!(t.running_ms <= t.completed_ms, "{t:?}");
     assert!(report.served.background_pages + report.served.requested_pages > 0);
     assert_eq!(dst.qmp().run_state().await.unwrap(), "running");
     let seen = need(dst.wait_progress(0, 2, PROGRESS).await);
@@ -82,6 +94,10 @@ fn opts(dst: &Vm) -> RestoreOptions {
         qmp: dst.spare_qmp_path().to_path_buf(),
         report: None,
         timeout: MIGRATION,
+        progress: dst.spec().serial_log.clone().map(|log| ProgressWatch {
+            log,
+            marker: DEFAULT_MARKER.into(),
+        }),
     }
 }
 

@@ -113,6 +113,13 @@ enum Cmd {
         /// Read and check every stored page before sending anything (costs one full read).
         #[arg(long)]
         verify_pages: bool,
+        /// A destination guest's console log (e.g. QEMU `-serial file:PATH`), one per
+        /// --qmp in the same order: the report gives the time to its first progress line.
+        #[arg(long)]
+        guest_log: Vec<PathBuf>,
+        /// Text that marks a progress line in --guest-log.
+        #[arg(long, default_value = postcopy_sidecar::restore::progress::DEFAULT_MARKER)]
+        progress_marker: String,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600.0)]
         timeout: f64,
@@ -234,9 +241,89 @@ fn main() -> ExitCode {
             qmp,
             report_dir,
             verify_pages,
+            guest_log,
+            progress_marker,
             timeout,
         } => run_restore(from, qmp, report_dir, verify_pages, timeout),
     }
+}
+
+/// Arguments of `receive`.
+#[derive(clap::Args)]
+struct ReceiveArgs {
+    /// The destination QEMU's QMP socket (QEMU started with -incoming defer).
+    #[arg(long)]
+    qmp: PathBuf,
+    /// Address the source migrates to, e.g. 0.0.0.0:4444; with --follow-incoming an
+    /// address alone (e.g. 192.0.2.7) takes the port the destination listens on.
+    #[arg(long)]
+    listen: Listen,
+    /// The destination's manager (libvirt) sets its capabilities and issues
+    /// migrate-incoming; the sidecar follows those settings and connects where it listens.
+    #[arg(long)]
+    follow_incoming: bool,
+    /// Seconds to wait for the QMP socket and, with --follow-incoming, for the destination
+    /// to listen.
+    #[arg(long, default_value_t = 60.0)]
+    attach_timeout: f64,
+    /// Write this file (JSON) once the sidecar listens for the source.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Use the postcopy-preempt channel (enable it on the source too).
+    #[arg(long)]
+    preempt: bool,
+    /// No live view even on a terminal.
+    #[arg(long)]
+    quiet: bool,
+    /// The destination was started with -S: do not require it to run at the end.
+    #[arg(long)]
+    allow_paused: bool,
+}
+
+fn run_receive(a: ReceiveArgs) -> ExitCode {
+    use std::io::IsTerminal;
+    if !a.follow_incoming && matches!(a.listen, Listen::DestinationPort(_)) {
+        eprintln!(
+            "error: --listen {} needs a port (or --follow-incoming)",
+            a.listen
+        );
+        return ExitCode::from(2);
+    }
+    let opts = ReceiveOptions {
+        incoming: if a.follow_incoming {
+            Incoming::Follow
+        } else {
+            Incoming::Private
+        },
+        attach_timeout: std::time::Duration::from_secs_f64(a.attach_timeout),
+        ready_file: a.ready_file,
+        preempt: a.preempt,
+        report: a.report,
+        live: !a.quiet && std::io::stderr().is_terminal(),
+        allow_paused: a.allow_paused,
+        ..ReceiveOptions::new(a.qmp, a.listen)
+    };
+    runtime().block_on(async move {
+        match receive(opts).await {
+            Ok(r) => {
+                print!("{}", r.table());
+                match &r.error {
+                    None => ExitCode::SUCCESS,
+                    Some(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
 }
 
 fn run_snapshot(qmp: PathBuf, out: PathBuf, timeout: f64) -> ExitCode {
@@ -262,14 +349,37 @@ fn run_snapshot(qmp: PathBuf, out: PathBuf, timeout: f64) -> ExitCode {
     })
 }
 
-fn run_restore(
+/// The `restore` arguments, as parsed.
+struct RestoreArgs {
     from: PathBuf,
     qmp: Vec<PathBuf>,
     report_dir: Option<PathBuf>,
     verify_pages: bool,
+    guest_log: Vec<PathBuf>,
+    progress_marker: String,
     timeout: f64,
-) -> ExitCode {
+}
+
+fn run_restore(args: RestoreArgs) -> ExitCode {
+    use postcopy_sidecar::restore::progress::ProgressWatch;
     use postcopy_sidecar::restore::{RestoreOptions, Snapshot, restore_clones};
+    let RestoreArgs {
+        from,
+        qmp,
+        report_dir,
+        verify_pages,
+        guest_log,
+        progress_marker,
+        timeout,
+    } = args;
+    if !guest_log.is_empty() && guest_log.len() != qmp.len() {
+        eprintln!(
+            "error: {} --guest-log for {} --qmp: give one per destination, in the same order",
+            guest_log.len(),
+            qmp.len()
+        );
+        return ExitCode::from(2);
+    }
     let snapshot = match Snapshot::open(&from, verify_pages) {
         Ok(s) => std::sync::Arc::new(s),
         Err(e) => {

@@ -6,6 +6,7 @@
 //! Several destinations (clones) can be restored from one snapshot at once; they share
 //! the page store read-only.
 
+pub mod progress;
 pub mod serve;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use crate::snapshot::meta::{OPENING_FILE, PACKAGE_FILE, SnapshotMeta};
 use crate::snapshot::{PageStore, SnapshotError};
 use crate::wire::compose::{RamSections, put_discards, put_package};
 use crate::wire::{Command, DecodeError, RpDecoder, RpMessage, Step};
+use progress::ProgressWatch;
 use serve::{PageServer, ServeError, ServeFigures};
 
 /// A snapshot opened and checked for restoring: metadata, opening and package verified
@@ -95,7 +97,14 @@ pub struct RestoreOptions {
     pub report: Option<PathBuf>,
     /// Give up after this long.
     pub timeout: Duration,
+    /// Watch the guest's console for its first progress line (reported as
+    /// `first_progress_ms`).
+    pub progress: Option<ProgressWatch>,
 }
+
+/// How long the report waits, after the migration completed, for a first progress line
+/// that has not appeared yet (a guest that prints nothing must not hold the restore).
+pub const PROGRESS_GRACE: Duration = Duration::from_secs(30);
 
 /// Why a restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -128,15 +137,20 @@ pub enum RestoreError {
     DestinationFailed(String),
 }
 
-/// Milestones in ms since the restore connected to the destination.
+/// Milestones in ms since the restore started (before it attached to the destination).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct RestoreTimeline {
+    /// Connected to the destination's incoming socket (attach, checks and capabilities
+    /// done).
+    pub connected_ms: Option<u64>,
     /// Prologue (opening, discards, package) written.
     pub package_sent_ms: Option<u64>,
     /// PONG 3: the destination loaded the device state.
     pub device_state_loaded_ms: Option<u64>,
-    /// QMP `RESUME`: the VM runs.
+    /// QMP `RESUME` (QEMU's own timestamp): the VM runs.
     pub running_ms: Option<u64>,
+    /// The guest's first progress line on its console (with a progress watch).
+    pub first_progress_ms: Option<u64>,
     /// Last data page written.
     pub all_sent_ms: Option<u64>,
     /// Migration `completed` on the destination: all RAM present.
@@ -156,8 +170,6 @@ pub struct RestoreReport {
     pub migration_status: String,
     /// Destination's own vCPU blocktime, ms.
     pub postcopy_blocktime_ms: Option<u64>,
-    /// ms from the start of `restore` (before attaching) to connecting.
-    pub setup_ms: u64,
     /// Milestones.
     pub timeline: RestoreTimeline,
     /// Page requests received from the destination.
@@ -253,6 +265,39 @@ async fn run(
     begun: Instant,
     report: &mut RestoreReport,
 ) -> Result<(), RestoreError> {
+    // Milestones count from the start; RESUME is matched by QEMU's wall-clock timestamp.
+    let begun_wall_us = wall_us();
+    let ms = move |t: Instant| (t.saturating_duration_since(begun)).as_millis() as u64;
+    let watch = opts.progress.clone().map(progress::start);
+    let result = attach_and_serve(snapshot, opts, ms, begun_wall_us, report).await;
+    if let Some(w) = watch {
+        report.timeline.first_progress_ms = if result.is_ok() {
+            match tokio::time::timeout(PROGRESS_GRACE, w).await {
+                Ok(Ok(Some(t))) => Some(ms(t)),
+                _ => None,
+            }
+        } else {
+            w.abort();
+            None
+        };
+    }
+    result
+}
+
+fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+async fn attach_and_serve(
+    snapshot: &Snapshot,
+    opts: &RestoreOptions,
+    ms: impl Fn(Instant) -> u64 + Copy,
+    begun_wall_us: u64,
+    report: &mut RestoreReport,
+) -> Result<(), RestoreError> {
     let qmp = Qmp::connect(&opts.qmp).await?;
     check_destination(&qmp, &snapshot.meta).await?;
     let private = tempfile::Builder::new()
@@ -277,13 +322,7 @@ async fn run(
     socket2::SockRef::from(&sock)
         .set_send_buffer_size(RESTORE_SNDBUF)
         .map_err(|e| net("setting the send buffer", e))?;
-    let t0 = Instant::now();
-    let t0_wall_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0);
-    report.setup_ms = (t0 - begun).as_millis() as u64;
-    let ms = move |t: Instant| (t.saturating_duration_since(t0)).as_millis() as u64;
+    report.timeline.connected_ms = Some(ms(Instant::now()));
 
     let (rd, mut wr) = sock.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
@@ -379,7 +418,7 @@ async fn run(
         match events.try_recv() {
             Ok(ev) if ev.name == "RESUME" && report.timeline.running_ms.is_none() => {
                 report.timeline.running_ms =
-                    Some(ev.timestamp_us.saturating_sub(t0_wall_us) / 1000);
+                    Some(ev.timestamp_us.saturating_sub(begun_wall_us) / 1000);
             }
             Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
             Err(_) => break,

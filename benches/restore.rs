@@ -1,0 +1,285 @@
+//! Benchmark (not a test): eager restore by QEMU from a file migration against lazy restore
+//! by the sidecar, of the same VM state, in one run.
+//!
+//! For each size (1 GiB RAM with 256 MiB touched, 4 GiB with 1 GiB touched): boot a guest
+//! whose workload fills the touched memory, snapshot it through the sidecar (the source
+//! ends paused), then save the same paused state with `migrate file:` (QEMU's own
+//! snapshot). Then, alternating per round:
+//! - eager: a fresh destination, `migrate-incoming file:...` (QEMU loads all RAM before the
+//!   VM can run), `cont` when it completes;
+//! - lazy: a fresh destination, `postcopy-sidecar restore` (the VM runs once its device
+//!   state has loaded; RAM arrives on demand).
+//!
+//! Time to running = from the first restore action (lazy: opening the snapshot) to the
+//! destination's QMP `RESUME` (QEMU's own timestamp); time to first progress = to the
+//! guest's first `WL progress` line on the destination's serial.
+//!
+//! `cargo bench --bench restore` (env: BENCH_ROUNDS, default 3; BENCH_SIZES, default
+//! `1024:256,4096:1024` as RAM:touched MiB). Needs `scripts/setup.sh`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use postcopy_sidecar::control::MigrationControl;
+use postcopy_sidecar::lab::{QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode};
+use postcopy_sidecar::qmp::Qmp;
+use postcopy_sidecar::restore::{RestoreOptions, Snapshot, restore};
+use postcopy_sidecar::snapshot::take::{SnapshotOptions, snapshot};
+
+const LONG: Duration = Duration::from_secs(1200);
+
+fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    running_ms: f64,
+    progress_ms: f64,
+    all_ram_ms: f64,
+}
+
+/// Waits for RESUME on a subscription, returning QEMU's timestamp of it (µs).
+async fn resume_at(
+    mut rx: tokio::sync::broadcast::Receiver<postcopy_sidecar::qmp::RawEvent>,
+) -> u64 {
+    loop {
+        match tokio::time::timeout(LONG, rx.recv()).await.expect("RESUME") {
+            Ok(ev) if ev.name == "RESUME" => return ev.timestamp_us,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(e) => panic!("QMP events: {e}"),
+        }
+    }
+}
+
+async fn first_progress(vm: &Vm) -> Instant {
+    vm.wait_progress(0, 1, LONG).await.expect("first progress");
+    Instant::now()
+}
+
+async fn eager(spec: &VmSpec, file: &Path, dir: &Path) -> Sample {
+    let dspec = spec
+        .destination(QemuBinary::find(QemuVersion::V10_0).unwrap())
+        .name("eager");
+    let dst = Vm::spawn(&dspec, dir).await.expect("eager destination");
+    let qmp: &Qmp = dst.qmp();
+    qmp.set_capabilities(&[("events", true)]).await.unwrap();
+    let events = qmp.subscribe_raw();
+    let cursor = qmp.event_cursor();
+    let t0 = Instant::now();
+    let t0_wall = wall_us();
+    let progress = first_progress(&dst);
+    let drive = async {
+        qmp.migrate_incoming(&format!("file:{}", file.display()))
+            .await
+            .expect("migrate-incoming");
+        let status = qmp
+            .wait_migration_status_after(cursor, &["completed", "failed"], LONG)
+            .await
+            .expect("incoming end");
+        assert_eq!(status, "completed");
+        let loaded = t0.elapsed();
+        qmp.execute(qapi::qmp::cont {}).await.expect("cont");
+        let resumed = resume_at(events).await;
+        (loaded, resumed)
+    };
+    let ((loaded, resumed), p) = tokio::join!(drive, progress);
+    let s = Sample {
+        running_ms: resumed.saturating_sub(t0_wall) as f64 / 1000.0,
+        progress_ms: (p - t0).as_secs_f64() * 1000.0,
+        all_ram_ms: loaded.as_secs_f64() * 1000.0,
+    };
+    dst.check_workload_clean().expect("eager guest clean");
+    dst.kill().await;
+    s
+}
+
+async fn lazy(spec: &VmSpec, snap: &Path, dir: &Path) -> Sample {
+    let dspec = spec
+        .destination(QemuBinary::find(QemuVersion::V10_0).unwrap())
+        .name("lazy");
+    let dst = Vm::spawn(&dspec, dir).await.expect("lazy destination");
+    let events = dst.qmp().subscribe_raw();
+    let t0 = Instant::now();
+    let t0_wall = wall_us();
+    let progress = first_progress(&dst);
+    let run = async {
+        let snapshot = Arc::new(Snapshot::open(snap, false).expect("snapshot"));
+        let r = restore(
+            &snapshot,
+            &RestoreOptions {
+                qmp: dst.spare_qmp_path().to_path_buf(),
+                report: None,
+                timeout: LONG,
+                progress: None,
+            },
+        )
+        .await;
+        assert_eq!(r.outcome, "completed", "{:?}", r.error);
+        (t0.elapsed(), resume_at(events).await)
+    };
+    let ((all, resumed), p) = tokio::join!(run, progress);
+    let s = Sample {
+        running_ms: resumed.saturating_sub(t0_wall) as f64 / 1000.0,
+        progress_ms: (p - t0).as_secs_f64() * 1000.0,
+        all_ram_ms: all.as_secs_f64() * 1000.0,
+    };
+    dst.check_workload_clean().expect("lazy guest clean");
+    dst.kill().await;
+    s
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+struct Row {
+    ram: u64,
+    touched: u64,
+    eager: Sample,
+    lazy: Sample,
+}
+
+async fn size(ram: u64, touched: u64, rounds: usize) -> Row {
+    let dir = tempfile::Builder::new()
+        .prefix("bench-restore-")
+        .tempdir()
+        .unwrap();
+    let spec = VmSpec::new(QemuBinary::find(QemuVersion::V10_0).unwrap())
+        .name("src")
+        .ram_mib(ram)
+        .linux(Workload {
+            mib: touched,
+            mode: WorkloadMode::Hot,
+            hot_mib: 16,
+            seed: 5,
+        });
+    let src = Vm::spawn(&spec, dir.path()).await.expect("source");
+    src.wait_workload_ready(LONG).await.expect("workload ready");
+    src.wait_progress(src.serial().len(), 1, LONG)
+        .await
+        .unwrap();
+    // QEMU's own save (a file migration of the running VM), for the eager restore; then
+    // the source runs on and is snapshotted by the sidecar a moment later.
+    let file = dir.path().join("eager.mig");
+    let q = src.qmp();
+    // MIGRATION events, which the wait below is made of, need the `events` capability.
+    q.set_capabilities(&[("events", true)]).await.unwrap();
+    let cursor = q.event_cursor();
+    q.migrate_to(&format!("file:{}", file.display()))
+        .await
+        .unwrap();
+    let st = q
+        .wait_migration_status_after(cursor, &["completed", "failed"], LONG)
+        .await
+        .unwrap();
+    assert_eq!(st, "completed", "file migration");
+    q.execute(qapi::qmp::cont {})
+        .await
+        .expect("cont after the file migration");
+    src.wait_progress(src.serial().len(), 1, LONG)
+        .await
+        .unwrap();
+    let snap = dir.path().join("snap");
+    let taken = snapshot(&SnapshotOptions {
+        qmp: src.spare_qmp_path().to_path_buf(),
+        out: snap.clone(),
+        timeout: LONG,
+    })
+    .await
+    .expect("snapshot");
+    eprintln!(
+        "{ram} MiB: snapshot {} ms, {} data pages; file {} MiB",
+        taken.total_ms,
+        taken.data_pages,
+        std::fs::metadata(&file).unwrap().len() >> 20
+    );
+    src.kill().await;
+    let (mut e, mut l) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        e.push(eager(&spec, &file, dir.path()).await);
+        l.push(lazy(&spec, &snap, dir.path()).await);
+        eprintln!(
+            "{ram} MiB round {}/{rounds}: eager {:?} lazy {:?}",
+            i + 1,
+            e[i],
+            l[i]
+        );
+    }
+    let med = |v: &[Sample]| Sample {
+        running_ms: median(v.iter().map(|s| s.running_ms).collect()),
+        progress_ms: median(v.iter().map(|s| s.progress_ms).collect()),
+        all_ram_ms: median(v.iter().map(|s| s.all_ram_ms).collect()),
+    };
+    Row {
+        ram,
+        touched,
+        eager: med(&e),
+        lazy: med(&l),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let sizes: Vec<(u64, u64)> = std::env::var("BENCH_SIZES")
+        .unwrap_or_else(|_| "1024:256,4096:1024".into())
+        .split(',')
+        .map(|p| {
+            let (a, b) = p.split_once(':').expect("RAM:touched");
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for (ram, touched) in sizes {
+        rows.push(size(ram, touched, rounds).await);
+    }
+    println!(
+        "eager (QEMU migrate-incoming from a file) vs lazy (sidecar restore), medians of {rounds} rounds, QEMU 10.0, TCG"
+    );
+    println!(
+        "{:>8} {:>8} | {:>11} {:>11} {:>7} | {:>12} {:>12} {:>7} | {:>11} {:>11}",
+        "RAM MiB",
+        "touched",
+        "eager run",
+        "lazy run",
+        "ratio",
+        "eager prog",
+        "lazy prog",
+        "ratio",
+        "eager all",
+        "lazy all"
+    );
+    for r in &rows {
+        println!(
+            "{:>8} {:>8} | {:>9.1}ms {:>9.1}ms {:>6.1}× | {:>10.1}ms {:>10.1}ms {:>6.1}× | {:>9.0}ms {:>9.0}ms",
+            r.ram,
+            r.touched,
+            r.eager.running_ms,
+            r.lazy.running_ms,
+            r.eager.running_ms / r.lazy.running_ms.max(0.001),
+            r.eager.progress_ms,
+            r.lazy.progress_ms,
+            r.eager.progress_ms / r.lazy.progress_ms.max(0.001),
+            r.eager.all_ram_ms,
+            r.lazy.all_ram_ms,
+        );
+    }
+    if rows.len() > 1 {
+        let (a, b) = (&rows[0], &rows[rows.len() - 1]);
+        println!(
+            "lazy time to running, {} MiB vs {} MiB: {:.2}× (flat = 1.0)",
+            b.ram,
+            a.ram,
+            b.lazy.running_ms / a.lazy.running_ms.max(0.001)
+        );
+    }
+}
