@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use postcopy_sidecar::control::MigrationControl;
-use postcopy_sidecar::daemon::receive::{ReceiveOptions, receive_on};
+use postcopy_sidecar::daemon::receive::{Listen, ReceiveOptions, receive_on};
 use postcopy_sidecar::lab::{QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode};
 use postcopy_sidecar::source::{SendOptions, send};
 
@@ -109,12 +109,8 @@ async fn once(through_sidecar: bool, preempt: bool) -> Sample {
         Some(tokio::spawn(receive_on(
             listener,
             ReceiveOptions {
-                qmp: dst.spare_qmp_path().to_path_buf(),
-                listen: addr,
                 preempt,
-                report: None,
-                live: false,
-                allow_paused: false,
+                ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
             },
         )))
     } else {

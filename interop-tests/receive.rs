@@ -11,7 +11,7 @@
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use postcopy_sidecar::daemon::receive::{ReceiveOptions, receive_on};
+use postcopy_sidecar::daemon::receive::{Listen, ReceiveOptions, receive_on};
 use postcopy_sidecar::daemon::report::Report;
 use postcopy_sidecar::lab::{
     LabError, QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode,
@@ -120,12 +120,10 @@ async fn run(case: Case) -> Outcome {
     let sidecar = tokio::spawn(receive_on(
         listener,
         ReceiveOptions {
-            qmp: dst.spare_qmp_path().to_path_buf(),
-            listen: addr,
             preempt,
             report: Some(dir.path().join("report.json")),
-            live: false,
             allow_paused: case.paused_destination,
+            ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
         },
     ));
     let source = send(&SendOptions {
@@ -306,4 +304,109 @@ async fn paused_destination_ram_equals_source_ram_at_switchover() {
         &bad[..bad.len().min(8)]
     );
     assert_request_counts(&o, true);
+}
+
+/// The test plays a manager such as libvirt: it sets the destination's capabilities and
+/// makes it listen on 127.0.0.1:PORT itself. The sidecar is started *before* the
+/// destination QEMU exists (as a hook would start it), follows the manager's settings,
+/// listens on 127.0.0.2 at the destination's port, and signals readiness through its ready
+/// file; the source is sent to 127.0.0.2:PORT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_following_the_destinations_manager() {
+    use postcopy_sidecar::control::MigrationControl;
+    use postcopy_sidecar::daemon::receive::{Incoming, receive};
+
+    let dir = tempfile::Builder::new()
+        .prefix("follow-")
+        .tempdir()
+        .unwrap();
+    let spec = VmSpec::new(need(QemuBinary::find(QemuVersion::V10_0)))
+        .name("src")
+        .ram_mib(256)
+        .linux(Workload {
+            mib: 96,
+            mode: WorkloadMode::Hot,
+            hot_mib: 16,
+            seed: 13,
+        });
+    let src = need(Vm::spawn(&spec, dir.path()).await);
+    need(src.wait_workload_ready(BOOT).await);
+    need(src.wait_progress(src.serial().len(), 1, PROGRESS).await);
+
+    let dspec = spec.destination(need(QemuBinary::find(QemuVersion::V10_0)));
+    let spare = dir.path().join(format!("{}.qmp2", dspec.name));
+    let ready = dir.path().join("sidecar.ready");
+    let sidecar_addr: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let sidecar = tokio::spawn(receive(ReceiveOptions {
+        incoming: Incoming::Follow,
+        ready_file: Some(ready.clone()),
+        report: Some(dir.path().join("report.json")),
+        ..ReceiveOptions::new(&spare, Listen::DestinationPort(sidecar_addr))
+    }));
+    let dst = need(Vm::spawn(&dspec, dir.path()).await);
+    let port = need(
+        postcopy_sidecar::lab::free_tcp_port().map_err(|source| LabError::Io {
+            what: "choosing a port".into(),
+            source,
+        }),
+    );
+    let q = dst.qmp();
+    q.set_capabilities(&[("postcopy-ram", true), ("return-path", true)])
+        .await
+        .unwrap();
+    q.migrate_incoming(&format!("tcp:127.0.0.1:{port}"))
+        .await
+        .unwrap();
+
+    // The ready file appears once the sidecar listens; it is written by another task, so
+    // look for it until a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let ready_json: serde_json::Value = loop {
+        if let Ok(text) = std::fs::read_to_string(&ready) {
+            break serde_json::from_str(&text).expect("ready file is JSON");
+        }
+        assert!(
+            std::time::Instant::now() < deadline && !sidecar.is_finished(),
+            "the sidecar never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let listen = format!("127.0.0.2:{port}");
+    assert_eq!(ready_json["listen"], listen.as_str());
+    assert_eq!(
+        ready_json["destination"],
+        format!("tcp:127.0.0.1:{port}").as_str()
+    );
+
+    let source = send(&SendOptions {
+        qmp: src.spare_qmp_path().to_path_buf(),
+        to: listen.parse().unwrap(),
+        postcopy_after: Some(Duration::from_millis(500)),
+        preempt: false,
+        timeout: MIGRATION,
+    })
+    .await
+    .expect("source QMP");
+    let report = tokio::time::timeout(MIGRATION, sidecar)
+        .await
+        .expect("sidecar finishes")
+        .expect("sidecar task")
+        .unwrap_or_else(|e| panic!("sidecar: {e}\nsource: {source:?}"));
+    eprintln!("{}", report.table());
+    assert_eq!(source.status, "completed", "source: {source:?}");
+    assert_eq!(report.outcome, "completed", "{:?}", report.error);
+    assert!(
+        report.postcopy.pages > 0,
+        "the migration went through postcopy"
+    );
+    let o = Outcome {
+        report,
+        source,
+        dst_requests_sent: 0,
+        src,
+        dst,
+        _dir: dir,
+    };
+    assert_request_counts(&o, false);
+    assert_guest_healthy(&o).await;
 }

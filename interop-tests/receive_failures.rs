@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use postcopy_sidecar::daemon::receive::{ReceiveError, ReceiveOptions, receive_on};
+use postcopy_sidecar::daemon::receive::{Listen, ReceiveError, ReceiveOptions, receive_on};
 use postcopy_sidecar::daemon::report::Report;
 use postcopy_sidecar::lab::{
     LabError, QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode,
@@ -33,14 +33,7 @@ fn spec() -> VmSpec {
 }
 
 fn options(dst: &Vm, addr: std::net::SocketAddr) -> ReceiveOptions {
-    ReceiveOptions {
-        qmp: dst.spare_qmp_path().to_path_buf(),
-        listen: addr,
-        preempt: false,
-        report: None,
-        live: false,
-        allow_paused: false,
-    }
+    ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
 }
 
 async fn start_sidecar(

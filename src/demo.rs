@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::daemon::receive::{ReceiveOptions, receive_on};
+use crate::daemon::receive::{Listen, ReceiveOptions, receive_on};
 use crate::daemon::report::Report;
 use crate::lab::{LabError, QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode};
 use crate::source::{SendOptions, send};
@@ -89,12 +89,10 @@ pub async fn demo(opts: DemoOptions) -> Result<Report, DemoError> {
     let sidecar = tokio::spawn(receive_on(
         listener,
         ReceiveOptions {
-            qmp: dst.spare_qmp_path().to_path_buf(),
-            listen: addr,
             preempt: opts.preempt,
             report: Some(dir.path().join("report.json")),
             live: opts.live,
-            allow_paused: false,
+            ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
         },
     ));
     say(format!(

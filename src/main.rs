@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use postcopy_sidecar::daemon::receive::{ReceiveOptions, receive};
+use postcopy_sidecar::daemon::receive::{Incoming, Listen, ReceiveOptions, receive};
 use postcopy_sidecar::inspect;
 use postcopy_sidecar::source::{SendOptions, send};
 
@@ -34,26 +34,7 @@ enum Cmd {
         json: bool,
     },
     /// Carry an incoming migration to the destination QEMU, taking over its page requests.
-    Receive {
-        /// The destination QEMU's QMP socket (QEMU started with -incoming defer).
-        #[arg(long)]
-        qmp: PathBuf,
-        /// Address the source migrates to, e.g. 0.0.0.0:4444.
-        #[arg(long)]
-        listen: std::net::SocketAddr,
-        /// Write the JSON report here.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// Use the postcopy-preempt channel (enable it on the source too).
-        #[arg(long)]
-        preempt: bool,
-        /// No live view even on a terminal.
-        #[arg(long)]
-        quiet: bool,
-        /// The destination was started with -S: do not require it to run at the end.
-        #[arg(long)]
-        allow_paused: bool,
-    },
+    Receive(ReceiveArgs),
     /// Boot a small local VM and migrate it with postcopy through the sidecar (the main job
     /// on its embedded default; run scripts/setup.sh first, or use scripts/demo.sh).
     Demo {
@@ -142,42 +123,7 @@ fn main() -> ExitCode {
             preempt,
             json,
         } => run_inspect(stream, return_path, preempt, json),
-        Cmd::Receive {
-            qmp,
-            listen,
-            report,
-            preempt,
-            quiet,
-            allow_paused,
-        } => {
-            use std::io::IsTerminal;
-            let opts = ReceiveOptions {
-                qmp,
-                listen,
-                preempt,
-                report,
-                live: !quiet && std::io::stderr().is_terminal(),
-                allow_paused,
-            };
-            runtime().block_on(async move {
-                match receive(opts).await {
-                    Ok(r) => {
-                        print!("{}", r.table());
-                        match &r.error {
-                            None => ExitCode::SUCCESS,
-                            Some(e) => {
-                                eprintln!("error: {e}");
-                                ExitCode::from(1)
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::from(1)
-                    }
-                }
-            })
-        }
+        Cmd::Receive(args) => run_receive(args),
         Cmd::Demo {
             ram_mib,
             workload_mib,
@@ -244,7 +190,15 @@ fn main() -> ExitCode {
             guest_log,
             progress_marker,
             timeout,
-        } => run_restore(from, qmp, report_dir, verify_pages, timeout),
+        } => run_restore(RestoreArgs {
+            from,
+            qmp,
+            report_dir,
+            verify_pages,
+            guest_log,
+            progress_marker,
+            timeout,
+        }),
     }
 }
 
@@ -402,6 +356,10 @@ fn run_restore(args: RestoreArgs) -> ExitCode {
                 .as_ref()
                 .map(|d| d.join(format!("restore-{i}.json"))),
             timeout: std::time::Duration::from_secs_f64(timeout),
+            progress: guest_log.get(i).map(|log| ProgressWatch {
+                log: log.clone(),
+                marker: progress_marker.clone(),
+            }),
         })
         .collect();
     runtime().block_on(async move {

@@ -190,6 +190,52 @@ raw_command!(
     QueryStatusRaw,
     "query-status"
 );
+raw_command!(
+    /// `query-migrate-capabilities` as raw JSON: 7.2 lists capabilities (`compress`,
+    /// `block`) that the 9.1 schema no longer knows.
+    QueryMigrateCapabilitiesRaw,
+    "query-migrate-capabilities"
+);
+
+/// Where a destination QEMU listens for an incoming migration (`query-migrate`'s
+/// `socket-address`), as the sidecar can connect to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IncomingAddress {
+    /// `{"type": "inet", "host": .., "port": ..}`.
+    Tcp {
+        /// Host as QEMU reports it (may be `0.0.0.0` or `::`).
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// `{"type": "unix", "path": ..}`.
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for IncomingAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IncomingAddress::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp:[{host}]:{port}")
+            }
+            IncomingAddress::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            IncomingAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Reads the first usable entry of `query-migrate`'s `socket-address` list.
+pub fn parse_incoming_address(info: &Value) -> Option<IncomingAddress> {
+    let list = info.get("socket-address")?.as_array()?;
+    list.iter().find_map(|a| match a.get("type")?.as_str()? {
+        "inet" => Some(IncomingAddress::Tcp {
+            host: a.get("host")?.as_str()?.to_string(),
+            port: a.get("port")?.as_str()?.parse().ok()?,
+        }),
+        "unix" => Some(IncomingAddress::Unix(a.get("path")?.as_str()?.into())),
+        _ => None,
+    })
+}
 
 /// The name of a typed event, e.g. `MIGRATION` (as QEMU spells it).
 pub fn event_name(ev: &qmp::Event) -> String {
@@ -503,6 +549,37 @@ impl Qmp {
             .to_string())
     }
 
+    /// Migration capabilities and their states, by QEMU name.
+    pub async fn migration_capabilities(&self) -> Result<Vec<(String, bool)>, QmpError> {
+        let v = self.execute(QueryMigrateCapabilitiesRaw {}).await?;
+        let list = v
+            .as_array()
+            .ok_or_else(|| QmpError::Reply(format!("query-migrate-capabilities {v}")))?;
+        Ok(list
+            .iter()
+            .filter_map(|c| {
+                Some((
+                    c.get("capability")?.as_str()?.to_string(),
+                    c.get("state")?.as_bool()?,
+                ))
+            })
+            .collect())
+    }
+
+    /// Whether capability `name` is on (false when this QEMU does not have it).
+    pub async fn capability(&self, name: &str) -> Result<bool, QmpError> {
+        Ok(self
+            .migration_capabilities()
+            .await?
+            .iter()
+            .any(|(n, on)| n == name && *on))
+    }
+
+    /// The address a destination listens on after `migrate-incoming`, if it listens yet.
+    pub async fn incoming_address(&self) -> Result<Option<IncomingAddress>, QmpError> {
+        Ok(parse_incoming_address(&self.query_migrate_json().await?))
+    }
+
     /// The run state (`running`, `paused`, `inmigrate`, `postmigrate`, ...).
     pub async fn run_state(&self) -> Result<String, QmpError> {
         let v = self.execute(QueryStatusRaw {}).await?;
@@ -619,6 +696,31 @@ mod tests {
 
     const QEMU_10: &str = "              Block Name    PSize              Offset               Used              Total                HVA  RO\n                       m    4 KiB  0x0000000000000000 0x0000000008000000 0x0000000008000000 0x00007fee2bfff000  rw\n    /rom@etc/acpi/tables    4 KiB  0x0000000008080000 0x0000000000020000 0x0000000000200000 0x00007fee79200000  ro\n";
     const QEMU_7_2: &str = "              Block Name    PSize              Offset               Used              Total\n                       m    4 KiB  0x0000000000000000 0x0000000008000000 0x0000000008000000\n                 pc.bios    4 KiB  0x0000000008000000 0x0000000000040000 0x0000000000040000\n";
+
+    #[test]
+    fn incoming_address_from_query_migrate() {
+        let v: Value = serde_json::from_str(
+            r#"{"status":"setup","socket-address":[{"port":"49152","host":"127.0.0.1","type":"inet"}]}"#,
+        )
+        .unwrap();
+        let a = parse_incoming_address(&v).unwrap();
+        assert_eq!(
+            a,
+            IncomingAddress::Tcp {
+                host: "127.0.0.1".into(),
+                port: 49152
+            }
+        );
+        assert_eq!(a.to_string(), "tcp:127.0.0.1:49152");
+        let u: Value =
+            serde_json::from_str(r#"{"socket-address":[{"type":"unix","path":"/r/m.sock"}]}"#)
+                .unwrap();
+        assert_eq!(
+            parse_incoming_address(&u),
+            Some(IncomingAddress::Unix("/r/m.sock".into()))
+        );
+        assert_eq!(parse_incoming_address(&serde_json::json!({})), None);
+    }
 
     #[test]
     fn ramblock_table_of_qemu_10() {

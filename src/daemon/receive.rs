@@ -2,11 +2,12 @@
 //! configure it, make it listen on a private endpoint, accept the source's connections,
 //! run the pumps, wait for the end, and report.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::JoinSet;
 
@@ -14,7 +15,56 @@ use super::live::LiveView;
 use super::relay::{self, RelayError, Shared};
 use super::report::{DestinationInfo, Report};
 use crate::control::MigrationControl;
-use crate::qmp::{Qmp, QmpError};
+use crate::qmp::{IncomingAddress, Qmp, QmpError};
+
+/// Where the sidecar listens for the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// This address and port.
+    At(SocketAddr),
+    /// This address, on the port the destination QEMU listens on. With a manager that
+    /// chooses the port (libvirt's `--migrateuri tcp://DEST:PORT --listen-address
+    /// 127.0.0.1`), the sidecar cannot know it before the destination listens.
+    DestinationPort(IpAddr),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    /// `ADDR:PORT` (`[v6]:PORT`), or a bare address for [`Listen::DestinationPort`].
+    fn from_str(s: &str) -> Result<Listen, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(Listen::At(a));
+        }
+        let bare = s.trim_start_matches('[').trim_end_matches(']');
+        bare.parse::<IpAddr>()
+            .map(Listen::DestinationPort)
+            .map_err(|_| format!("{s:?} is neither ADDR:PORT nor an IP address"))
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::At(a) => write!(f, "{a}"),
+            Listen::DestinationPort(ip) => write!(f, "{ip} (destination's port)"),
+        }
+    }
+}
+
+/// Who makes the destination QEMU listen for the migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Incoming {
+    /// The sidecar: it sets the capabilities and makes the destination listen on a
+    /// private unix socket that only the sidecar knows, so nothing can bypass it.
+    #[default]
+    Private,
+    /// A manager such as libvirt, which sets the capabilities and issues
+    /// `migrate-incoming` itself. The sidecar follows those settings: it waits until the
+    /// destination listens, connects there, uses preempt only if the destination has it,
+    /// and adds only capabilities that change nothing on the wire (`events`,
+    /// `postcopy-blocktime`).
+    Follow,
+}
 
 /// Options of `receive`.
 #[derive(Debug, Clone)]
@@ -22,8 +72,17 @@ pub struct ReceiveOptions {
     /// The destination QEMU's QMP socket.
     pub qmp: PathBuf,
     /// Where the source connects.
-    pub listen: SocketAddr,
-    /// Use the postcopy-preempt channel.
+    pub listen: Listen,
+    /// Who makes the destination listen.
+    pub incoming: Incoming,
+    /// How long to wait for the QMP socket to appear and (with [`Incoming::Follow`]) for
+    /// the destination to listen: a hook may start the sidecar before QEMU runs.
+    pub attach_timeout: Duration,
+    /// Once the sidecar listens, write this file (JSON: listen address, destination
+    /// address, pid), so a supervisor knows the source may connect.
+    pub ready_file: Option<PathBuf>,
+    /// Use the postcopy-preempt channel (with [`Incoming::Private`]; with
+    /// [`Incoming::Follow`] the destination's capability decides).
     pub preempt: bool,
     /// Write the JSON report here.
     pub report: Option<PathBuf>,
@@ -31,6 +90,28 @@ pub struct ReceiveOptions {
     pub live: bool,
     /// The destination was started with `-S`: do not require it to run at the end.
     pub allow_paused: bool,
+}
+
+/// How long `receive` waits by default for QMP and (following a manager) for the
+/// destination to listen.
+pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl ReceiveOptions {
+    /// Options for destination `qmp` and source-facing `listen`, everything else at its
+    /// default: private incoming socket, no preempt, no report, no live view.
+    pub fn new(qmp: impl Into<PathBuf>, listen: Listen) -> ReceiveOptions {
+        ReceiveOptions {
+            qmp: qmp.into(),
+            listen,
+            incoming: Incoming::Private,
+            attach_timeout: ATTACH_TIMEOUT,
+            ready_file: None,
+            preempt: false,
+            report: None,
+            live: false,
+            allow_paused: false,
+        }
+    }
 }
 
 /// Why `receive` could not carry the migration.
@@ -56,6 +137,9 @@ pub enum ReceiveError {
         "guest RAM block '{0}' has no memory backend (legacy -m); start QEMU with `-object memory-backend-memfd,id=m,size=...,share=on -machine memory-backend=m`"
     )]
     LegacyRam(String),
+    /// The options contradict each other or the destination's setup.
+    #[error("{0}")]
+    Setup(String),
     /// Local socket setup failed.
     #[error("{what}: {source}")]
     Io {
@@ -102,10 +186,7 @@ pub async fn check_backends(qmp: &Qmp) -> Result<(), ReceiveError> {
 
 /// Runs one migration through the sidecar and returns its report (also written/printed).
 pub async fn receive(opts: ReceiveOptions) -> Result<Report, ReceiveError> {
-    let listener = TcpListener::bind(opts.listen)
-        .await
-        .map_err(io(format!("listening on {}", opts.listen)))?;
-    receive_on(listener, opts).await
+    run(None, opts).await
 }
 
 /// Like [`receive`], on a listener the caller already bound (so a test or a supervisor can
@@ -114,7 +195,137 @@ pub async fn receive_on(
     listener: TcpListener,
     opts: ReceiveOptions,
 ) -> Result<Report, ReceiveError> {
-    let qmp = Qmp::connect(&opts.qmp).await?;
+    run(Some(listener), opts).await
+}
+
+/// Where the sidecar reaches the destination QEMU's incoming side.
+#[derive(Debug, Clone)]
+enum Endpoint {
+    /// The private socket the sidecar chose.
+    Unix(PathBuf),
+    /// Where a manager made the destination listen.
+    Tcp(SocketAddr),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// Connects to QMP, retrying while the socket does not exist or refuses (QEMU not started
+/// yet) until `timeout`; other errors end at once.
+async fn attach(path: &Path, timeout: Duration) -> Result<Qmp, ReceiveError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match Qmp::connect(path).await {
+            Ok(q) => return Ok(q),
+            Err(QmpError::Connect { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && Instant::now() < deadline =>
+            {
+                // Waiting for another program (QEMU) to create a socket: there is no event
+                // to wait on, so look again shortly.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Waits until the destination listens after a manager's `migrate-incoming`.
+async fn wait_incoming(qmp: &Qmp, timeout: Duration) -> Result<IncomingAddress, ReceiveError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(a) = qmp.incoming_address().await? {
+            return Ok(a);
+        }
+        if Instant::now() >= deadline {
+            return Err(ReceiveError::Setup(format!(
+                "the destination did not start listening for the migration within {:.0} s \
+                 (with --follow-incoming, its manager must issue migrate-incoming)",
+                timeout.as_secs_f64()
+            )));
+        }
+        // QEMU emits no event when it starts listening: ask again shortly.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The address to connect to for a destination listening on `addr`.
+fn endpoint_of(addr: &IncomingAddress) -> Result<Endpoint, ReceiveError> {
+    match addr {
+        IncomingAddress::Unix(p) => Ok(Endpoint::Unix(p.clone())),
+        IncomingAddress::Tcp { host, port } => {
+            let ip: IpAddr = host.parse().map_err(|_| {
+                ReceiveError::Setup(format!(
+                    "the destination listens on {addr}; the sidecar needs a numeric address \
+                     (give the manager a listen address such as 127.0.0.1)"
+                ))
+            })?;
+            // A wildcard listener is reached on loopback.
+            let ip = match ip {
+                IpAddr::V4(v) if v.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(v) if v.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                other => other,
+            };
+            Ok(Endpoint::Tcp(SocketAddr::new(ip, *port)))
+        }
+    }
+}
+
+/// Binds the sidecar's listener; explains the clash when the destination took the port.
+async fn bind(
+    listen: Listen,
+    endpoint: &Endpoint,
+    dest: &IncomingAddress,
+) -> Result<TcpListener, ReceiveError> {
+    let addr = match (listen, endpoint) {
+        (Listen::At(a), _) => a,
+        (Listen::DestinationPort(ip), Endpoint::Tcp(d)) => SocketAddr::new(ip, d.port()),
+        (Listen::DestinationPort(_), Endpoint::Unix(_)) => {
+            return Err(ReceiveError::Setup(format!(
+                "--listen without a port takes the destination's port, but it listens on {dest}"
+            )));
+        }
+    };
+    TcpListener::bind(addr).await.map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            ReceiveError::Setup(format!(
+                "cannot listen on {addr}: the address is in use; the destination QEMU listens \
+                 on {dest}, so the sidecar needs its own address (with libvirt: \
+                 --listen-address 127.0.0.1 for QEMU, --migrateuri tcp://SIDECAR_ADDR:PORT \
+                 for the source)"
+            ))
+        } else {
+            ReceiveError::Io {
+                what: format!("listening on {addr}"),
+                source,
+            }
+        }
+    })
+}
+
+/// Writes the ready file atomically (temporary name, then rename).
+fn write_ready(path: &Path, listen: SocketAddr, endpoint: &Endpoint) -> Result<(), ReceiveError> {
+    let body = serde_json::json!({
+        "listen": listen.to_string(),
+        "destination": endpoint.to_string(),
+        "pid": std::process::id(),
+    });
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{body}\n"))
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(io(format!("writing the ready file {}", path.display())))
+}
+
+async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Report, ReceiveError> {
+    let qmp = attach(&opts.qmp, opts.attach_timeout).await?;
     let (maj, min, mic) = qmp.version().await?;
     let mut dest = DestinationInfo {
         qemu_version: format!("{maj}.{min}.{mic}"),
@@ -124,34 +335,72 @@ pub async fn receive_on(
     check_backends(&qmp).await?;
     tracing::info!(version = %dest.qemu_version, machine = %dest.machine, "destination attached");
 
-    let private = tempfile::Builder::new()
-        .prefix("postcopy-sidecar-")
-        .tempdir()
-        .map_err(io(
-            "creating the private directory for the destination endpoint",
-        ))?;
-    let endpoint = private.path().join("incoming.sock");
-    // `events` makes QEMU emit MIGRATION events, which the end-of-migration wait relies on.
-    let mut caps = vec![
-        ("events", true),
-        ("postcopy-ram", true),
-        ("return-path", true),
-        ("postcopy-blocktime", true),
-    ];
-    if opts.preempt {
-        caps.push(("postcopy-preempt", true));
-    }
-    qmp.set_capabilities(&caps).await?;
-    qmp.migrate_incoming(&format!("unix:{}", endpoint.display()))
-        .await?;
+    // Kept alive until the end: it holds the private socket.
+    let mut _private = None;
+    let (endpoint, dest_addr, preempt) = match opts.incoming {
+        Incoming::Private => {
+            let dir = tempfile::Builder::new()
+                .prefix("postcopy-sidecar-")
+                .tempdir()
+                .map_err(io(
+                    "creating the private directory for the destination endpoint",
+                ))?;
+            let path = dir.path().join("incoming.sock");
+            _private = Some(dir);
+            // `events` makes QEMU emit MIGRATION events, which the end-of-migration wait
+            // relies on.
+            let mut caps = vec![
+                ("events", true),
+                ("postcopy-ram", true),
+                ("return-path", true),
+                ("postcopy-blocktime", true),
+            ];
+            if opts.preempt {
+                caps.push(("postcopy-preempt", true));
+            }
+            qmp.set_capabilities(&caps).await?;
+            qmp.migrate_incoming(&format!("unix:{}", path.display()))
+                .await?;
+            let addr = IncomingAddress::Unix(path.clone());
+            (Endpoint::Unix(path), addr, opts.preempt)
+        }
+        Incoming::Follow => {
+            let addr = wait_incoming(&qmp, opts.attach_timeout).await?;
+            let endpoint = endpoint_of(&addr)?;
+            let preempt = qmp.capability("postcopy-preempt").await?;
+            if opts.preempt && !preempt {
+                tracing::warn!(
+                    "--preempt given, but the destination's manager did not enable \
+                     postcopy-preempt: following the destination (no preempt channel)"
+                );
+            }
+            // Nothing reaches the destination but through the sidecar, so these land
+            // before the stream does; neither changes a byte on the wire.
+            if let Err(e) = qmp
+                .set_capabilities(&[("events", true), ("postcopy-blocktime", true)])
+                .await
+            {
+                tracing::warn!("could not enable events/postcopy-blocktime: {e}");
+            }
+            tracing::info!(destination = %addr, preempt, "following the destination's manager");
+            (endpoint, addr, preempt)
+        }
+    };
+    let listener = match listener {
+        Some(l) => l,
+        None => bind(opts.listen, &endpoint, &dest_addr).await?,
+    };
     let listen = listener
         .local_addr()
         .map_err(io("reading the listening address"))?;
-    tracing::info!(%listen, endpoint = %endpoint.display(), "waiting for the source");
+    if let Some(p) = &opts.ready_file {
+        write_ready(p, listen, &endpoint)?;
+    }
+    tracing::info!(%listen, %endpoint, "waiting for the source");
 
     let shared = Arc::new(Shared::default());
     let live = opts.live.then(|| LiveView::start(shared.clone()));
-    let result = carry(&listener, &endpoint, opts.preempt, shared.clone(), &qmp).await;
+    let result = carry(&listener, &endpoint, preempt, shared.clone(), &qmp).await;
     if let Some(l) = live {
         l.finish();
     }
@@ -187,7 +436,7 @@ pub async fn receive_on(
     };
     let stats = shared.stats.lock().expect("stats lock").clone();
     let tracker = shared.tracker.lock().expect("tracker lock");
-    let report = Report::build(&stats, tracker.as_ref(), dest, opts.preempt, error);
+    let report = Report::build(&stats, tracker.as_ref(), dest, preempt, error);
     drop(tracker);
     if let Some(p) = &opts.report {
         write_report(p, &report)?;
@@ -231,18 +480,38 @@ async fn accept(listener: &TcpListener) -> Result<TcpStream, ReceiveError> {
     Ok(s)
 }
 
-async fn connect_destination(endpoint: &Path) -> Result<UnixStream, ReceiveError> {
-    let s = UnixStream::connect(endpoint).await.map_err(io(format!(
-        "connecting to the destination at {}",
-        endpoint.display()
-    )))?;
+/// A connection to the destination, split for the pumps.
+type DestinationHalves = (
+    Box<dyn AsyncRead + Send + Unpin>,
+    Box<dyn AsyncWrite + Send + Unpin>,
+);
+
+async fn connect_destination(endpoint: &Endpoint) -> Result<DestinationHalves, ReceiveError> {
+    let what = || format!("connecting to the destination at {endpoint}");
     let sndbuf = buffer_size("POSTCOPY_SIDECAR_DESTINATION_SNDBUF", DESTINATION_SNDBUF);
-    if sndbuf > 0 {
-        socket2::SockRef::from(&s)
-            .set_send_buffer_size(sndbuf)
-            .map_err(io("setting the destination socket's send buffer"))?;
-    }
-    Ok(s)
+    let set_buf = |s: socket2::SockRef<'_>| {
+        if sndbuf > 0 {
+            s.set_send_buffer_size(sndbuf)
+                .map_err(io("setting the destination socket's send buffer"))
+        } else {
+            Ok(())
+        }
+    };
+    Ok(match endpoint {
+        Endpoint::Unix(p) => {
+            let s = UnixStream::connect(p).await.map_err(io(what()))?;
+            set_buf(socket2::SockRef::from(&s))?;
+            let (r, w) = s.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        Endpoint::Tcp(a) => {
+            let s = TcpStream::connect(a).await.map_err(io(what()))?;
+            s.set_nodelay(true).map_err(io("setting TCP_NODELAY"))?;
+            set_buf(socket2::SockRef::from(&s))?;
+            let (r, w) = s.into_split();
+            (Box::new(r), Box::new(w))
+        }
+    })
 }
 
 /// Accepts the source's channels in order and connects each to the destination in the same
@@ -251,16 +520,15 @@ async fn connect_destination(endpoint: &Path) -> Result<UnixStream, ReceiveError
 /// alongside the main channel: a migration that completes in precopy never opens it.
 async fn carry(
     listener: &TcpListener,
-    endpoint: &Path,
+    endpoint: &Endpoint,
     preempt: bool,
     shared: Arc<Shared>,
     qmp: &Qmp,
 ) -> Result<(), ReceiveError> {
     let src = accept(listener).await?;
     shared.stats.lock().expect("stats lock").started = std::time::Instant::now();
-    let dst = connect_destination(endpoint).await?;
+    let (dst_r, dst_w) = connect_destination(endpoint).await?;
     let (src_r, src_w) = src.into_split();
-    let (dst_r, dst_w) = dst.into_split();
     let mut pumps: JoinSet<Result<(), RelayError>> = JoinSet::new();
     let sh = shared.clone();
     pumps.spawn(async move { relay::forward_main(src_r, dst_w, sh).await.map(|_| ()) });
@@ -271,10 +539,9 @@ async fn carry(
             second = accept(listener), if want_preempt => {
                 want_preempt = false;
                 let src2 = second?;
-                let dst2 = connect_destination(endpoint).await?;
+                let (d_r, d_w) = connect_destination(endpoint).await?;
                 tracing::info!("preempt channel connected");
                 let (s_r, s_w) = src2.into_split();
-                let (d_r, d_w) = dst2.into_split();
                 pumps.spawn(relay::forward_preempt(s_r, d_w, shared.clone()));
                 pumps.spawn(relay::drain_preempt_reverse(d_r, s_w));
             }
