@@ -429,7 +429,8 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
         Ok(()) if status != "completed" => {
             Some(ReceiveError::DestinationFailed(status).to_string())
         }
-        Ok(()) if !dest.running && !opts.allow_paused => {
+        // A manager decides when its VM runs (libvirt resumes the destination itself).
+        Ok(()) if !dest.running && !opts.allow_paused && opts.incoming == Incoming::Private => {
             Some("destination VM is not running after the migration".to_string())
         }
         Ok(()) => None,
