@@ -109,6 +109,9 @@ pub struct Qmp {
     raw_events: broadcast::Sender<RawEvent>,
     shared: Arc<Shared>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The pid at the other end of the socket (`SO_PEERCRED`): QEMU's, which leads to its
+    /// `/proc/PID` (memfds, maps) without trusting anything QEMU says.
+    peer_pid: Option<u32>,
     /// Set once a command failed in transport or was abandoned: the `qapi` client keeps
     /// that command's reply slot, and the next command would panic on it ("duplicate
     /// command id"), so the session refuses further commands instead.
@@ -147,6 +150,9 @@ pub struct RamBlock {
     pub used: u64,
     /// Bytes reserved (a resizable block may grow up to this).
     pub total: u64,
+    /// Where the block is mapped in QEMU (QEMU 10.0 prints it; 7.2 does not), which ties a
+    /// block to its memfd through `/proc/PID/maps`.
+    pub hva: Option<u64>,
 }
 
 /// A memory backend object and its sharing mode.
@@ -319,6 +325,11 @@ impl Qmp {
             path: label.to_string(),
             source,
         };
+        let peer_pid = sock
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok());
         let (read, write) = sock.into_split();
         let (raw_tx, _) = broadcast::channel(256);
         let (to_qapi, from_filter) = tokio::io::duplex(1 << 16);
@@ -375,8 +386,14 @@ impl Qmp {
             raw_events: raw_tx,
             shared,
             tasks: vec![filter, poller],
+            peer_pid,
             broken: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The pid of the process at the other end of the QMP socket, when the kernel told it.
+    pub fn peer_pid(&self) -> Option<u32> {
+        self.peer_pid
     }
 
     /// Runs one command and returns its typed reply.
@@ -685,6 +702,7 @@ pub fn parse_ramblock_table(text: &str) -> Result<Vec<RamBlock>, QmpError> {
             offset: hex(cols[3]).ok_or_else(bad)?,
             used: hex(cols[4]).ok_or_else(bad)?,
             total: hex(cols[5]).ok_or_else(bad)?,
+            hva: cols.get(6).and_then(|c| hex(c)),
         });
     }
     Ok(out)
@@ -732,7 +750,8 @@ mod tests {
                 page_size: 4096,
                 offset: 0,
                 used: 0x800_0000,
-                total: 0x800_0000
+                total: 0x800_0000,
+                hva: Some(0x7fee_2bff_f000),
             }
         );
         assert_eq!(b[1].name, "/rom@etc/acpi/tables");
@@ -747,6 +766,7 @@ mod tests {
         assert_eq!(b[1].name, "pc.bios");
         assert_eq!(b[1].offset, 0x800_0000);
         assert_eq!(b[1].used, 0x4_0000);
+        assert_eq!(b[1].hva, None);
     }
 
     /// Plays QEMU on the other end of a socket pair: greets, answers commands, and sends

@@ -106,6 +106,21 @@ pub struct LatencyFigures {
     pub mean_us: f64,
 }
 
+/// Percentiles of a histogram of µs values (all zero when it is empty).
+pub fn latency_of(h: &Histogram<u64>) -> LatencyFigures {
+    if h.is_empty() {
+        return LatencyFigures::default();
+    }
+    LatencyFigures {
+        count: h.len(),
+        p50_us: h.value_at_quantile(0.5) as f64,
+        p90_us: h.value_at_quantile(0.9) as f64,
+        p99_us: h.value_at_quantile(0.99) as f64,
+        max_us: h.max() as f64,
+        mean_us: h.mean(),
+    }
+}
+
 /// The takeover state of one migration.
 pub struct PageTracker {
     tps: u64,
@@ -245,18 +260,7 @@ impl PageTracker {
 
     /// Latency percentiles so far.
     pub fn latency_figures(&self) -> LatencyFigures {
-        let h = &self.latency;
-        if h.is_empty() {
-            return LatencyFigures::default();
-        }
-        LatencyFigures {
-            count: h.len(),
-            p50_us: h.value_at_quantile(0.5) as f64,
-            p90_us: h.value_at_quantile(0.9) as f64,
-            p99_us: h.value_at_quantile(0.99) as f64,
-            max_us: h.max() as f64,
-            mean_us: h.mean(),
-        }
+        latency_of(&self.latency)
     }
 
     /// Per-block figures.

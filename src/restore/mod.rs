@@ -427,7 +427,7 @@ async fn attach_and_serve(
     report.requests = requests;
     report.served = server.figures().clone();
     report.bytes_sent = bytes_sent;
-    report.latency = latency_figures(&latency);
+    report.latency = crate::daemon::tracker::latency_of(&latency);
     if status != "completed" {
         return Err(RestoreError::DestinationFailed(status));
     }
@@ -438,20 +438,6 @@ async fn attach_and_serve(
         )));
     }
     Ok(())
-}
-
-fn latency_figures(h: &Histogram<u64>) -> LatencyFigures {
-    if h.is_empty() {
-        return LatencyFigures::default();
-    }
-    LatencyFigures {
-        count: h.len(),
-        p50_us: h.value_at_quantile(0.5) as f64,
-        p90_us: h.value_at_quantile(0.9) as f64,
-        p99_us: h.value_at_quantile(0.99) as f64,
-        max_us: h.max() as f64,
-        mean_us: h.mean(),
-    }
 }
 
 async fn write(
