@@ -20,4 +20,5 @@ pub mod restore;
 pub mod snapshot;
 pub mod source;
 pub mod synth;
+pub mod verify;
 pub mod wire;

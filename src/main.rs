@@ -66,6 +66,22 @@ enum Cmd {
         #[arg(long, default_value_t = 600.0)]
         timeout: f64,
     },
+    /// Compare a destination's guest RAM, after its migration completed, with the digests
+    /// `receive --digests` recorded; exits 1 on any mismatch.
+    Verify {
+        /// The destination QEMU's QMP socket.
+        #[arg(long)]
+        qmp: PathBuf,
+        /// The digest file.
+        #[arg(long)]
+        digests: PathBuf,
+        /// Compare although the guest runs (not exact: the guest changes its memory).
+        #[arg(long)]
+        allow_running: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Snapshot a running VM for lazy restore: the sidecar receives its postcopy migration
     /// and stores the device state and every page; the source ends paused.
     Snapshot {
@@ -182,6 +198,12 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Snapshot { qmp, out, timeout } => run_snapshot(qmp, out, timeout),
+        Cmd::Verify {
+            qmp,
+            digests,
+            allow_running,
+            json,
+        } => run_verify(qmp, digests, allow_running, json),
         Cmd::Restore {
             from,
             qmp,
@@ -235,6 +257,14 @@ struct ReceiveArgs {
     /// The destination was started with -S: do not require it to run at the end.
     #[arg(long)]
     allow_paused: bool,
+    /// Read the destination's RAM through the sidecar's guarded mapping and check every
+    /// postcopy page as QEMU places it; with a paused destination also compare all of its
+    /// RAM at the end (a mismatch fails the run).
+    #[arg(long)]
+    verify: bool,
+    /// Write the digests of every delivered page here, for `postcopy-sidecar verify`.
+    #[arg(long)]
+    digests: Option<PathBuf>,
 }
 
 fn run_receive(a: ReceiveArgs) -> ExitCode {
@@ -258,12 +288,24 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
         report: a.report,
         live: !a.quiet && std::io::stderr().is_terminal(),
         allow_paused: a.allow_paused,
+        verify: a.verify,
+        digests: a.digests,
         ..ReceiveOptions::new(a.qmp, a.listen)
     };
     runtime().block_on(async move {
         match receive(opts).await {
             Ok(r) => {
                 print!("{}", r.table());
+                if let Some(v) = &r.verify {
+                    for rep in v.at_placement.iter().chain(v.exact.iter()) {
+                        for line in rep.lines() {
+                            println!("{line}");
+                        }
+                    }
+                    if !v.note.is_empty() {
+                        println!("verify: {}", v.note);
+                    }
+                }
                 match &r.error {
                     None => ExitCode::SUCCESS,
                     Some(e) => {
@@ -275,6 +317,40 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::from(1)
+            }
+        }
+    })
+}
+
+fn run_verify(qmp: PathBuf, digests: PathBuf, allow_running: bool, json: bool) -> ExitCode {
+    use postcopy_sidecar::verify::command::{VerifyOptions, verify};
+    let opts = VerifyOptions {
+        qmp,
+        digests,
+        allow_running,
+    };
+    runtime().block_on(async move {
+        match verify(&opts).await {
+            Ok(r) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&r).expect("report serialises")
+                    );
+                } else {
+                    for line in r.lines() {
+                        println!("{line}");
+                    }
+                }
+                if r.mismatches == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
             }
         }
     })

@@ -40,7 +40,7 @@ async fn main_stream_is_forwarded_byte_for_byte_and_requests_for_delivered_pages
 
     let (mut d_w, d_r) = tokio::io::duplex(4096);
     let (s_w, mut s_r) = tokio::io::duplex(4096);
-    let rp_pump = tokio::spawn(relay_return_path(d_r, s_w, shared.clone()));
+    let rp_pump = tokio::spawn(relay_return_path(d_r, s_w, shared.clone(), None));
     d_w.write_all(&rp).await.unwrap();
     drop(d_w);
     let mut to_src = Vec::new();

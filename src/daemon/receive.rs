@@ -15,7 +15,14 @@ use super::live::LiveView;
 use super::relay::{self, RelayError, Shared};
 use super::report::{DestinationInfo, Report};
 use crate::control::MigrationControl;
+use crate::guard::{DiscoverError, GuardError, GuardedRam, Phase, discover};
 use crate::qmp::{IncomingAddress, Qmp, QmpError};
+use crate::verify::VerifyReport;
+use crate::verify::placement::PlacementVerifier;
+
+/// Where `receive` hands its guarded mapping to the caller once it made it (tests and
+/// embedders read guest RAM through it during the migration).
+pub type GuardSlot = Arc<std::sync::OnceLock<Arc<GuardedRam>>>;
 
 /// Where the sidecar listens for the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +97,16 @@ pub struct ReceiveOptions {
     pub live: bool,
     /// The destination was started with `-S`: do not require it to run at the end.
     pub allow_paused: bool,
+    /// Map the destination's RAM under the sidecar's own userfaultfd
+    /// (protocol-spec/guarded-access.md#guard-faults); implied by `verify` and `guard_slot`.
+    pub guard: bool,
+    /// Check every postcopy page right after QEMU placed it, and, when the destination is
+    /// paused at the end, compare its whole RAM with what the stream delivered.
+    pub verify: bool,
+    /// Write the digests of the delivered pages here, for `postcopy-sidecar verify`.
+    pub digests: Option<PathBuf>,
+    /// Receives the guarded mapping once it exists.
+    pub guard_slot: Option<GuardSlot>,
 }
 
 /// How long `receive` waits by default for QMP and (following a manager) for the
@@ -110,6 +127,10 @@ impl ReceiveOptions {
             report: None,
             live: false,
             allow_paused: false,
+            guard: false,
+            verify: false,
+            digests: None,
+            guard_slot: None,
         }
     }
 }
@@ -140,6 +161,24 @@ pub enum ReceiveError {
     /// The options contradict each other or the destination's setup.
     #[error("{0}")]
     Setup(String),
+    /// The destination's RAM could not be found or opened.
+    #[error("{0}")]
+    Discover(#[from] DiscoverError),
+    /// The destination's RAM could not be guarded.
+    #[error("{0}")]
+    Guard(#[from] GuardError),
+    /// Verification found pages that differ from what the stream delivered.
+    #[error(
+        "{count} page(s) of the destination differ from what the stream delivered; first: block {block} offset {offset:#x}"
+    )]
+    Mismatch {
+        /// Pages that differ.
+        count: u64,
+        /// First block.
+        block: String,
+        /// First offset.
+        offset: u64,
+    },
     /// Local socket setup failed.
     #[error("{what}: {source}")]
     Io {
@@ -335,6 +374,19 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     check_backends(&qmp).await?;
     tracing::info!(version = %dest.qemu_version, machine = %dest.machine, "destination attached");
 
+    let shared = Arc::new(Shared::default());
+    shared.record_digests.store(
+        opts.verify || opts.digests.is_some(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    // Registered before anything reaches the destination, so no read of the sidecar's can
+    // ever allocate a page that the stream has yet to bring.
+    let guard_wants = if opts.guard || opts.verify || opts.guard_slot.is_some() {
+        Some(start_guard(&qmp, &opts, &shared).await?)
+    } else {
+        None
+    };
+
     // Kept alive until the end: it holds the private socket.
     let mut _private = None;
     let (endpoint, dest_addr, preempt) = match opts.incoming {
@@ -398,9 +450,16 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     }
     tracing::info!(%listen, %endpoint, "waiting for the source");
 
-    let shared = Arc::new(Shared::default());
     let live = opts.live.then(|| LiveView::start(shared.clone()));
-    let result = carry(&listener, &endpoint, preempt, shared.clone(), &qmp).await;
+    let result = carry(
+        &listener,
+        &endpoint,
+        preempt,
+        shared.clone(),
+        &qmp,
+        guard_wants,
+    )
+    .await;
     if let Some(l) = live {
         l.finish();
     }
@@ -424,8 +483,20 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     dest.running = running;
     dest.postcopy_blocktime_ms = blocktime;
     dest.migration_status = status.clone();
+    let (guard, verify) = finish_guard(&shared, &opts, &status, running);
+    let mismatch = verify
+        .as_ref()
+        .and_then(|v| v.exact.as_ref())
+        .and_then(|r| {
+            r.listed.first().map(|m| ReceiveError::Mismatch {
+                count: r.mismatches,
+                block: m.block.clone(),
+                offset: m.offset,
+            })
+        });
     let error = match result {
         Err(e) => Some(e.to_string()),
+        Ok(()) if mismatch.is_some() => mismatch.map(|m| m.to_string()),
         Ok(()) if status != "completed" => {
             Some(ReceiveError::DestinationFailed(status).to_string())
         }
@@ -437,12 +508,113 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     };
     let stats = shared.stats.lock().expect("stats lock").clone();
     let tracker = shared.tracker.lock().expect("tracker lock");
-    let report = Report::build(&stats, tracker.as_ref(), dest, preempt, error);
+    let mut report = Report::build(&stats, tracker.as_ref(), dest, preempt, error);
     drop(tracker);
+    report.guard = guard;
+    report.verify = verify;
     if let Some(p) = &opts.report {
         write_report(p, &report)?;
     }
     Ok(report)
+}
+
+/// Finds and guards the destination's memfds; returns the channel of pages the guard wants
+/// asked of the source.
+async fn start_guard(
+    qmp: &Qmp,
+    opts: &ReceiveOptions,
+    shared: &Arc<Shared>,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<(usize, u64)>, ReceiveError> {
+    let pid = discover::qemu_pid(&opts.qmp, qmp.peer_pid())?;
+    let files = discover::ram_files(pid, &qmp.ram_blocks().await?, &qmp.memory_backends().await?)?;
+    let names: Vec<&str> = files.iter().map(|f| f.block.as_str()).collect();
+    tracing::info!(pid, blocks = ?names, "guarding the destination's RAM");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let guard = Arc::new(GuardedRam::new(
+        files,
+        Box::new(move |block, offset| {
+            let _ = tx.send((block, offset));
+        }),
+    )?);
+    let _ = shared.guard.set(guard.clone());
+    if opts.verify {
+        *shared.placement.lock().expect("placement lock") =
+            Some(PlacementVerifier::start(guard.clone()));
+    }
+    if let Some(slot) = &opts.guard_slot {
+        let _ = slot.set(guard);
+    }
+    Ok(rx)
+}
+
+/// Tells the guard how the migration ended, collects the verification, and writes the
+/// digests.
+fn finish_guard(
+    shared: &Shared,
+    opts: &ReceiveOptions,
+    status: &str,
+    running: bool,
+) -> (Option<crate::guard::GuardFigures>, Option<VerifyFigures>) {
+    let guard = shared.guard.get();
+    if let Some(g) = guard {
+        g.set_phase(if status == "completed" {
+            Phase::Ended
+        } else {
+            Phase::Failed(format!("the destination's migration is {status}"))
+        });
+    }
+    let at_placement = shared
+        .placement
+        .lock()
+        .expect("placement lock")
+        .take()
+        .map(PlacementVerifier::finish);
+    let digests = shared.digests.lock().expect("digests lock").clone();
+    if let (Some(path), Some(d)) = (&opts.digests, &digests)
+        && let Err(e) = d.save(path)
+    {
+        tracing::warn!("{e}");
+    }
+    let verify = opts.verify.then(|| {
+        let mut v = VerifyFigures {
+            at_placement,
+            exact: None,
+            note: String::new(),
+        };
+        match (guard, &digests) {
+            (Some(g), Some(d)) if status == "completed" && !running => {
+                let blocks = g.blocks();
+                let read = |name: &str, offset: u64, buf: &mut [u8]| {
+                    let b = g.block_index(name).expect("a guarded block");
+                    g.read_page(b, offset, buf)
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                };
+                match crate::verify::check::check_with(d, &blocks, read) {
+                    Ok(r) => v.exact = Some(r),
+                    Err(e) => v.note = format!("the exact check failed: {e}"),
+                }
+            }
+            _ if running => {
+                v.note = "the destination runs: its guest may rewrite pages, so only the \
+                          at-placement check applies"
+                    .into()
+            }
+            _ => v.note = format!("no exact check: the migration is {status}"),
+        }
+        v
+    });
+    (guard.map(|g| g.figures()), verify)
+}
+
+/// What `receive --verify` found.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
+pub struct VerifyFigures {
+    /// Postcopy pages checked right after placement.
+    pub at_placement: Option<VerifyReport>,
+    /// The whole RAM compared at the end (destination paused).
+    pub exact: Option<VerifyReport>,
+    /// Why a check was not made.
+    pub note: String,
 }
 
 fn write_report(path: &Path, report: &Report) -> Result<(), ReceiveError> {
@@ -525,6 +697,7 @@ async fn carry(
     preempt: bool,
     shared: Arc<Shared>,
     qmp: &Qmp,
+    guard_wants: Option<tokio::sync::mpsc::UnboundedReceiver<(usize, u64)>>,
 ) -> Result<(), ReceiveError> {
     let src = accept(listener).await?;
     shared.stats.lock().expect("stats lock").started = std::time::Instant::now();
@@ -533,7 +706,12 @@ async fn carry(
     let mut pumps: JoinSet<Result<(), RelayError>> = JoinSet::new();
     let sh = shared.clone();
     pumps.spawn(async move { relay::forward_main(src_r, dst_w, sh).await.map(|_| ()) });
-    pumps.spawn(relay::relay_return_path(dst_r, src_w, shared.clone()));
+    pumps.spawn(relay::relay_return_path(
+        dst_r,
+        src_w,
+        shared.clone(),
+        guard_wants,
+    ));
     let mut want_preempt = preempt;
     let result = loop {
         tokio::select! {

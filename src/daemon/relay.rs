@@ -6,7 +6,8 @@
 //! The pumps are generic over `AsyncRead`/`AsyncWrite`, so tests drive them with in-memory
 //! pipes and real captures, without QEMU.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -14,7 +15,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::stats::Stats;
-use super::tracker::{PageTracker, RequestDecision};
+use super::tracker::{Origin, PageTracker, RequestDecision};
+use crate::guard::{GuardedRam, Phase};
+use crate::verify::PageDigests;
+use crate::verify::placement::{PlacementCheck, PlacementVerifier};
 use crate::wire::{
     Channel, Command, DecodeError, Event, PostcopyPhase, PreemptDecoder, RamLayout, RamRecord,
     RpDecoder, RpMessage, Step, StreamDecoder, StreamEnd,
@@ -54,6 +58,15 @@ pub struct Shared {
     /// Block table and target page size, published when the block list is complete
     /// (the preempt channel waits for it before decoding).
     pub layout: watch::Sender<Option<(RamLayout, u64)>>,
+    /// The guarded mapping of the destination's RAM, when the receiver guards it: told
+    /// about PONG(2) and poked when pages arrive.
+    pub guard: OnceLock<Arc<GuardedRam>>,
+    /// Whether to keep digests of delivered pages (set before the pumps start).
+    pub record_digests: AtomicBool,
+    /// Digests of delivered pages; created with the tracker when `record_digests` is set.
+    pub digests: Mutex<Option<PageDigests>>,
+    /// Checks of postcopy pages right after placement.
+    pub placement: Mutex<Option<PlacementVerifier>>,
 }
 
 impl Default for Shared {
@@ -62,7 +75,17 @@ impl Default for Shared {
             tracker: Mutex::new(None),
             stats: Mutex::new(Stats::default()),
             layout: watch::Sender::new(None),
+            guard: OnceLock::new(),
+            record_digests: AtomicBool::new(false),
+            digests: Mutex::new(None),
+            placement: Mutex::new(None),
         }
+    }
+}
+
+impl Shared {
+    fn recording(&self) -> bool {
+        self.record_digests.load(Ordering::Relaxed)
     }
 }
 
@@ -115,6 +138,19 @@ struct Delivery {
     zero: bool,
     postcopy: bool,
     wire_len: usize,
+    /// xxh3 of a PAGE record's data, when recording digests.
+    digest: Option<u64>,
+}
+
+/// The digest of a page record's data, if digests are kept (ZERO records get theirs from
+/// the digest table).
+fn digest_of(shared: &Shared, rec: &RamRecord<'_>) -> Option<u64> {
+    match rec {
+        RamRecord::Page { data, .. } if shared.recording() => {
+            Some(xxhash_rust::xxh3::xxh3_64(data))
+        }
+        _ => None,
+    }
 }
 
 /// Carries the main channel from the source (`src`) to the destination (`dst`), decoding
@@ -176,6 +212,7 @@ where
                             zero: matches!(rec, RamRecord::Zero { .. }),
                             postcopy,
                             wire_len: len,
+                            digest: digest_of(&shared, rec),
                         });
                     } else if *rec == RamRecord::Eos && shared.layout.borrow().is_none() {
                         ram_bytes_layout_ready = true;
@@ -213,6 +250,18 @@ fn publish_layout(shared: &Shared, dec: &StreamDecoder) {
         .lock()
         .expect("tracker lock")
         .get_or_insert_with(|| PageTracker::new(&layout, tps));
+    if shared.recording() {
+        let blocks: Vec<(String, u64)> = layout
+            .blocks()
+            .iter()
+            .map(|b| (String::from_utf8_lossy(&b.name).into_owned(), b.used_length))
+            .collect();
+        shared
+            .digests
+            .lock()
+            .expect("digests lock")
+            .get_or_insert_with(|| PageDigests::new(&blocks, tps));
+    }
     shared.layout.send_replace(Some((layout, tps)));
 }
 
@@ -230,8 +279,12 @@ fn apply_command(shared: &Shared, dec: &StreamDecoder, c: &Command<'_>) {
         if let Some(t) = tr.as_mut()
             && let Some(b) = t.block_index(block)
         {
+            let mut digests = shared.digests.lock().expect("digests lock");
             for (start, len) in c.discard_ranges() {
                 t.discarded(b, start, len);
+                if let Some(d) = digests.as_mut() {
+                    d.discard(b, start, len);
+                }
             }
         }
     }
@@ -247,14 +300,25 @@ fn account(
     phase: PostcopyPhase,
 ) {
     let mut latencies = Vec::new();
+    // Per delivery: whether the destination had asked for it.
+    let mut asked = Vec::with_capacity(deliveries.len());
     if !deliveries.is_empty() {
         let mut tr = shared.tracker.lock().expect("tracker lock");
         if let Some(t) = tr.as_mut() {
             for d in deliveries {
-                if let Some(w) = t.delivered(d.block, d.offset, d.zero, now) {
+                let answered = t.delivered(d.block, d.offset, d.zero, now);
+                asked.push(matches!(answered, Some((_, Origin::Destination))));
+                if let Some((w, Origin::Destination)) = answered {
                     latencies.push(w);
                 }
             }
+        }
+        drop(tr);
+        if shared.recording() {
+            record_digests(shared, deliveries, &asked);
+        }
+        if let Some(g) = shared.guard.get() {
+            g.poke();
         }
     }
     let mut s = shared.stats.lock().expect("stats lock");
@@ -265,6 +329,37 @@ fn account(
         s.page(d.postcopy, d.zero, d.wire_len as u64);
     }
     s.served += latencies.len() as u64;
+}
+
+/// Enters delivered pages into the digest table and queues postcopy pages for checking
+/// once placed.
+fn record_digests(shared: &Shared, deliveries: &[Delivery], asked: &[bool]) {
+    let mut digests = shared.digests.lock().expect("digests lock");
+    let Some(table) = digests.as_mut() else {
+        return;
+    };
+    let placement = shared.placement.lock().expect("placement lock");
+    for (i, d) in deliveries.iter().enumerate() {
+        let digest = if d.zero {
+            table.zero_digest()
+        } else {
+            match d.digest {
+                Some(h) => h,
+                None => continue,
+            }
+        };
+        table.record(d.block, d.offset, digest);
+        if let (true, Some(p)) = (d.postcopy, placement.as_ref())
+            && let Some(b) = table.blocks().get(d.block)
+        {
+            p.check(PlacementCheck {
+                block: b.name.clone(),
+                offset: d.offset,
+                digest,
+                requested: asked.get(i).copied().unwrap_or(false),
+            });
+        }
+    }
 }
 
 /// Carries a preempt channel from the source to the destination. It waits for the main
@@ -319,6 +414,7 @@ where
                             zero: matches!(event, RamRecord::Zero { .. }),
                             postcopy: true,
                             wire_len: len,
+                            digest: digest_of(&shared, &event),
                         });
                     }
                 }
@@ -378,10 +474,15 @@ where
 /// each one is recorded, and only pages the stream will not bring anyway are asked of the
 /// source, always in the REQ_PAGES_ID form (the two legs' "previous block" differ once
 /// the sidecar drops a request; protocol-spec/return-path.md#rp-req-pages).
+///
+/// Pages the sidecar's own guarded reader needs arrive on `guard_wants` as (guard block
+/// index, offset); they are asked of the source at once, ahead of the destination's
+/// requests still being read (protocol-spec/guarded-access.md#guard-faults).
 pub async fn relay_return_path<R, W>(
     mut from_dst: R,
     mut to_src: W,
     shared: Arc<Shared>,
+    mut guard_wants: Option<tokio::sync::mpsc::UnboundedReceiver<(usize, u64)>>,
 ) -> Result<(), RelayError>
 where
     R: AsyncRead + Unpin,
@@ -395,10 +496,27 @@ where
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(16 * 1024);
         }
-        let n = from_dst
-            .read_buf(&mut buf)
-            .await
-            .map_err(io_err(ch, "reading from the destination"))?;
+        let n = tokio::select! {
+            biased;
+            want = async { guard_wants.as_mut().expect("guarded").recv().await },
+                if guard_wants.is_some() =>
+            {
+                match want {
+                    Some((block, offset)) => ask_for_guard(&shared, block, offset, &mut out),
+                    None => guard_wants = None,
+                }
+                if !out.is_empty() {
+                    to_src
+                        .write_all(&out)
+                        .await
+                        .map_err(io_err(ch, "writing to the source"))?;
+                    out.clear();
+                }
+                continue;
+            }
+            n = from_dst.read_buf(&mut buf) => n,
+        }
+        .map_err(io_err(ch, "reading from the destination"))?;
         if n == 0 {
             dec.finish(&buf)?;
             to_src
@@ -430,6 +548,10 @@ where
                 _ => None,
             };
             let Some((start, len, block)) = request else {
+                if let (RpMessage::Pong(2), Some(g)) = (&msg, shared.guard.get()) {
+                    // The destination loaded everything before the switch to postcopy.
+                    g.set_phase(Phase::Postcopy);
+                }
                 shared
                     .stats
                     .lock()
@@ -460,6 +582,32 @@ where
                 .map_err(io_err(ch, "writing to the source"))?;
             out.clear();
         }
+    }
+}
+
+/// Asks the source for a page the guarded reader needs, unless the stream brings it anyway.
+fn ask_for_guard(shared: &Shared, guard_block: usize, offset: u64, out: &mut Vec<u8>) {
+    let Some(g) = shared.guard.get() else {
+        return;
+    };
+    let Some((name, _)) = g.blocks().into_iter().nth(guard_block) else {
+        return;
+    };
+    let mut tr = shared.tracker.lock().expect("tracker lock");
+    let Some(t) = tr.as_mut() else {
+        return;
+    };
+    let Some(b) = t.block_index(name.as_bytes()) else {
+        return;
+    };
+    let tps = t.target_page_size();
+    if t.guard_requested(b, offset, Instant::now()) == RequestDecision::Forward {
+        RpMessage::ReqPagesId {
+            start: offset,
+            len: tps as u32,
+            block: name.as_bytes(),
+        }
+        .encode(out);
     }
 }
 

@@ -68,6 +68,10 @@ pub struct Report {
     pub latency: LatencyFigures,
     /// Per RAM block.
     pub blocks: Vec<BlockFigures>,
+    /// What the guarded mapping did (with `--verify` or `--guard`).
+    pub guard: Option<crate::guard::GuardFigures>,
+    /// What verification found (with `--verify`).
+    pub verify: Option<super::receive::VerifyFigures>,
 }
 
 impl Report {
@@ -114,6 +118,8 @@ impl Report {
                 .map(PageTracker::latency_figures)
                 .unwrap_or_default(),
             blocks: tracker.map(PageTracker::block_figures).unwrap_or_default(),
+            guard: None,
+            verify: None,
         }
     }
 

@@ -27,6 +27,15 @@ pub enum RequestDecision {
     AlreadyDelivered,
 }
 
+/// Who asked for a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The destination QEMU (a vCPU or a device touched a missing page).
+    Destination,
+    /// The sidecar's own guarded reader (protocol-spec/guarded-access.md#guard-faults).
+    Guard,
+}
+
 /// Figures for one RAM block.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct BlockFigures {
@@ -47,8 +56,8 @@ pub struct BlockFigures {
 struct BlockState {
     figures: BlockFigures,
     delivered: Vec<u64>,
-    /// page index → time of the first unanswered request.
-    pending: HashMap<u64, Instant>,
+    /// page index → time and origin of the first unanswered request.
+    pending: HashMap<u64, (Instant, Origin)>,
 }
 
 impl BlockState {
@@ -86,6 +95,11 @@ pub struct RequestFigures {
     pub already_delivered_pages: u64,
     /// Requests still unanswered at the end.
     pub outstanding_pages: u64,
+    /// Pages the sidecar's guarded reader needed (not counted above).
+    pub guard_pages: u64,
+    /// Request messages sent to the source on the guarded reader's behalf (not counted in
+    /// `forwarded_messages`).
+    pub guard_forwarded_messages: u64,
 }
 
 /// Fault-service latency: from the first request for a page to the moment the sidecar
@@ -170,14 +184,15 @@ impl PageTracker {
     }
 
     /// A page (full or zero) was forwarded to the destination at `now`. Returns the
-    /// service latency if a request was waiting for it.
+    /// service latency and who asked if a request was waiting for it; the destination's
+    /// requests feed the fault-service histogram.
     pub fn delivered(
         &mut self,
         block: usize,
         offset: u64,
         zero: bool,
         now: Instant,
-    ) -> Option<Duration> {
+    ) -> Option<(Duration, Origin)> {
         let b = self.blocks.get_mut(block)?;
         let page = offset / self.tps;
         if zero {
@@ -186,10 +201,12 @@ impl PageTracker {
             b.figures.pages += 1;
         }
         b.set(page, true);
-        let asked = b.pending.remove(&page)?;
+        let (asked, origin) = b.pending.remove(&page)?;
         let waited = now.saturating_duration_since(asked);
-        let _ = self.latency.record((waited.as_micros() as u64).max(1));
-        Some(waited)
+        if origin == Origin::Destination {
+            let _ = self.latency.record((waited.as_micros() as u64).max(1));
+        }
+        Some((waited, origin))
     }
 
     /// The destination will drop these pages (POSTCOPY_RAM_DISCARD): they must be sent again.
@@ -229,12 +246,16 @@ impl PageTracker {
                 RequestDecision::AlreadyDelivered
             } else {
                 match b.pending.entry(p) {
-                    std::collections::hash_map::Entry::Occupied(_) => {
+                    std::collections::hash_map::Entry::Occupied(mut o) => {
+                        // The guard asked first: the vCPU's wait starts now.
+                        if o.get().1 == Origin::Guard {
+                            *o.get_mut() = (now, Origin::Destination);
+                        }
                         self.requests.deduplicated_pages += 1;
                         RequestDecision::AlreadyRequested
                     }
                     std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert(now);
+                        v.insert((now, Origin::Destination));
                         b.figures.forwarded_pages += 1;
                         self.requests.forwarded_pages += 1;
                         RequestDecision::Forward
@@ -249,6 +270,28 @@ impl PageTracker {
     /// Counts one request message sent on to the source.
     pub fn forwarded_message(&mut self) {
         self.requests.forwarded_messages += 1;
+    }
+
+    /// The sidecar's guarded reader needs page `offset` of `block`: whether it must be asked
+    /// of the source (not delivered, not already asked). Counted apart from the
+    /// destination's requests.
+    pub fn guard_requested(&mut self, block: usize, offset: u64, now: Instant) -> RequestDecision {
+        let page = offset / self.tps;
+        let Some(b) = self.blocks.get_mut(block) else {
+            return RequestDecision::AlreadyDelivered;
+        };
+        self.requests.guard_pages += 1;
+        if b.bit(page) {
+            return RequestDecision::AlreadyDelivered;
+        }
+        match b.pending.entry(page) {
+            std::collections::hash_map::Entry::Occupied(_) => RequestDecision::AlreadyRequested,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert((now, Origin::Guard));
+                self.requests.guard_forwarded_messages += 1;
+                RequestDecision::Forward
+            }
+        }
     }
 
     /// Request counts so far.
@@ -298,7 +341,10 @@ mod tests {
             vec![(0x3000, RequestDecision::AlreadyRequested)]
         );
         let waited = t.delivered(0, 0x3000, false, t0 + Duration::from_micros(250));
-        assert_eq!(waited, Some(Duration::from_micros(250)));
+        assert_eq!(
+            waited,
+            Some((Duration::from_micros(250), Origin::Destination))
+        );
         assert_eq!(
             t.requested(0, 0x3000, 4096, t0),
             vec![(0x3000, RequestDecision::AlreadyDelivered)]
@@ -314,6 +360,34 @@ mod tests {
             ),
             (3, 3, 1, 1, 1)
         );
+        assert_eq!(t.latency_figures().count, 1);
+    }
+
+    #[test]
+    fn guard_requests_are_deduplicated_with_the_destinations_and_counted_apart() {
+        let mut t = PageTracker::new(&layout(), 4096);
+        let t0 = Instant::now();
+        assert_eq!(t.guard_requested(0, 0x5000, t0), RequestDecision::Forward);
+        assert_eq!(
+            t.guard_requested(0, 0x5000, t0),
+            RequestDecision::AlreadyRequested
+        );
+        // The destination then faults on it: no second message, and its wait is timed.
+        assert_eq!(
+            t.requested(0, 0x5000, 4096, t0 + Duration::from_micros(10)),
+            vec![(0x5000, RequestDecision::AlreadyRequested)]
+        );
+        let (_, origin) = t
+            .delivered(0, 0x5000, false, t0 + Duration::from_micros(30))
+            .unwrap();
+        assert_eq!(origin, Origin::Destination);
+        assert_eq!(
+            t.guard_requested(0, 0x5000, t0),
+            RequestDecision::AlreadyDelivered
+        );
+        let r = t.request_figures();
+        assert_eq!((r.guard_pages, r.guard_forwarded_messages), (3, 1));
+        assert_eq!((r.messages, r.forwarded_messages), (1, 0));
         assert_eq!(t.latency_figures().count, 1);
     }
 

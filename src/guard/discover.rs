@@ -8,8 +8,9 @@
 //! - QEMU 7.2 prints no address; a memory backend's block is then matched by size among
 //!   the memfds, and two equal candidates are an error rather than a guess.
 //!
-//! Opening `/proc/PID/fd/N` needs ptrace-read access to QEMU (same uid, or
-//! `CAP_SYS_PTRACE`); the error says so.
+//! Opening `/proc/PID/fd/N` needs ptrace-read access to QEMU and access to the directory,
+//! which is mode 0500 of QEMU's uid: the same uid, or `CAP_SYS_PTRACE` together with
+//! `CAP_DAC_READ_SEARCH` (measured with a libvirt-started QEMU); the error says so.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -25,7 +26,7 @@ pub struct RamFile {
     pub block: String,
     /// Bytes the block uses (what migrates).
     pub length: u64,
-    /// The memfd, opened read-only through `/proc/PID/fd/N`.
+    /// The memfd, opened through `/proc/PID/fd/N` (read-write, see `open`).
     pub file: File,
     /// The path it was opened by.
     pub path: PathBuf,
@@ -52,7 +53,7 @@ pub enum DiscoverError {
     },
     /// Access denied: the sidecar lacks the privilege.
     #[error(
-        "opening {path}: {source}; the sidecar needs ptrace-read access to QEMU (pid {pid}, uid {uid}) to open its guest-RAM memfd: run it as uid {uid} or give it CAP_SYS_PTRACE"
+        "opening {path}: {source}; to open QEMU's guest-RAM memfd the sidecar needs ptrace-read access to QEMU (pid {pid}, uid {uid}) and access to its /proc/PID/fd: run it as uid {uid}, or give it CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH"
     )]
     Privilege {
         /// What was opened.
@@ -73,6 +74,16 @@ pub enum DiscoverError {
         pid: u32,
         /// What was looked for.
         detail: String,
+    },
+    /// A block on pages the guard cannot map page by page (hugetlbfs memfd).
+    #[error(
+        "RAM block {block} uses {page_size}-byte pages; guarded access supports 4 KiB pages only (a memfd without hugetlb=on)"
+    )]
+    PageSize {
+        /// Block idstr.
+        block: String,
+        /// Its page size.
+        page_size: u64,
     },
     /// Several memfds match (QEMU 7.2, equal sizes).
     #[error(
@@ -188,27 +199,34 @@ fn memfd_mappings(pid: u32) -> Result<HashMap<u64, u64>, DiscoverError> {
         .collect())
 }
 
+/// Opens QEMU's memfd read-write: the kernel lets userfaultfd guard only shared mappings
+/// that could be made writable (`VM_MAYWRITE`), although the sidecar maps it read-only and
+/// never writes to it.
 fn open(m: &Memfd, pid: u32) -> Result<File, DiscoverError> {
-    File::open(&m.fd_path).map_err(|source| {
-        if matches!(source.kind(), std::io::ErrorKind::PermissionDenied)
-            || source.raw_os_error() == Some(nix::libc::EPERM)
-        {
-            let uid = std::fs::metadata(format!("/proc/{pid}"))
-                .map(|m| m.uid())
-                .unwrap_or(u32::MAX);
-            DiscoverError::Privilege {
-                path: m.fd_path.clone(),
-                pid,
-                uid,
-                source,
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&m.fd_path)
+        .map_err(|source| {
+            if matches!(source.kind(), std::io::ErrorKind::PermissionDenied)
+                || source.raw_os_error() == Some(nix::libc::EPERM)
+            {
+                let uid = std::fs::metadata(format!("/proc/{pid}"))
+                    .map(|m| m.uid())
+                    .unwrap_or(u32::MAX);
+                DiscoverError::Privilege {
+                    path: m.fd_path.clone(),
+                    pid,
+                    uid,
+                    source,
+                }
+            } else {
+                DiscoverError::Proc {
+                    path: m.fd_path.clone(),
+                    source,
+                }
             }
-        } else {
-            DiscoverError::Proc {
-                path: m.fd_path.clone(),
-                source,
-            }
-        }
-    })
+        })
 }
 
 /// Opens the memfd behind every memfd-backed block of QEMU `pid`. Blocks without a memfd
@@ -229,6 +247,12 @@ pub fn ram_files(
         let Some(block) = blocks.iter().find(|b| b.name == backend.id) else {
             continue;
         };
+        if block.page_size != 4096 {
+            return Err(DiscoverError::PageSize {
+                block: block.name.clone(),
+                page_size: block.page_size,
+            });
+        }
         let found = match block.hva {
             Some(hva) => {
                 let inode = maps.get(&hva).copied();

@@ -210,7 +210,7 @@ impl GuardedRam {
             if let Err(e) = uffd.register(base as *mut _, map_len as usize) {
                 // SAFETY: the mapping made just above.
                 unsafe { unmap(&block) };
-                return Err(err("registering with userfaultfd", e.to_string()));
+                return Err(err("registering with userfaultfd", format!("{e:?}")));
             }
             blocks.push(block);
         }
