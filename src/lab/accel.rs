@@ -31,26 +31,37 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 static DECISION: OnceCell<Accel> = OnceCell::const_new();
 
-/// Resolves `Auto` to `Kvm` or `Tcg` (probing on first use); other values pass through.
+/// Resolves `Auto` to `Kvm` or `Tcg` (probing with QEMU 10.0 on first use); other values
+/// pass through.
 pub async fn resolve_accel(accel: Accel) -> Accel {
     match accel {
-        Accel::Auto => *DECISION.get_or_init(decide).await,
+        Accel::Auto => *DECISION.get_or_init(|| decide(None)).await,
         other => other,
     }
 }
 
-async fn decide() -> Accel {
+/// Like [`resolve_accel`], but a probe (if this is the first use) boots `binary`, the QEMU
+/// about to be started, so a machine with only one of the two releases (a container
+/// image) probes with what it has.
+pub async fn resolve_accel_for(accel: Accel, binary: &QemuBinary) -> Accel {
+    match accel {
+        Accel::Auto => *DECISION.get_or_init(|| decide(Some(binary))).await,
+        other => other,
+    }
+}
+
+async fn decide(binary: Option<&QemuBinary>) -> Accel {
     match std::env::var("POSTCOPY_SIDECAR_ACCEL").as_deref() {
         Ok("kvm") => return Accel::Kvm,
         Ok("tcg") => return Accel::Tcg,
         _ => {}
     }
-    let a = probe().await;
+    let a = probe(binary).await;
     tracing::info!(accel = ?a, "accelerator chosen");
     a
 }
 
-async fn probe() -> Accel {
+async fn probe(binary: Option<&QemuBinary>) -> Accel {
     let usable = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -59,8 +70,12 @@ async fn probe() -> Accel {
     if !usable {
         return Accel::Tcg;
     }
-    let (Ok(bin), Ok(_)) = (QemuBinary::v10_0(), GuestImage::find()) else {
-        tracing::warn!("no QEMU 10.0 or guest image to probe KVM with; using TCG");
+    let bin = match binary {
+        Some(b) => Ok(b.clone()),
+        None => QemuBinary::v10_0(),
+    };
+    let (Ok(bin), Ok(_)) = (bin, GuestImage::find()) else {
+        tracing::warn!("no QEMU or guest image to probe KVM with; using TCG");
         return Accel::Tcg;
     };
     let Ok(dir) = tempfile::Builder::new().prefix("kvm-probe-").tempdir() else {

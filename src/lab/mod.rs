@@ -22,7 +22,7 @@ pub mod workload;
 
 use std::path::PathBuf;
 
-pub use accel::{Accel, resolve_accel};
+pub use accel::{Accel, resolve_accel, resolve_accel_for};
 pub use migrate::{DirectOptions, DirectReport, direct_postcopy, set_capabilities};
 pub use qemu::{GuestImage, QemuBinary, QemuVersion};
 pub use serial::{SerialLog, WaitEnd};

@@ -53,7 +53,8 @@ impl QemuBinary {
     /// Locates `version`, or explains how to install it.
     ///
     /// 10.0 is `POSTCOPY_SIDECAR_QEMU10` or `/usr/bin/qemu-system-x86_64` (checked to be
-    /// 10.0, once per process); 7.2 is `<cache>/qemu-7.2/usr/bin/qemu-system-x86_64`.
+    /// 10.0, once per process); 7.2 is `POSTCOPY_SIDECAR_QEMU72` (a normally installed 7.2,
+    /// checked to be 7.2) or `<cache>/qemu-7.2/usr/bin/qemu-system-x86_64`.
     pub fn find(version: QemuVersion) -> Result<QemuBinary, LabError> {
         match version {
             QemuVersion::V10_0 => {
@@ -90,6 +91,9 @@ impl QemuBinary {
                 })
             }
             QemuVersion::V7_2 => {
+                if let Some(path) = std::env::var_os("POSTCOPY_SIDECAR_QEMU72") {
+                    return system_v7_2(PathBuf::from(path));
+                }
                 let root = cache_dir().join("qemu-7.2");
                 let path = root.join("usr/bin/qemu-system-x86_64");
                 if !path.is_file() {
@@ -162,6 +166,31 @@ impl QemuBinary {
             source: std::io::Error::other(e),
         })
     }
+}
+
+/// A QEMU 7.2 installed normally at `path` (e.g. Debian 12's own package in a container
+/// image): it finds its firmware and modules itself, so nothing is added around it.
+fn system_v7_2(path: PathBuf) -> Result<QemuBinary, LabError> {
+    if !path.is_file() {
+        return Err(LabError::Missing {
+            what: "QEMU 7.2 (POSTCOPY_SIDECAR_QEMU72)".into(),
+            path,
+        });
+    }
+    let line = version_line(&path, &[], None).unwrap_or_else(|e| e);
+    if !line.contains("version 7.2") {
+        return Err(LabError::Missing {
+            what: format!("QEMU 7.2 (POSTCOPY_SIDECAR_QEMU72; found `{line}`)"),
+            path,
+        });
+    }
+    Ok(QemuBinary {
+        version: QemuVersion::V7_2,
+        path,
+        data_dirs: Vec::new(),
+        module_dir: None,
+        lib_dirs: Vec::new(),
+    })
 }
 
 fn version_line(

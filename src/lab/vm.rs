@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::LabError;
-use super::accel::{Accel, resolve_accel};
+use super::accel::{Accel, resolve_accel_for};
 use super::qemu::{GuestImage, QemuBinary};
 use super::serial::{SerialLog, WaitEnd};
 use super::workload::{WlLine, WlProgress, WlReady, Workload, parse_wl_line};
@@ -278,7 +278,7 @@ impl Vm {
     /// QEMU gets `PR_SET_PDEATHSIG`, so it dies with the *thread* that started it: call
     /// this from async code (a runtime thread), not from a short-lived `spawn_blocking`.
     pub async fn spawn(spec: &VmSpec, workdir: &Path) -> Result<Vm, LabError> {
-        let accel = resolve_accel(spec.accel).await;
+        let accel = resolve_accel_for(spec.accel, &spec.binary).await;
         let image = match spec.guest {
             Guest::Linux(_) => Some(GuestImage::find()?),
             Guest::Firmware => None,
