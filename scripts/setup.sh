@@ -4,7 +4,8 @@
 #   - QEMU 7.2 from bookworm, extracted (not installed) under .cache/qemu-7.2/ so both
 #     versions can run side by side for cross-version migration;
 #   - the guest kernel (Debian's cloud kernel) as .cache/guest/vmlinuz;
-#   - the guest initramfs with our workload as /init (scripts/build-guest.sh).
+#   - the guest initramfs with our workload as /init (scripts/build-guest.sh);
+#   - docker.io and debootstrap for the Docker interop runner (docker/setup.sh).
 # Idempotent: a second run only checks what is cached and touches the network for nothing.
 # Override the cache location with POSTCOPY_SIDECAR_CACHE.
 set -euo pipefail
@@ -169,5 +170,8 @@ say "guest kernel: $(cat "$GUEST/vmlinuz.pkg" 2>/dev/null || echo "$GUEST/vmlinu
 
 # --- 5. the guest initramfs ------------------------------------------------------------------
 "$REPO/scripts/build-guest.sh"
+
+# --- 6. the Docker interop runner: docker.io, debootstrap, docker's seccomp profile ----------
+"$REPO/docker/setup.sh"
 
 say "done in $((SECONDS - START))s"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's one test command: installs what the tests need (QEMU 10.0 and 7.2, the
-# guest kernel, the guest initramfs, cargo-fuzz), then runs every check and test.
+# guest kernel, the guest initramfs, cargo-fuzz, docker.io), then runs every check and test.
 # Usage: ./scripts/test.sh        (CI runs exactly this through .ci/run)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,6 +22,11 @@ cargo build --release --all-targets
 step "tests: codec, daemon, interop against real QEMU and a real Linux guest"
 # Guests under TCG on two cores: run interop cases one at a time.
 cargo test --release -- --test-threads=1
+
+step "Docker interop: postcopy across QEMU releases, one container per end (docker/)"
+# Builds the images on a clean machine (cached afterwards), then 7.2->7.2, 10.0->10.0 and
+# 7.2->10.0 through the sidecar; fails, never skips, when docker cannot run.
+"$REPO/docker/run-interop.sh"
 
 step "guest workload unit tests"
 (cd "$REPO/interop-tests/guest-workload" && cargo test --release)
