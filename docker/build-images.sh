@@ -130,6 +130,9 @@ docker_build() {
 		say "$tag: cached (${after#sha256:})"
 	else
 		say "$tag: built (${after#sha256:})"
+		# The image this one replaces, now untagged: remove it unless something still uses
+		# it (docker refuses then), so rebuilds after code changes do not pile up.
+		[ -z "$before" ] || "$DOCKER" rmi "$before" >/dev/null 2>&1 || true
 	fi
 }
 
