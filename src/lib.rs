@@ -12,6 +12,7 @@ pub mod capture;
 pub mod control;
 pub mod daemon;
 pub mod demo;
+pub mod deploy;
 pub mod guard;
 pub mod inspect;
 pub mod lab;

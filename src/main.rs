@@ -121,6 +121,9 @@ enum Cmd {
         #[arg(long, default_value_t = 600.0)]
         timeout: f64,
     },
+    /// libvirt integration: the qemu hook that runs the sidecar for incoming migrations,
+    /// and its installer (deploy/README.md).
+    LibvirtHook(postcopy_sidecar::deploy::libvirt::Args),
 }
 
 fn main() -> ExitCode {
@@ -221,6 +224,7 @@ fn main() -> ExitCode {
             progress_marker,
             timeout,
         }),
+        Cmd::LibvirtHook(args) => postcopy_sidecar::deploy::libvirt::run(args),
     }
 }
 
