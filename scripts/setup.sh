@@ -5,6 +5,8 @@
 #     versions can run side by side for cross-version migration;
 #   - the guest kernel (Debian's cloud kernel) as .cache/guest/vmlinuz;
 #   - the guest initramfs with our workload as /init (scripts/build-guest.sh);
+#   - libvirt 9.0 (libvirtd, virtlogd, virsh) for the libvirt hook's tests, which start
+#     their own daemons, and systemd-analyze to check the systemd unit;
 #   - docker.io and debootstrap for the Docker interop runner (docker/setup.sh).
 # Idempotent: a second run only checks what is cached and touches the network for nothing.
 # Override the cache location with POSTCOPY_SIDECAR_CACHE.
@@ -144,7 +146,13 @@ if [ "$(cat "$CACHE/qemu-7.2.ok" 2>/dev/null || true)" != "$(cat "$Q72/.version"
 fi
 say "QEMU 7.2: $V72"
 
-# --- 4. the guest kernel ---------------------------------------------------------------------
+# --- 4. libvirt and systemd-analyze ---------------------------------------------------------
+# After QEMU 10: libvirt's QEMU driver then finds the backports QEMU. The tests start their
+# own libvirtd and virtlogd (interop-tests/support/libvirt.rs); nothing here starts one.
+apt_install_missing libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu systemd
+say "libvirt: $(pkg_version libvirt-daemon-system)"
+
+# --- 5. the guest kernel ---------------------------------------------------------------------
 GUEST="$CACHE/guest"
 mkdir -p "$GUEST"
 if [ ! -s "$GUEST/vmlinuz" ]; then
@@ -168,10 +176,10 @@ if [ ! -s "$GUEST/vmlinuz" ]; then
 fi
 say "guest kernel: $(cat "$GUEST/vmlinuz.pkg" 2>/dev/null || echo "$GUEST/vmlinuz")"
 
-# --- 5. the guest initramfs ------------------------------------------------------------------
+# --- 6. the guest initramfs ------------------------------------------------------------------
 "$REPO/scripts/build-guest.sh"
 
-# --- 6. the Docker interop runner: docker.io, debootstrap, docker's seccomp profile ----------
+# --- 7. the Docker interop runner: docker.io, debootstrap, docker's seccomp profile ----------
 "$REPO/docker/setup.sh"
 
 say "done in $((SECONDS - START))s"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's one test command: installs what the tests need (QEMU 10.0 and 7.2, the
-# guest kernel, the guest initramfs, cargo-fuzz, docker.io), then runs every check and test.
+# guest kernel, the guest initramfs, libvirt, cargo-fuzz, docker.io), then runs every check
+# and test.
 # Usage: ./scripts/test.sh        (CI runs exactly this through .ci/run)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
