@@ -164,9 +164,11 @@ fn hook_follows_a_real_domains_lifecycle() {
 
 /// Real `virsh migrate` attempts that the hooks must stop, with the documented message,
 /// the source keeping the domain: a domain without memfd RAM (the `migrate` hook), and a
-/// sidecar that cannot listen (the `started` hook, which holds the source back until the
-/// sidecar is ready). Then the same domain, its marker fixed with `virsh metadata`, goes
-/// through the sidecar in precopy (no postcopy asked) and the report says so.
+/// sidecar that cannot listen, on an address not on this host or on a port the
+/// destination QEMU holds on the wildcard address (the `started` hook, which holds the
+/// source back until the sidecar is ready). Then the same domain, its marker fixed with
+/// `virsh metadata`, goes through the sidecar in precopy (no postcopy asked) and the
+/// report says so.
 #[test]
 fn hooks_refuse_bad_migrations_with_clear_messages_then_carry_one() {
     let dir = test_dir("lv-fail-");
@@ -247,13 +249,51 @@ fn hooks_refuse_bad_migrations_with_clear_messages_then_carry_one() {
             .then_some(())
     });
 
-    // 3. Fixed marker: the migration goes through the sidecar (precopy only).
+    // 3. Marker fixed, but QEMU left on libvirt's default wildcard listen address (no
+    // --listen-address): the sidecar cannot take the port, and says how to fix it.
     set_marker("memfd", "<sidecar/>");
+    let port = free_port();
+    let o = a.virsh(&[
+        "migrate",
+        "--live",
+        "memfd",
+        &b.uri,
+        "--migrateuri",
+        &format!("tcp://127.0.0.2:{port}"),
+    ]);
+    assert!(!o.status.success());
+    let want = format!(
+        "did not become ready: it exited: cannot listen on 127.0.0.2:{port}: the address is in use"
+    );
+    assert!(stderr(&o).contains(&want), "virsh said: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--listen-address 127.0.0.1"),
+        "{}",
+        stderr(&o)
+    );
+    wait_for(
+        "the destination's second release",
+        Duration::from_secs(60),
+        || {
+            (lines(&calls)
+                .iter()
+                .filter(|l| *l == "memfd release end -")
+                .count()
+                == 2)
+                .then_some(())
+        },
+    );
+
+    // 4. Both fixed: the migration goes through the sidecar (precopy only).
     let o = migrate("memfd", free_port());
     assert!(o.status.success(), "virsh migrate: {}", stderr(&o));
     assert_eq!(b.running(), ["memfd"]);
     let r = reports(&b.report_dir());
-    assert_eq!(r.len(), 2, "{r:?}");
+    assert_eq!(
+        r.len(),
+        3,
+        "one report per attempt that launched a sidecar: {r:?}"
+    );
     let ok = r
         .iter()
         .map(|p| json(p))
