@@ -225,17 +225,20 @@ async fn guarded_reads_during_postcopy_keep_the_migration_whole_and_equal_the_so
     let reads = tokio::task::spawn_blocking(move || {
         let (mut page, mut want) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
         let mut differ = Vec::new();
+        // What each read returned, to explain a later mismatch.
+        let mut seen = std::collections::HashMap::new();
         for i in (0..length / PAGE).rev() {
             let o = i * PAGE;
             guard.read_page(block, o, &mut page).expect("guarded read");
             probe::read_at(&src_ram.file, o, &mut want).unwrap();
+            seen.insert(o, xxhash_rust::xxh3::xxh3_64(&page));
             if page != want {
                 differ.push(o);
             }
         }
-        (differ, guard.figures())
+        (differ, guard.figures(), seen, src_ram)
     });
-    let (differ, figures) = tokio::time::timeout(MIGRATION, reads)
+    let (differ, figures, seen, src_ram) = tokio::time::timeout(MIGRATION, reads)
         .await
         .unwrap()
         .unwrap();
@@ -259,6 +262,22 @@ async fn guarded_reads_during_postcopy_keep_the_migration_whole_and_equal_the_so
     assert!(report.requests.guard_forwarded_messages > 0);
     let v = report.verify.expect("verify figures");
     let exact = v.exact.expect("an exact check: the destination is paused");
+    if exact.mismatches > 0 {
+        // Tell a wrong record from a changed destination page: both against the source.
+        let dst_ram = ram_file(&p.dst).await;
+        let mut b = vec![0u8; PAGE as usize];
+        for m in &exact.listed {
+            let mut digest = |f: &std::fs::File| {
+                probe::read_at(f, m.offset, &mut b).unwrap();
+                xxhash_rust::xxh3::xxh3_64(&b)
+            };
+            let (src, dst) = (digest(&src_ram.file), digest(&dst_ram.file));
+            eprintln!(
+                "mismatch {:#x}: record {}, destination {dst:016x}, source {src:016x}, read during postcopy {:016x}",
+                m.offset, m.expected, seen[&m.offset]
+            );
+        }
+    }
     assert_eq!(exact.mismatches, 0, "{:?}", exact.listed);
     assert_eq!(exact.pages, length / PAGE);
     let placed = v.at_placement.expect("at-placement figures");
