@@ -8,27 +8,25 @@
 
 pub mod progress;
 pub mod serve;
+pub mod stream;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
-use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
 
 use crate::control::MigrationControl;
 use crate::daemon::tracker::LatencyFigures;
 use crate::qmp::{Qmp, QmpError};
 use crate::snapshot::meta::{OPENING_FILE, PACKAGE_FILE, SnapshotMeta};
 use crate::snapshot::{PageStore, SnapshotError};
-use crate::wire::compose::{RamSections, put_discards, put_package};
-use crate::wire::{Command, DecodeError, RpDecoder, RpMessage, Step};
+use crate::wire::compose::{put_discards, put_package};
+use crate::wire::{Command, DecodeError};
 use progress::ProgressWatch;
-use serve::{PageServer, ServeError, ServeFigures};
+use serve::{ServeError, ServeFigures};
+use stream::ServeKnobs;
 
 /// A snapshot opened and checked for restoring: metadata, opening and package verified
 /// against their checksums, the page store's index verified and its length checked.
@@ -188,14 +186,6 @@ pub const RESTORE_SNDBUF: usize = 64 * 1024;
 /// Data pages per background section (one section is written at a time).
 pub const BACKGROUND_BATCH: usize = 16;
 
-/// A page request as the return-path reader hands it to the writer.
-struct Request {
-    block: usize,
-    start: u64,
-    len: u64,
-    at: Instant,
-}
-
 /// Restores `snapshot` into the destination behind `opts.qmp`.
 pub async fn restore(snapshot: &Snapshot, opts: &RestoreOptions) -> RestoreReport {
     let begun = Instant::now();
@@ -324,92 +314,11 @@ async fn attach_and_serve(
         .map_err(|e| net("setting the send buffer", e))?;
     report.timeline.connected_ms = Some(ms(Instant::now()));
 
-    let (rd, mut wr) = sock.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Request>();
-    let mut server = PageServer::new(
-        snapshot.store.clone(),
-        RamSections {
-            section_id: snapshot.meta.stream.ram_section_id,
-            footers: snapshot.meta.stream.section_footers,
-        },
-    );
-    let names: Vec<Vec<u8>> = snapshot
-        .meta
-        .blocks
-        .iter()
-        .map(|b| b.name.clone().into_bytes())
-        .collect();
-    let reader = tokio::spawn(read_return_path(rd, names, tx));
-
-    let prologue = snapshot.prologue();
-    wr.write_all(&prologue)
-        .await
-        .map_err(|e| net("sending the prologue", e))?;
-    let mut bytes_sent = prologue.len() as u64;
-    report.timeline.package_sent_ms = Some(ms(Instant::now()));
-
-    let mut latency = Histogram::<u64>::new(3).expect("histogram");
-    let mut requests = 0u64;
-    let mut out = Vec::with_capacity(256 * 1024);
-    let mut more = true;
-    let deadline = tokio::time::Instant::now() + opts.timeout;
-    let mut reader_open = true;
-    loop {
-        // Requests first: drain every request that is waiting, then one background batch.
-        let mut served_at = Vec::new();
-        loop {
-            match rx.try_recv() {
-                Ok(r) => {
-                    requests += 1;
-                    if server.serve_request(r.block, r.start, r.len, &mut out)? > 0 {
-                        served_at.push(r.at);
-                    }
-                }
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    reader_open = false;
-                    break;
-                }
-            }
-        }
-        if !served_at.is_empty() {
-            write(&mut wr, &mut out, &mut bytes_sent).await?;
-            let now = Instant::now();
-            for at in served_at {
-                let us = (now - at).as_micros() as u64;
-                latency.record(us.max(1)).ok();
-            }
-            continue;
-        }
-        if more {
-            more = server.background(BACKGROUND_BATCH, &mut out)?;
-            write(&mut wr, &mut out, &mut bytes_sent).await?;
-            if !more {
-                report.timeline.all_sent_ms = Some(ms(Instant::now()));
-                server.finish(&mut out);
-                write(&mut wr, &mut out, &mut bytes_sent).await?;
-            }
-            continue;
-        }
-        if !reader_open {
-            break;
-        }
-        // Everything is sent: requests now can only be for pages in flight; keep
-        // answering (counting) them until the destination shuts its return path.
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Err(_) => return Err(net("waiting for the destination to finish", timed_out())),
-            Ok(None) => reader_open = false,
-            Ok(Some(r)) => {
-                requests += 1;
-                server.serve_request(r.block, r.start, r.len, &mut out)?;
-                write(&mut wr, &mut out, &mut bytes_sent).await?;
-            }
-        }
-    }
-    let rp = reader
-        .await
-        .map_err(|e| net("return-path reader", std::io::Error::other(e.to_string())))??;
-    report.timeline.device_state_loaded_ms = rp.pong3.map(ms);
+    let (rd, wr) = sock.into_split();
+    let served = stream::serve(snapshot, rd, wr, ServeKnobs::default(), opts.timeout).await?;
+    report.timeline.package_sent_ms = Some(ms(served.package_sent));
+    report.timeline.all_sent_ms = served.all_sent.map(ms);
+    report.timeline.device_state_loaded_ms = served.pong3.map(ms);
     let status = qmp.wait_migration_end(opts.timeout).await?;
     report.timeline.completed_ms = Some(ms(Instant::now()));
     report.migration_status = status.clone();
@@ -424,120 +333,30 @@ async fn attach_and_serve(
             Err(_) => break,
         }
     }
-    report.requests = requests;
-    report.served = server.figures().clone();
-    report.bytes_sent = bytes_sent;
-    report.latency = crate::daemon::tracker::latency_of(&latency);
+    report.requests = served.requests;
+    report.served = served.served.clone();
+    report.bytes_sent = served.bytes_sent;
+    report.latency = crate::daemon::tracker::latency_of(&served.latency);
     if status != "completed" {
         return Err(RestoreError::DestinationFailed(status));
     }
-    if rp.shut != Some(0) {
+    if served.shut != Some(0) {
         return Err(RestoreError::DestinationFailed(format!(
             "completed but its return path ended with SHUT {:?}",
-            rp.shut
+            served.shut
         )));
     }
     Ok(())
 }
 
-async fn write(
-    wr: &mut tokio::net::unix::OwnedWriteHalf,
-    out: &mut Vec<u8>,
-    sent: &mut u64,
-) -> Result<(), RestoreError> {
-    if out.is_empty() {
-        return Ok(());
-    }
-    wr.write_all(out)
-        .await
-        .map_err(|e| net("writing to the destination", e))?;
-    *sent += out.len() as u64;
-    out.clear();
-    Ok(())
-}
-
-/// What the return path said besides requests.
-struct ReturnPathEnd {
-    pong3: Option<Instant>,
-    shut: Option<u32>,
-}
-
-/// Decodes the destination's return path, handing page requests to the writer.
-async fn read_return_path(
-    mut rd: tokio::net::unix::OwnedReadHalf,
-    names: Vec<Vec<u8>>,
-    tx: mpsc::UnboundedSender<Request>,
-) -> Result<ReturnPathEnd, RestoreError> {
-    let mut dec = RpDecoder::new();
-    let mut buf = BytesMut::with_capacity(4096);
-    let mut end = ReturnPathEnd {
-        pong3: None,
-        shut: None,
-    };
-    let mut block = None;
-    loop {
-        while let Step::Event { len, event, .. } = dec.next(&buf)? {
-            match event {
-                RpMessage::ReqPagesId {
-                    start,
-                    len,
-                    block: name,
-                } => {
-                    let b = names.iter().position(|n| n == name).ok_or_else(|| {
-                        ServeError::Request(serve::RequestError::UnknownBlock(
-                            String::from_utf8_lossy(name).into(),
-                        ))
-                    })?;
-                    block = Some(b);
-                    let _ = tx.send(Request {
-                        block: b,
-                        start,
-                        len: len.into(),
-                        at: Instant::now(),
-                    });
-                }
-                RpMessage::ReqPages { start, len } => {
-                    let b = block.ok_or_else(|| {
-                        net(
-                            "the destination's first request named no block",
-                            std::io::Error::from(std::io::ErrorKind::InvalidData),
-                        )
-                    })?;
-                    let _ = tx.send(Request {
-                        block: b,
-                        start,
-                        len: len.into(),
-                        at: Instant::now(),
-                    });
-                }
-                RpMessage::Pong(3) => end.pong3 = Some(Instant::now()),
-                RpMessage::Shut(v) => end.shut = Some(v),
-                _ => {}
-            }
-            buf.advance(len);
-        }
-        if end.shut.is_some() {
-            return Ok(end);
-        }
-        let n = rd
-            .read_buf(&mut buf)
-            .await
-            .map_err(|e| net("reading the destination's return path", e))?;
-        if n == 0 {
-            dec.finish(&buf)?;
-            return Ok(end);
-        }
-    }
-}
-
-fn net(what: impl Into<String>, source: std::io::Error) -> RestoreError {
+pub(crate) fn net(what: impl Into<String>, source: std::io::Error) -> RestoreError {
     RestoreError::Net {
         what: what.into(),
         source,
     }
 }
 
-fn timed_out() -> std::io::Error {
+pub(crate) fn timed_out() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")
 }
 

@@ -55,6 +55,7 @@ pub struct ServeFigures {
 /// State of one restore's page service.
 pub struct PageServer {
     store: Arc<PageStore>,
+    prefetch: u64,
     sections: RamSections,
     names: Vec<Vec<u8>>,
     sent: Vec<Vec<u64>>,
@@ -77,6 +78,7 @@ impl PageServer {
         let page = vec![0u8; store.page_size() as usize];
         PageServer {
             store,
+            prefetch: PREFETCH_PAGES,
             sections,
             names,
             sent,
@@ -84,6 +86,12 @@ impl PageServer {
             page,
             figures: ServeFigures::default(),
         }
+    }
+
+    /// Sends `pages` pages after each requested one instead of [`PREFETCH_PAGES`].
+    pub fn with_prefetch(mut self, pages: u64) -> PageServer {
+        self.prefetch = pages;
+        self
     }
 
     /// What was sent so far.
@@ -174,7 +182,7 @@ impl PageServer {
             }
             served += 1;
         }
-        let end = (last_page + 1 + PREFETCH_PAGES).min(self.store.block_pages(block));
+        let end = (last_page + 1 + self.prefetch).min(self.store.block_pages(block));
         for page in last_page + 1..end {
             if !self.is_sent(block, page) {
                 self.put(out, &mut first, block, page)?;

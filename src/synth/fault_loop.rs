@@ -43,7 +43,7 @@ impl FaultClock {
     }
 
     /// Notes a fault; true if it is the page's first.
-    fn fault(&self, page: usize) -> bool {
+    pub fn fault(&self, page: usize) -> bool {
         self.faults.fetch_add(1, Ordering::Relaxed);
         let now = self.t0.elapsed().as_nanos() as u64 + 1;
         self.first_fault[page]

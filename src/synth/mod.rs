@@ -8,11 +8,16 @@
 //! - [`SynthRam`]: the memory, its userfaultfd, placement;
 //! - [`touch`]: the workers and their access patterns;
 //! - [`fault_loop`]: the fault thread, generic over how a fault is answered;
-//! - `wire` (next): answering faults over the real wire protocol (REQ_PAGES_ID out, RAM
-//!   records in), so a sidecar page service can sit on the other end.
+//! - [`wire`]: answering faults over the real wire protocol (REQ_PAGES_ID out, RAM
+//!   records in), so a sidecar page service can sit on the other end;
+//! - [`snapshot`]: a made-up snapshot for the restore page service to serve;
+//! - [`run`]: one run, answered by the bare loop or through the page service.
 
 pub mod fault_loop;
+pub mod run;
+pub mod snapshot;
 pub mod touch;
+pub mod wire;
 
 use std::fs::File;
 use std::num::NonZeroUsize;

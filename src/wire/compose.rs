@@ -96,47 +96,58 @@ pub fn put_package(out: &mut Vec<u8>, blob: &[u8]) {
     out.extend_from_slice(blob);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::wire::{Event, Step, StreamDecoder};
-
-    /// A minimal opening: header, configuration, ADVISE, ram START with one block.
-    fn opening(out: &mut Vec<u8>) {
-        crate::wire::stream::encode_file_header(out);
-        crate::wire::Configuration {
-            machine: b"pc-q35-10.0",
-            subsections: vec![],
-        }
-        .encode(out);
-        Command::OpenReturnPath.encode(out);
-        Command::PostcopyAdvise(Some(crate::wire::Advise {
-            pagesize_summary: 4096,
-            target_page_size: 4096,
-        }))
-        .encode(out);
-        SectionHeader {
-            kind: SectionKind::Start,
-            section_id: 2,
-            ident: Some(crate::wire::stream::SectionIdent {
-                idstr: b"ram",
-                instance_id: 0,
-                version_id: 4,
-            }),
-        }
-        .encode(out);
-        RamRecord::MemSize { total: 0x3000 }.encode(out);
-        RamRecord::Block(crate::wire::BlockEntry {
-            idstr: b"m",
-            used_length: 0x3000,
+/// Appends a stream's opening as a postcopy source writes it, for streams the sidecar
+/// makes up (synthetic snapshots, tests): file header, configuration for `machine`,
+/// OPEN_RETURN_PATH, PING(1), POSTCOPY_ADVISE for 4 KiB pages, and the `ram` START
+/// section (id `section_id`) announcing `blocks` (idstr, length), with EOS and footer.
+pub fn put_opening(out: &mut Vec<u8>, machine: &[u8], section_id: u32, blocks: &[(&[u8], u64)]) {
+    use super::stream::{SectionIdent, encode_file_header};
+    use super::{Advise, BlockEntry, Configuration};
+    encode_file_header(out);
+    Configuration {
+        machine,
+        subsections: vec![],
+    }
+    .encode(out);
+    Command::OpenReturnPath.encode(out);
+    Command::Ping(1).encode(out);
+    Command::PostcopyAdvise(Some(Advise {
+        pagesize_summary: 4096,
+        target_page_size: 4096,
+    }))
+    .encode(out);
+    SectionHeader {
+        kind: SectionKind::Start,
+        section_id,
+        ident: Some(SectionIdent {
+            idstr: b"ram",
+            instance_id: 0,
+            version_id: 4,
+        }),
+    }
+    .encode(out);
+    RamRecord::MemSize {
+        total: blocks.iter().map(|b| b.1).sum(),
+    }
+    .encode(out);
+    for (idstr, used_length) in blocks {
+        RamRecord::Block(BlockEntry {
+            idstr,
+            used_length: *used_length,
             page_size: None,
             mr_addr: None,
             mapped_ram_header: None,
         })
         .encode(out);
-        RamRecord::Eos.encode(out);
-        encode_footer(2, out);
     }
+    RamRecord::Eos.encode(out);
+    encode_footer(section_id, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Event, Step, StreamDecoder};
 
     #[test]
     fn composed_restore_stream_decodes() {
@@ -145,7 +156,7 @@ mod tests {
             footers: true,
         };
         let mut out = Vec::new();
-        opening(&mut out);
+        put_opening(&mut out, b"pc-q35-10.0", 2, &[(b"m", 0x3000)]);
         put_discards(&mut out, b"m", &[(0, 0x3000)]);
         let mut blob = Vec::new();
         Command::PostcopyListen.encode(&mut blob);

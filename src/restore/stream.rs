@@ -1,0 +1,273 @@
+//! The restore stream over any byte channel: the prologue, then requested pages ahead of
+//! a background sweep, then the end (protocol-spec/snapshot.md#snapshot-restore-stream).
+//! `restore` runs it over the unix socket of a destination QEMU; the fault-service
+//! benchmark runs it over a socket pair to the synthetic destination.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::serve::{PREFETCH_PAGES, PageServer, RequestError, ServeError, ServeFigures};
+use super::{BACKGROUND_BATCH, RestoreError, Snapshot, net, timed_out};
+use crate::wire::compose::RamSections;
+use crate::wire::{RpDecoder, RpMessage, Step};
+
+/// How pages are scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeKnobs {
+    /// Pages sent after each requested page.
+    pub prefetch: u64,
+    /// Sweep the pages nobody asked for in the background. Without it only requested
+    /// pages are sent, and the stream ends once the destination closes its return path
+    /// (benchmarks of the fault service alone).
+    pub background: bool,
+}
+
+impl Default for ServeKnobs {
+    fn default() -> Self {
+        ServeKnobs {
+            prefetch: PREFETCH_PAGES,
+            background: true,
+        }
+    }
+}
+
+/// What the stream did.
+#[derive(Debug)]
+pub struct ServeOutcome {
+    /// Prologue written.
+    pub package_sent: Instant,
+    /// Last data page written (background sweep done).
+    pub all_sent: Option<Instant>,
+    /// PONG(3): the destination loaded the device state.
+    pub pong3: Option<Instant>,
+    /// The destination's SHUT value.
+    pub shut: Option<u32>,
+    /// Request messages received.
+    pub requests: u64,
+    /// Request → page written, µs, for requests that sent a page.
+    pub latency: Histogram<u64>,
+    /// Pages sent.
+    pub served: ServeFigures,
+    /// Bytes written.
+    pub bytes_sent: u64,
+}
+
+/// A page request as the return-path reader hands it to the writer.
+struct Request {
+    block: usize,
+    start: u64,
+    len: u64,
+    at: Instant,
+}
+
+/// Writes the restore stream of `snapshot` to `wr` and serves the requests read from `rd`
+/// until the destination shuts its return path.
+///
+/// One task does both directions: requests are read and served in the same pass, so a
+/// request never waits for a hand-over between tasks. (Spinning for the next request
+/// instead of sleeping was measured on 2 cores and made faults slower: the spinning task
+/// takes the core the destination needs.)
+pub async fn serve<R, W>(
+    snapshot: &Snapshot,
+    mut rd: R,
+    mut wr: W,
+    knobs: ServeKnobs,
+    timeout: Duration,
+) -> Result<ServeOutcome, RestoreError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use futures::FutureExt;
+    let mut server = PageServer::new(
+        snapshot.store.clone(),
+        RamSections {
+            section_id: snapshot.meta.stream.ram_section_id,
+            footers: snapshot.meta.stream.section_footers,
+        },
+    )
+    .with_prefetch(knobs.prefetch);
+    let names: Vec<Vec<u8>> = snapshot
+        .meta
+        .blocks
+        .iter()
+        .map(|b| b.name.clone().into_bytes())
+        .collect();
+    let mut rp = ReturnPath::new(names);
+
+    let prologue = snapshot.prologue();
+    wr.write_all(&prologue)
+        .await
+        .map_err(|e| net("sending the prologue", e))?;
+    let mut out = Vec::with_capacity(256 * 1024);
+    let mut o = ServeOutcome {
+        package_sent: Instant::now(),
+        all_sent: None,
+        pong3: None,
+        shut: None,
+        requests: 0,
+        latency: Histogram::<u64>::new(3).expect("histogram"),
+        served: ServeFigures::default(),
+        bytes_sent: prologue.len() as u64,
+    };
+    let mut more = knobs.background;
+    let mut ended = false;
+    let mut rp_open = true;
+    let mut requests = Vec::new();
+    loop {
+        // Whatever the destination has sent by now, without waiting.
+        if rp_open {
+            match rd.read_buf(&mut rp.buf).now_or_never() {
+                Some(Ok(0)) => rp_open = false,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(net("reading the destination's return path", e)),
+                None => {}
+            }
+        }
+        rp.decode(&mut requests, &mut o)?;
+        if o.shut.is_some() {
+            rp_open = false;
+        }
+        // Requests first, all of them, then one background batch.
+        if !requests.is_empty() {
+            let mut served_at = Vec::new();
+            for r in requests.drain(..) {
+                o.requests += 1;
+                if server.serve_request(r.block, r.start, r.len, &mut out)? > 0 {
+                    served_at.push(r.at);
+                }
+            }
+            write(&mut wr, &mut out, &mut o.bytes_sent).await?;
+            let now = Instant::now();
+            for at in served_at {
+                let us = (now - at).as_micros() as u64;
+                o.latency.record(us.max(1)).ok();
+            }
+            continue;
+        }
+        if more {
+            more = server.background(BACKGROUND_BATCH, &mut out)?;
+            write(&mut wr, &mut out, &mut o.bytes_sent).await?;
+            if !more {
+                o.all_sent = Some(Instant::now());
+                server.finish(&mut out);
+                ended = true;
+                write(&mut wr, &mut out, &mut o.bytes_sent).await?;
+            }
+            continue;
+        }
+        if !rp_open {
+            break;
+        }
+        // Nothing to send and no request for a while: sleep until the destination speaks.
+        match tokio::time::timeout(timeout, rd.read_buf(&mut rp.buf)).await {
+            Err(_) => return Err(net("waiting for the destination to finish", timed_out())),
+            Ok(Ok(0)) => rp_open = false,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(net("reading the destination's return path", e)),
+        }
+    }
+    if !ended {
+        server.finish(&mut out);
+        // The destination may be gone already (no background: it closed first).
+        let _ = write(&mut wr, &mut out, &mut o.bytes_sent).await;
+    }
+    rp.finish()?;
+    o.served = server.figures().clone();
+    Ok(o)
+}
+
+/// The return path as `serve` reads it: bytes not decoded yet, and the block of the last
+/// request (for `REQ_PAGES`, which names none).
+struct ReturnPath {
+    dec: RpDecoder,
+    buf: BytesMut,
+    names: Vec<Vec<u8>>,
+    block: Option<usize>,
+}
+
+impl ReturnPath {
+    fn new(names: Vec<Vec<u8>>) -> ReturnPath {
+        ReturnPath {
+            dec: RpDecoder::new(),
+            buf: BytesMut::with_capacity(16 * 1024),
+            names,
+            block: None,
+        }
+    }
+
+    /// Decodes every complete message: requests into `requests`, PONG(3) and SHUT into
+    /// the outcome.
+    fn decode(
+        &mut self,
+        requests: &mut Vec<Request>,
+        o: &mut ServeOutcome,
+    ) -> Result<(), RestoreError> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(16 * 1024);
+        }
+        while let Step::Event { len, event, .. } = self.dec.next(&self.buf)? {
+            let now = Instant::now();
+            match event {
+                RpMessage::ReqPagesId { start, len, block } => {
+                    let b = self.names.iter().position(|n| n == block).ok_or_else(|| {
+                        ServeError::Request(RequestError::UnknownBlock(
+                            String::from_utf8_lossy(block).into(),
+                        ))
+                    })?;
+                    self.block = Some(b);
+                    requests.push(Request {
+                        block: b,
+                        start,
+                        len: len.into(),
+                        at: now,
+                    });
+                }
+                RpMessage::ReqPages { start, len } => {
+                    let b = self.block.ok_or_else(|| {
+                        net(
+                            "the destination's first request named no block",
+                            std::io::Error::from(std::io::ErrorKind::InvalidData),
+                        )
+                    })?;
+                    requests.push(Request {
+                        block: b,
+                        start,
+                        len: len.into(),
+                        at: now,
+                    });
+                }
+                RpMessage::Pong(3) => o.pong3 = Some(now),
+                RpMessage::Shut(v) => o.shut = Some(v),
+                _ => {}
+            }
+            self.buf.advance(len);
+        }
+        Ok(())
+    }
+
+    /// The return path ended: a message cut short is an error.
+    fn finish(&mut self) -> Result<(), RestoreError> {
+        self.dec.finish(&self.buf)?;
+        Ok(())
+    }
+}
+
+async fn write<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    out: &mut Vec<u8>,
+    sent: &mut u64,
+) -> Result<(), RestoreError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    wr.write_all(out)
+        .await
+        .map_err(|e| net("writing to the destination", e))?;
+    *sent += out.len() as u64;
+    out.clear();
+    Ok(())
+}
