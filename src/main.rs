@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use std::sync::Arc;
+
+use postcopy_sidecar::daemon::metrics::Metrics;
 use postcopy_sidecar::daemon::receive::{Incoming, Listen, ReceiveOptions, receive};
 use postcopy_sidecar::inspect;
 use postcopy_sidecar::source::{SendOptions, send};
@@ -13,8 +16,21 @@ use postcopy_sidecar::source::{SendOptions, send};
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log format on stderr: `text` for people, `json` (one object per line) for log
+    /// collectors. The level comes from RUST_LOG (default `warn`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -128,13 +144,15 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match cli.command {
         Cmd::Inspect {
             stream,
@@ -269,6 +287,13 @@ struct ReceiveArgs {
     /// Write the digests of every delivered page here, for `postcopy-sidecar verify`.
     #[arg(long)]
     digests: Option<PathBuf>,
+    /// Serve Prometheus metrics (OpenMetrics text) on this address, e.g. 127.0.0.1:9184.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
+    /// Keep serving metrics this many seconds after the migration ended, so the last
+    /// scrape sees its outcome.
+    #[arg(long, default_value_t = 0.0)]
+    metrics_linger: f64,
 }
 
 fn run_receive(a: ReceiveArgs) -> ExitCode {
@@ -294,10 +319,29 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
         allow_paused: a.allow_paused,
         verify: a.verify,
         digests: a.digests,
+        metrics: a.metrics.map(|_| Arc::new(Metrics::new())),
         ..ReceiveOptions::new(a.qmp, a.listen)
     };
     runtime().block_on(async move {
-        match receive(opts).await {
+        let mut server = None;
+        if let (Some(addr), Some(m)) = (a.metrics, &opts.metrics) {
+            match postcopy_sidecar::daemon::metrics::serve(addr, m.clone()).await {
+                Ok((bound, task)) => {
+                    tracing::info!(%bound, "serving metrics");
+                    server = Some(task);
+                }
+                Err(e) => {
+                    eprintln!("error: serving metrics on {addr}: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        let outcome = receive(opts).await;
+        if let Some(task) = server {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(a.metrics_linger)).await;
+            task.abort();
+        }
+        match outcome {
             Ok(r) => {
                 print!("{}", r.table());
                 if let Some(v) = &r.verify {

@@ -3,6 +3,7 @@
 //! return path's page requests.
 
 pub mod live;
+pub mod metrics;
 pub mod receive;
 pub mod relay;
 pub mod report;

@@ -107,6 +107,8 @@ pub struct ReceiveOptions {
     pub digests: Option<PathBuf>,
     /// Receives the guarded mapping once it exists.
     pub guard_slot: Option<GuardSlot>,
+    /// Prometheus metrics to update (served by [`super::metrics::serve`]).
+    pub metrics: Option<Arc<super::metrics::Metrics>>,
 }
 
 /// How long `receive` waits by default for QMP and (following a manager) for the
@@ -131,6 +133,7 @@ impl ReceiveOptions {
             verify: false,
             digests: None,
             guard_slot: None,
+            metrics: None,
         }
     }
 }
@@ -375,6 +378,9 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     tracing::info!(version = %dest.qemu_version, machine = %dest.machine, "destination attached");
 
     let shared = Arc::new(Shared::default());
+    if let Some(m) = &opts.metrics {
+        let _ = shared.metrics.set(m.clone());
+    }
     shared.record_digests.store(
         opts.verify || opts.digests.is_some(),
         std::sync::atomic::Ordering::Relaxed,
@@ -494,6 +500,14 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
                 offset: m.offset,
             })
         });
+    if let (Some(m), Err(ReceiveError::Relay(RelayError::Decode(e)))) = (&opts.metrics, &result) {
+        m.decode_errors
+            .get_or_create(&super::metrics::DecodeErrorLabels {
+                channel: e.channel.into(),
+                kind: e.kind.name(),
+            })
+            .inc();
+    }
     let error = match result {
         Err(e) => Some(e.to_string()),
         Ok(()) if mismatch.is_some() => mismatch.map(|m| m.to_string()),
@@ -512,6 +526,13 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     drop(tracker);
     report.guard = guard;
     report.verify = verify;
+    if let Some(m) = &opts.metrics {
+        m.migrations
+            .get_or_create(&super::metrics::OutcomeLabels {
+                outcome: report.outcome.clone(),
+            })
+            .inc();
+    }
     if let Some(p) = &opts.report {
         write_report(p, &report)?;
     }

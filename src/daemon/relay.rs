@@ -67,6 +67,8 @@ pub struct Shared {
     pub digests: Mutex<Option<PageDigests>>,
     /// Checks of postcopy pages right after placement.
     pub placement: Mutex<Option<PlacementVerifier>>,
+    /// Prometheus metrics, when served (`--metrics`).
+    pub metrics: OnceLock<Arc<super::metrics::Metrics>>,
 }
 
 impl Default for Shared {
@@ -79,6 +81,7 @@ impl Default for Shared {
             record_digests: AtomicBool::new(false),
             digests: Mutex::new(None),
             placement: Mutex::new(None),
+            metrics: OnceLock::new(),
         }
     }
 }
@@ -313,6 +316,9 @@ fn account(
                 }
             }
         }
+        if let (Some(m), Some(t)) = (shared.metrics.get(), tr.as_ref()) {
+            m.in_flight.set(t.outstanding_pages() as i64);
+        }
         drop(tr);
         if shared.recording() {
             record_digests(shared, deliveries, &asked);
@@ -329,6 +335,17 @@ fn account(
         s.page(d.postcopy, d.zero, d.wire_len as u64);
     }
     s.served += latencies.len() as u64;
+    let postcopy = channel == Channel::Preempt || s.phase >= PostcopyPhase::Listening;
+    drop(s);
+    if let Some(m) = shared.metrics.get() {
+        m.add_bytes(channel, postcopy, bytes as u64);
+        for d in deliveries {
+            m.add_page(channel, d.postcopy, d.zero);
+        }
+        for w in &latencies {
+            m.observe_service(*w);
+        }
+    }
 }
 
 /// Enters delivered pages into the digest table and queues postcopy pages for checking
@@ -570,11 +587,14 @@ where
             }
         }
         buf.advance_to(consumed);
-        shared
-            .stats
-            .lock()
-            .expect("stats lock")
-            .channel_bytes(ch, received);
+        let postcopy = {
+            let mut stats = shared.stats.lock().expect("stats lock");
+            stats.channel_bytes(ch, received);
+            stats.phase >= PostcopyPhase::Listening
+        };
+        if let Some(m) = shared.metrics.get() {
+            m.add_bytes(ch, postcopy, received);
+        }
         if !out.is_empty() {
             to_src
                 .write_all(&out)
@@ -626,6 +646,21 @@ fn forward_request(shared: &Shared, block: &[u8], start: u64, len: u32, now: Ins
         .any(|(_, d)| *d == RequestDecision::Forward);
     if forward {
         t.forwarded_message();
+    }
+    if let Some(m) = shared.metrics.get() {
+        use super::metrics::RequestOutcome;
+        m.request_messages.inc();
+        for (_, d) in &decisions {
+            m.add_requested(
+                match d {
+                    RequestDecision::Forward => RequestOutcome::Forwarded,
+                    RequestDecision::AlreadyRequested => RequestOutcome::Deduplicated,
+                    RequestDecision::AlreadyDelivered => RequestOutcome::AlreadyDelivered,
+                },
+                1,
+            );
+        }
+        m.in_flight.set(t.outstanding_pages() as i64);
     }
     drop(tr);
     shared

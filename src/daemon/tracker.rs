@@ -294,10 +294,15 @@ impl PageTracker {
         }
     }
 
+    /// Pages asked of the source and not delivered yet.
+    pub fn outstanding_pages(&self) -> u64 {
+        self.blocks.iter().map(|b| b.pending.len() as u64).sum()
+    }
+
     /// Request counts so far.
     pub fn request_figures(&self) -> RequestFigures {
         let mut r = self.requests.clone();
-        r.outstanding_pages = self.blocks.iter().map(|b| b.pending.len() as u64).sum();
+        r.outstanding_pages = self.outstanding_pages();
         r
     }
 

@@ -228,3 +228,27 @@ pub fn fail<T>(input: &[u8], kind: ErrorKind) -> PResult<'_, T> {
 pub fn show(idstr: &[u8]) -> String {
     String::from_utf8_lossy(idstr).into_owned()
 }
+
+impl ErrorKind {
+    /// The variant's name in snake_case (e.g. `unknown_section_type`): a stable label for
+    /// metrics, which must not carry the variant's data.
+    pub fn name(&self) -> String {
+        let debug = format!("{self:?}");
+        let variant = debug
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .next()
+            .unwrap_or_default();
+        let mut out = String::with_capacity(variant.len() + 4);
+        for (i, c) in variant.chars().enumerate() {
+            if c.is_ascii_uppercase() {
+                if i > 0 {
+                    out.push('_');
+                }
+                out.push(c.to_ascii_lowercase());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+}

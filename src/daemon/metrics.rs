@@ -1,0 +1,321 @@
+//! Prometheus metrics of `receive` (`--metrics ADDR:PORT`), in the OpenMetrics text
+//! format that Prometheus scrapes: bytes and pages by channel and phase, page requests by
+//! what the sidecar did with them, requests in flight, fault-service latency, migrations
+//! by outcome, and decode errors by kind. Updated on the data path next to the counters
+//! of the report, so a scrape and the final report agree.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::wire::Channel;
+
+/// Label values in Prometheus' snake_case convention (the derive would write `Main`).
+macro_rules! label_values {
+    ($t:ty { $($v:ident => $s:literal),+ $(,)? }) => {
+        impl $t {
+            /// The label value.
+            pub fn as_str(&self) -> &'static str {
+                match self { $(Self::$v => $s),+ }
+            }
+        }
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                EncodeLabelValue::encode(&self.as_str(), encoder)
+            }
+        }
+    };
+}
+
+label_values!(PhaseLabel { Precopy => "precopy", Postcopy => "postcopy" });
+label_values!(ChannelLabel { Main => "main", Preempt => "preempt", ReturnPath => "return_path" });
+label_values!(PageKind { Page => "page", Zero => "zero" });
+label_values!(RequestOutcome {
+    Forwarded => "forwarded",
+    Deduplicated => "deduplicated",
+    AlreadyDelivered => "already_delivered",
+});
+
+/// Migration phase as a label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum PhaseLabel {
+    /// Before POSTCOPY_LISTEN.
+    Precopy,
+    /// From POSTCOPY_LISTEN on.
+    Postcopy,
+}
+
+/// Channel as a label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ChannelLabel {
+    /// Source → destination main stream.
+    Main,
+    /// Postcopy-preempt channel.
+    Preempt,
+    /// Destination → source return path.
+    ReturnPath,
+}
+
+impl From<Channel> for ChannelLabel {
+    fn from(c: Channel) -> Self {
+        match c {
+            Channel::Main => ChannelLabel::Main,
+            Channel::Preempt => ChannelLabel::Preempt,
+            Channel::ReturnPath => ChannelLabel::ReturnPath,
+        }
+    }
+}
+
+/// Labels of the byte counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    /// Channel.
+    pub channel: ChannelLabel,
+    /// Phase.
+    pub phase: PhaseLabel,
+}
+
+/// What a page record was.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum PageKind {
+    /// A full page.
+    Page,
+    /// A zero page.
+    Zero,
+}
+
+/// Labels of the page counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PageLabels {
+    /// Channel.
+    pub channel: ChannelLabel,
+    /// Phase.
+    pub phase: PhaseLabel,
+    /// Full or zero page.
+    pub kind: PageKind,
+}
+
+/// What the sidecar did with a requested page.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// Asked of the source.
+    Forwarded,
+    /// Already asked and not yet arrived.
+    Deduplicated,
+    /// Already forwarded to the destination.
+    AlreadyDelivered,
+}
+
+/// Labels of the request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Outcome.
+    pub outcome: RequestOutcome,
+}
+
+/// Labels of the migration counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `completed` or `failed`.
+    pub outcome: String,
+}
+
+/// Labels of the decode-error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecodeErrorLabels {
+    /// Channel.
+    pub channel: ChannelLabel,
+    /// The error's kind (`ErrorKind` of the codec).
+    pub kind: String,
+}
+
+/// The metric families of one sidecar process.
+pub struct Metrics {
+    registry: Registry,
+    /// Bytes carried.
+    pub bytes: Family<BytesLabels, Counter>,
+    /// Page records forwarded.
+    pub pages: Family<PageLabels, Counter>,
+    /// Target pages the destination asked for, by outcome.
+    pub requested_pages: Family<RequestLabels, Counter>,
+    /// Request messages from the destination.
+    pub request_messages: Counter,
+    /// Pages asked of the source and not yet delivered.
+    pub in_flight: Gauge,
+    /// Fault service: first request → page forwarded to the destination, seconds.
+    pub fault_service: Histogram,
+    /// Migrations carried, by outcome.
+    pub migrations: Family<OutcomeLabels, Counter>,
+    /// Bytes that did not decode, by channel and kind.
+    pub decode_errors: Family<DecodeErrorLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family under the prefix `postcopy_sidecar`.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("postcopy_sidecar");
+        let bytes = Family::<BytesLabels, Counter>::default();
+        registry.register(
+            "bytes",
+            "Bytes carried, by channel and phase",
+            bytes.clone(),
+        );
+        let pages = Family::<PageLabels, Counter>::default();
+        registry.register(
+            "pages",
+            "Page records forwarded to the destination, by channel, phase and kind",
+            pages.clone(),
+        );
+        let requested_pages = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requested_pages",
+            "Target pages the destination asked for, by what the sidecar did",
+            requested_pages.clone(),
+        );
+        let request_messages = Counter::default();
+        registry.register(
+            "request_messages",
+            "Page request messages from the destination",
+            request_messages.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Pages asked of the source and not yet delivered",
+            in_flight.clone(),
+        );
+        // 10 µs .. ~5 s in factors of 2.
+        let fault_service = Histogram::new(exponential_buckets(1e-5, 2.0, 20));
+        registry.register(
+            "fault_service_seconds",
+            "From the destination's first request for a page to the page forwarded to it",
+            fault_service.clone(),
+        );
+        let migrations = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "migrations",
+            "Migrations carried, by outcome",
+            migrations.clone(),
+        );
+        let decode_errors = Family::<DecodeErrorLabels, Counter>::default();
+        registry.register(
+            "decode_errors",
+            "Bytes that did not decode (the migration stops there), by channel and kind",
+            decode_errors.clone(),
+        );
+        Metrics {
+            registry,
+            bytes,
+            pages,
+            requested_pages,
+            request_messages,
+            in_flight,
+            fault_service,
+            migrations,
+            decode_errors,
+        }
+    }
+
+    /// The text exposition (OpenMetrics).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Counts bytes on a channel.
+    pub fn add_bytes(&self, channel: Channel, postcopy: bool, n: u64) {
+        self.bytes
+            .get_or_create(&BytesLabels {
+                channel: channel.into(),
+                phase: phase(postcopy),
+            })
+            .inc_by(n);
+    }
+
+    /// Counts a forwarded page record.
+    pub fn add_page(&self, channel: Channel, postcopy: bool, zero: bool) {
+        self.pages
+            .get_or_create(&PageLabels {
+                channel: channel.into(),
+                phase: phase(postcopy),
+                kind: if zero { PageKind::Zero } else { PageKind::Page },
+            })
+            .inc();
+    }
+
+    /// Counts requested pages by outcome.
+    pub fn add_requested(&self, outcome: RequestOutcome, pages: u64) {
+        self.requested_pages
+            .get_or_create(&RequestLabels { outcome })
+            .inc_by(pages);
+    }
+
+    /// Records a fault's service time.
+    pub fn observe_service(&self, waited: Duration) {
+        self.fault_service.observe(waited.as_secs_f64());
+    }
+}
+
+fn phase(postcopy: bool) -> PhaseLabel {
+    if postcopy {
+        PhaseLabel::Postcopy
+    } else {
+        PhaseLabel::Precopy
+    }
+}
+
+/// Serves `GET /metrics` (any path, in fact) on `addr` until the returned task is aborted.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let m = metrics.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    let body = m.encode();
+                    async move {
+                        hyper::Response::builder()
+                            .header(
+                                hyper::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(sock);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    Ok((bound, task))
+}
