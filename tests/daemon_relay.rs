@@ -65,3 +65,58 @@ async fn main_stream_is_forwarded_byte_for_byte_and_requests_for_delivered_pages
         (1, 1, 0)
     );
 }
+
+/// A precopy page and the discard that drops it again, in one read: the discard wins, so
+/// the destination's later request for that page is forwarded, not dropped as delivered.
+#[tokio::test]
+async fn a_discard_after_a_page_in_the_same_read_leaves_the_page_missing() {
+    use postcopy_sidecar::wire::compose::{RamSections, put_discards, put_opening, put_page};
+    let mut stream = Vec::new();
+    put_opening(&mut stream, b"pc", 2, &[(b"m", 1 << 20)]);
+    let ram = RamSections {
+        section_id: 2,
+        footers: true,
+    };
+    ram.open_part(&mut stream);
+    put_page(&mut stream, Some(b"m"), 0x3000, &[7u8; 4096]);
+    put_page(&mut stream, None, 0x4000, &[8u8; 4096]);
+    ram.close(&mut stream);
+    put_discards(&mut stream, b"m", &[(0x3000, 0x1000)]);
+    stream.push(0x00); // EOF
+
+    let shared = Arc::new(Shared::default());
+    let (mut src_w, src_r) = tokio::io::duplex(1 << 20);
+    src_w.write_all(&stream).await.unwrap();
+    drop(src_w);
+    let (dst_w, mut dst_r) = tokio::io::duplex(1 << 20);
+    let pump = tokio::spawn(forward_main(src_r, dst_w, shared.clone()));
+    let mut out = Vec::new();
+    dst_r.read_to_end(&mut out).await.unwrap();
+    let _ = pump.await.unwrap();
+    assert_eq!(out, stream, "forwarded unchanged");
+
+    let mut rp = Vec::new();
+    for start in [0x3000u64, 0x4000] {
+        RpMessage::ReqPagesId {
+            start,
+            len: 4096,
+            block: b"m",
+        }
+        .encode(&mut rp);
+    }
+    let (mut d_w, d_r) = tokio::io::duplex(4096);
+    let (s_w, mut s_r) = tokio::io::duplex(4096);
+    let rp_pump = tokio::spawn(relay_return_path(d_r, s_w, shared.clone(), None));
+    d_w.write_all(&rp).await.unwrap();
+    drop(d_w);
+    let mut to_src = Vec::new();
+    s_r.read_to_end(&mut to_src).await.unwrap();
+    rp_pump.await.unwrap().unwrap();
+    let t = shared.tracker.lock().unwrap();
+    let r = t.as_ref().unwrap().request_figures();
+    assert_eq!(
+        (r.forwarded_pages, r.already_delivered_pages),
+        (1, 1),
+        "0x3000 was discarded after delivery, 0x4000 was not"
+    );
+}

@@ -221,7 +221,23 @@ where
                         ram_bytes_layout_ready = true;
                     }
                 }
-                Event::Command(c) => apply_command(&shared, &dec, c),
+                Event::Command(c) => {
+                    if matches!(c, Command::PostcopyRamDiscard { .. }) && !deliveries.is_empty() {
+                        // Pages before a discard must be entered before it, or the discard
+                        // would be undone by the batch (its bytes are counted with the read).
+                        account(
+                            &shared,
+                            &deliveries,
+                            Instant::now(),
+                            Channel::Main,
+                            0,
+                            0,
+                            dec.phase(),
+                        );
+                        deliveries.clear();
+                    }
+                    apply_command(&shared, &dec, c)
+                }
                 Event::Opaque(d) => opaque += d.len() as u64,
                 _ => {}
             }
