@@ -66,7 +66,11 @@ download_deb() {
 	if [ -z "$f" ]; then
 		apt_update_once
 		# apt's _apt user cannot write into root's cache dir; download as root quietly.
-		(cd "$dir" && apt-get download -qq "$name=$version" 2>&1 | grep -v 'unsandboxed' >&2 || true)
+		(
+			cd "$dir" || exit 1
+			# Progress and warnings go to stderr: only the file name may reach stdout.
+			apt-get download -qq "$name=$version" 2>&1 | { grep -v 'unsandboxed' || true; } >&2
+		) || true # a failed download is reported below, by name
 		f="$(find "$dir" -maxdepth 1 -name "${name}_*.deb" -print | while read -r d; do
 			[ "$(dpkg-deb -f "$d" Version)" = "$version" ] && echo "$d"
 		done | head -n1)"

@@ -135,9 +135,9 @@ EOF
 if [ ! -f "$Q72/.version" ] || [ ! -x "$Q72/usr/bin/qemu-system-x86_64" ]; then
 	install_qemu72
 fi
-missing="$(ldd "$Q72/usr/bin/qemu-system-x86_64" \
+unresolved="$(ldd "$Q72/usr/bin/qemu-system-x86_64" \
 	"$Q72/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so" | grep 'not found' || true)"
-[ -z "$missing" ] || die "QEMU 7.2 misses libraries: $missing"
+[ -z "$unresolved" ] || die "QEMU 7.2 misses libraries: $unresolved"
 V72="$("$Q72/qemu-system-x86_64" --version | head -n1)"
 case "$V72" in *"version 7.2"*) ;; *) die "unexpected QEMU 7.2 version line: $V72" ;; esac
 if [ "$(cat "$CACHE/qemu-7.2.ok" 2>/dev/null || true)" != "$(cat "$Q72/.version")" ]; then
