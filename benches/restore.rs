@@ -120,6 +120,12 @@ async fn lazy(spec: &VmSpec, snap: &Path, dir: &Path) -> Sample {
         )
         .await;
         assert_eq!(r.outcome, "completed", "{:?}", r.error);
+        let t = &r.timeline;
+        // Where the time to running goes, to see what grows with RAM size.
+        eprintln!(
+            "  lazy timeline ms: connected {:?}, package sent {:?}, device state loaded {:?}, running {:?}",
+            t.connected_ms, t.package_sent_ms, t.device_state_loaded_ms, t.running_ms
+        );
         (t0.elapsed(), resume_at(events).await)
     };
     let ((all, resumed), p) = tokio::join!(run, progress);
