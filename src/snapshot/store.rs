@@ -199,7 +199,9 @@ pub struct PageStore {
     zero_hash: u64,
     blocks: Vec<BlockMeta>,
     first_slot: Vec<usize>,
-    index: Vec<u64>,
+    /// `index.bin` mapped, not read: opening costs the same at 1 GiB and at 1 TiB apart
+    /// from the digest check, and clones share the page cache's copy.
+    index: memmap2::Mmap,
 }
 
 impl PageStore {
@@ -207,8 +209,13 @@ impl PageStore {
     /// digest and the pages file's length (a truncated snapshot is refused here).
     pub fn open(dir: &Path, meta: &SnapshotMeta) -> Result<PageStore, SnapshotError> {
         let index_path = dir.join(INDEX_FILE);
-        let raw =
-            std::fs::read(&index_path).map_err(|e| SnapshotError::io("reading", &index_path, e))?;
+        let file =
+            File::open(&index_path).map_err(|e| SnapshotError::io("opening", &index_path, e))?;
+        // SAFETY: a snapshot is written once and never changed afterwards; nothing of ours
+        // writes or truncates `index.bin` while it is mapped (documented for operators in
+        // protocol-spec/snapshot.md).
+        let raw = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| SnapshotError::io("mapping", &index_path, e))?;
         meta.index.check(INDEX_FILE, &raw)?;
         let page_size = meta.stream.target_page_size;
         if raw.len() as u64 != meta.total_pages() * 8 {
@@ -218,10 +225,7 @@ impl PageStore {
                 found: raw.len() as u64,
             });
         }
-        let index = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
+        let index = raw;
         let pages_path = dir.join(PAGES_FILE);
         let pages =
             File::open(&pages_path).map_err(|e| SnapshotError::io("opening", &pages_path, e))?;
@@ -276,7 +280,9 @@ impl PageStore {
 
     /// The index entry of page `page` of `block` (both in range).
     pub fn kind(&self, block: usize, page: u64) -> PageKind {
-        let h = self.index[self.first_slot[block] + page as usize];
+        let at = (self.first_slot[block] + page as usize) * 8;
+        let entry: [u8; 8] = self.index[at..at + 8].try_into().expect("8 bytes");
+        let h = u64::from_le_bytes(entry);
         if h == self.zero_hash {
             PageKind::Zero
         } else {
