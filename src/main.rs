@@ -336,12 +336,13 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
                 }
             }
         }
+        let metrics = opts.metrics.clone();
         let outcome = receive(opts).await;
-        if let Some(task) = server {
-            tokio::time::sleep(std::time::Duration::from_secs_f64(a.metrics_linger)).await;
-            task.abort();
+        if let (Err(_), Some(m)) = (&outcome, &metrics) {
+            // No report: the migration failed before it began (QMP, destination checks).
+            m.migration_ended("failed");
         }
-        match outcome {
+        let code = match outcome {
             Ok(r) => {
                 print!("{}", r.table());
                 if let Some(v) = &r.verify {
@@ -366,7 +367,13 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
                 eprintln!("error: {e}");
                 ExitCode::from(1)
             }
+        };
+        // Said first, then lingered: the last scrape sees the outcome, people see it at once.
+        if let Some(task) = server {
+            tokio::time::sleep(std::time::Duration::from_secs_f64(a.metrics_linger)).await;
+            task.abort();
         }
+        code
     })
 }
 

@@ -243,6 +243,16 @@ impl Metrics {
         out
     }
 
+    /// Counts a migration that ended `outcome` (`completed` or `failed`), including one
+    /// that failed before it began (no QMP, no destination): alerts must see those too.
+    pub fn migration_ended(&self, outcome: &str) {
+        self.migrations
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
     /// Counts bytes on a channel.
     pub fn add_bytes(&self, channel: Channel, postcopy: bool, n: u64) {
         self.bytes

@@ -526,15 +526,12 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     drop(tracker);
     report.guard = guard;
     report.verify = verify;
-    if let Some(m) = &opts.metrics {
-        m.migrations
-            .get_or_create(&super::metrics::OutcomeLabels {
-                outcome: report.outcome.clone(),
-            })
-            .inc();
-    }
     if let Some(p) = &opts.report {
+        // A report that cannot be written fails the run; the caller counts it as failed.
         write_report(p, &report)?;
+    }
+    if let Some(m) = &opts.metrics {
+        m.migration_ended(&report.outcome);
     }
     Ok(report)
 }
