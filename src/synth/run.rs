@@ -133,28 +133,16 @@ pub fn through_restore(
             Ok(())
         })
     });
-    let done = Arc::new(AtomicBool::new(false));
-    let (dram, dclock, ddone) = (ram.clone(), clock.clone(), done.clone());
-    let close = !knobs.background;
-    let dest = std::thread::spawn(move || destination(&dram, &dclock, theirs, &ddone, close));
-    let t = touch::run(ram.clone(), w.threads, w.pattern, w.touches);
-    // Nothing more will be asked; without a background sweep, closing the return path
-    // ends the stream.
-    done.store(true, Ordering::Release);
-    let heard: ListenReport = dest
-        .join()
-        .map_err(|_| RunError::Setup("the destination thread panicked".into()))??;
-    sidecar
-        .join()
-        .map_err(|_| RunError::Setup("the page service thread panicked".into()))??;
-    Ok(RunFigures {
-        touch: t,
-        service: clock.latency(),
-        fault_events: clock.faults(),
-        placed: heard.placed,
-        duplicates: heard.already_present,
-        wrong_pages: wrong_pages(&ram, w.seed),
-    })
+    // Without a background sweep, closing the return path is what ends the stream.
+    drive(
+        w,
+        ram,
+        clock,
+        theirs,
+        !knobs.background,
+        sidecar,
+        "the page service",
+    )
 }
 
 /// Faults answered over the same protocol by the least a page service can do: a plain
@@ -215,16 +203,33 @@ pub fn through_echo(w: Workload) -> Result<RunFigures, RunError> {
             ours.write_all(&out).map_err(io)?;
         }
     });
+    drive(w, ram, clock, theirs, true, echo, "the echo server")
+}
+
+/// What every run through a page service shares: the synthetic destination on `theirs`
+/// and the workers run; once the workers are done nothing more is asked (`close`: the
+/// destination then closes the return path); then the page service thread (`who`) is
+/// joined and the figures are taken.
+fn drive(
+    w: Workload,
+    ram: Arc<SynthRam>,
+    clock: Arc<FaultClock>,
+    theirs: UnixStream,
+    close: bool,
+    service: std::thread::JoinHandle<Result<(), RunError>>,
+    who: &str,
+) -> Result<RunFigures, RunError> {
     let done = Arc::new(AtomicBool::new(false));
     let (dram, dclock, ddone) = (ram.clone(), clock.clone(), done.clone());
-    let dest = std::thread::spawn(move || destination(&dram, &dclock, theirs, &ddone, true));
+    let dest = std::thread::spawn(move || destination(&dram, &dclock, theirs, &ddone, close));
     let t = touch::run(ram.clone(), w.threads, w.pattern, w.touches);
     done.store(true, Ordering::Release);
     let heard: ListenReport = dest
         .join()
         .map_err(|_| RunError::Setup("the destination thread panicked".into()))??;
-    echo.join()
-        .map_err(|_| RunError::Setup("the echo thread panicked".into()))??;
+    service
+        .join()
+        .map_err(|_| RunError::Setup(format!("{who} thread panicked")))??;
     Ok(RunFigures {
         touch: t,
         service: clock.latency(),
