@@ -233,22 +233,12 @@ impl ErrorKind {
     /// The variant's name in snake_case (e.g. `unknown_section_type`): a stable label for
     /// metrics, which must not carry the variant's data.
     pub fn name(&self) -> String {
+        use heck::ToSnakeCase;
         let debug = format!("{self:?}");
-        let variant = debug
+        debug
             .split(|c: char| !c.is_ascii_alphanumeric())
             .next()
-            .unwrap_or_default();
-        let mut out = String::with_capacity(variant.len() + 4);
-        for (i, c) in variant.chars().enumerate() {
-            if c.is_ascii_uppercase() {
-                if i > 0 {
-                    out.push('_');
-                }
-                out.push(c.to_ascii_lowercase());
-            } else {
-                out.push(c);
-            }
-        }
-        out
+            .unwrap_or_default()
+            .to_snake_case()
     }
 }
