@@ -103,6 +103,24 @@ async fn migrate(
     (sidecar, source)
 }
 
+/// Waits for both ends of the migration and checks that both completed.
+async fn both_completed(
+    sidecar: tokio::task::JoinHandle<
+        Result<Report, postcopy_sidecar::daemon::receive::ReceiveError>,
+    >,
+    source: tokio::task::JoinHandle<SendReport>,
+) -> Report {
+    let report = tokio::time::timeout(MIGRATION, sidecar)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("sidecar");
+    eprintln!("{}", report.table());
+    assert_eq!(report.outcome, "completed", "{:?}", report.error);
+    assert_eq!(source.await.unwrap().status, "completed");
+    report
+}
+
 fn memfd_of(
     vm: &Vm,
     blocks: &[postcopy_sidecar::qmp::RamBlock],
@@ -252,13 +270,7 @@ async fn guarded_reads_during_postcopy_keep_the_migration_whole_and_equal_the_so
     assert!(figures.faults > 0, "no read found a missing page");
     assert!(figures.requested > 0, "no page had to be asked for");
 
-    let report = tokio::time::timeout(MIGRATION, sidecar)
-        .await
-        .unwrap()
-        .unwrap()
-        .expect("sidecar");
-    eprintln!("{}", report.table());
-    assert_eq!(report.outcome, "completed", "{:?}", report.error);
+    let report = both_completed(sidecar, source).await;
     assert!(report.requests.guard_forwarded_messages > 0);
     let v = report.verify.expect("verify figures");
     let exact = v.exact.expect("an exact check: the destination is paused");
@@ -282,7 +294,6 @@ async fn guarded_reads_during_postcopy_keep_the_migration_whole_and_equal_the_so
     assert_eq!(exact.pages, length / PAGE);
     let placed = v.at_placement.expect("at-placement figures");
     assert_eq!(placed.mismatches, 0, "{:?}", placed.listed);
-    assert_eq!(source.await.unwrap().status, "completed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,13 +307,7 @@ async fn verify_finds_no_mismatch_then_finds_a_page_corrupted_on_purpose() {
         ..o
     })
     .await;
-    let report = tokio::time::timeout(MIGRATION, sidecar)
-        .await
-        .unwrap()
-        .unwrap()
-        .expect("sidecar");
-    assert_eq!(report.outcome, "completed", "{:?}", report.error);
-    assert_eq!(source.await.unwrap().status, "completed");
+    let report = both_completed(sidecar, source).await;
     let exact = report.verify.unwrap().exact.expect("exact check");
     assert_eq!(exact.mismatches, 0, "{:?}", exact.listed);
 
@@ -368,14 +373,7 @@ async fn running_guest_verified_at_placement(version: QemuVersion) {
         ..o
     })
     .await;
-    let report = tokio::time::timeout(MIGRATION, sidecar)
-        .await
-        .unwrap()
-        .unwrap()
-        .expect("sidecar");
-    eprintln!("{}", report.table());
-    assert_eq!(report.outcome, "completed", "{:?}", report.error);
-    assert_eq!(source.await.unwrap().status, "completed");
+    let report = both_completed(sidecar, source).await;
     let v = report.verify.expect("verify figures");
     assert!(v.exact.is_none(), "no exact check of a running guest");
     let placed = v.at_placement.expect("at-placement figures");
