@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use postcopy_sidecar::control::MigrationControl;
 use postcopy_sidecar::daemon::receive::{Listen, ReceiveOptions, receive_on};
 use postcopy_sidecar::lab::{QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode};
 use postcopy_sidecar::source::{SendOptions, send};

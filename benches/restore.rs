@@ -21,7 +21,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use postcopy_sidecar::control::MigrationControl;
 use postcopy_sidecar::lab::{QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode};
 use postcopy_sidecar::qmp::Qmp;
 use postcopy_sidecar::restore::{RestoreOptions, Snapshot, restore};

@@ -313,7 +313,6 @@ async fn paused_destination_ram_equals_source_ram_at_switchover() {
 /// file; the source is sent to 127.0.0.2:PORT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postcopy_following_the_destinations_manager() {
-    use postcopy_sidecar::control::MigrationControl;
     use postcopy_sidecar::daemon::receive::{Incoming, receive};
 
     let dir = tempfile::Builder::new()

@@ -182,7 +182,7 @@ async fn a_destination_that_exits_ends_the_sidecar_with_a_clear_error() {
     dst.qmp()
         .wait_for_event_after(
             active,
-            |e| migration_event_status(e).as_deref() == Some("active"),
+            |e| migration_event_status(e).is_some_and(|s| s == "active"),
             LIMIT,
         )
         .await

@@ -9,7 +9,6 @@
 #![warn(missing_docs)]
 
 pub mod capture;
-pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod deploy;

@@ -9,7 +9,6 @@ use std::time::Duration;
 use qapi::qmp;
 use serde::Serialize;
 
-use crate::control::MigrationControl;
 use crate::qmp::{Qmp, QmpError};
 
 /// Options of `send`.
@@ -72,8 +71,8 @@ pub async fn send(opts: &SendOptions) -> Result<SendReport, QmpError> {
     if let Some(after) = opts.postcopy_after {
         // A user-chosen delay (like virsh's --timeout), not a synchronisation.
         tokio::time::sleep(after).await;
-        let status = qmp.migration_status().await?;
-        if !crate::control::FINAL_STATES.contains(&status.as_str()) {
+        let status = qmp.migrate_status().await?;
+        if !crate::qmp::FINAL_STATES.contains(&status.as_str()) {
             qmp.start_postcopy().await?;
         }
     }
@@ -81,7 +80,7 @@ pub async fn send(opts: &SendOptions) -> Result<SendReport, QmpError> {
     let info = qmp.execute(qmp::query_migrate {}).await?;
     let ram = info.ram.as_ref();
     Ok(SendReport {
-        status,
+        status: status.to_string(),
         total_ms: info.total_time,
         downtime_ms: info.downtime,
         postcopy_requests: ram.map(|r| r.postcopy_requests as u64),

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use postcopy_sidecar::capture::LoggingRelay;
-use postcopy_sidecar::control::MigrationControl;
 use postcopy_sidecar::lab::{QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode};
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]

@@ -14,7 +14,6 @@ use tokio::task::JoinSet;
 use super::live::LiveView;
 use super::relay::{self, RelayError, Shared};
 use super::report::{DestinationInfo, Report};
-use crate::control::MigrationControl;
 use crate::guard::{DiscoverError, GuardError, GuardedRam, Phase, discover};
 use crate::qmp::{IncomingAddress, Qmp, QmpError};
 use crate::verify::VerifyReport;
@@ -478,6 +477,7 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
         let status = qmp
             .migrate_status()
             .await
+            .map(|s| s.to_string())
             .unwrap_or_else(|_| "unknown".into());
         let running = qmp.is_running().await.unwrap_or(false);
         let blocktime = qmp.postcopy_blocktime_ms().await.ok().flatten();
@@ -760,7 +760,7 @@ async fn carry(
     result?;
     let status = qmp.wait_migration_end(Duration::from_secs(120)).await?;
     if status != "completed" {
-        return Err(ReceiveError::DestinationFailed(status));
+        return Err(ReceiveError::DestinationFailed(status.to_string()));
     }
     Ok(())
 }

@@ -8,24 +8,7 @@ use serde_json::Value;
 
 use super::vm::Vm;
 use super::{LabError, free_tcp_port};
-use crate::qmp::{Qmp, QmpError};
-
-/// Enables migration capabilities by name (`postcopy-ram`, `return-path`, `events`, ...).
-pub async fn set_capabilities(q: &Qmp, caps: &[&str]) -> Result<(), QmpError> {
-    let mut list = Vec::new();
-    for name in caps {
-        let capability = name
-            .parse::<qmp::MigrationCapability>()
-            .map_err(|_| QmpError::Unsupported(format!("migration capability {name}")))?;
-        list.push(qmp::MigrationCapabilityStatus {
-            capability,
-            state: true,
-        });
-    }
-    q.execute(qmp::migrate_set_capabilities { capabilities: list })
-        .await
-        .map(|_| ())
-}
+use crate::qmp::QmpError;
 
 /// Options of [`direct_postcopy`].
 #[derive(Debug, Clone)]
@@ -66,12 +49,16 @@ pub async fn direct_postcopy(
     dst: &Vm,
     opts: &DirectOptions,
 ) -> Result<DirectReport, LabError> {
-    let mut caps = vec!["events", "postcopy-ram", "return-path"];
+    let mut caps = vec![
+        ("events", true),
+        ("postcopy-ram", true),
+        ("return-path", true),
+    ];
     if opts.preempt {
-        caps.push("postcopy-preempt");
+        caps.push(("postcopy-preempt", true));
     }
-    set_capabilities(src.qmp(), &caps).await?;
-    set_capabilities(dst.qmp(), &caps).await?;
+    src.qmp().set_capabilities(&caps).await?;
+    dst.qmp().set_capabilities(&caps).await?;
     let port = free_tcp_port().map_err(|source| LabError::Io {
         what: "picking a loopback port".into(),
         source,
@@ -98,13 +85,14 @@ pub async fn direct_postcopy(
             resume: None,
         })
         .await?;
-    let failed = |end: &str| ["failed", "cancelled"].contains(&end);
+    let failed =
+        |end: &crate::qmp::MigrationStatus| ["failed", "cancelled"].contains(&end.as_str());
     let s = src
         .qmp()
         .wait_migration_status_after(src_cursor, &["active", "failed", "cancelled"], left())
         .await?;
     if failed(&s) {
-        return Err(migration_failed(src, dst, &s).await);
+        return Err(migration_failed(src, dst, s.as_str()).await);
     }
     src.qmp().execute(qmp::migrate_start_postcopy {}).await?;
     let s = src
@@ -117,7 +105,7 @@ pub async fn direct_postcopy(
         .await?;
     let to_postcopy = t0.elapsed();
     if failed(&s) {
-        return Err(migration_failed(src, dst, &s).await);
+        return Err(migration_failed(src, dst, s.as_str()).await);
     }
     let finals = ["completed", "failed", "cancelled"];
     let s = src

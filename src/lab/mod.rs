@@ -23,7 +23,7 @@ pub mod workload;
 use std::path::PathBuf;
 
 pub use accel::{Accel, resolve_accel, resolve_accel_for};
-pub use migrate::{DirectOptions, DirectReport, direct_postcopy, set_capabilities};
+pub use migrate::{DirectOptions, DirectReport, direct_postcopy};
 pub use qemu::{GuestImage, QemuBinary, QemuVersion};
 pub use serial::{SerialLog, WaitEnd};
 pub use vm::{Guest, Vm, VmSpec};

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::net::UnixStream;
 
-use crate::control::MigrationControl;
 use crate::daemon::tracker::LatencyFigures;
 use crate::qmp::{Qmp, QmpError};
 use crate::snapshot::meta::{OPENING_FILE, PACKAGE_FILE, SnapshotMeta};
@@ -321,7 +320,7 @@ async fn attach_and_serve(
     report.timeline.device_state_loaded_ms = served.pong3.map(ms);
     let status = qmp.wait_migration_end(opts.timeout).await?;
     report.timeline.completed_ms = Some(ms(Instant::now()));
-    report.migration_status = status.clone();
+    report.migration_status = status.to_string();
     report.postcopy_blocktime_ms = qmp.postcopy_blocktime_ms().await.ok().flatten();
     loop {
         match events.try_recv() {
@@ -338,7 +337,7 @@ async fn attach_and_serve(
     report.bytes_sent = served.bytes_sent;
     report.latency = crate::daemon::tracker::latency_of(&served.latency);
     if status != "completed" {
-        return Err(RestoreError::DestinationFailed(status));
+        return Err(RestoreError::DestinationFailed(status.to_string()));
     }
     if served.shut != Some(0) {
         return Err(RestoreError::DestinationFailed(format!(

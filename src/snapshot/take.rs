@@ -14,7 +14,6 @@ use tokio::net::UnixListener;
 use super::SnapshotError;
 use super::meta::{SnapshotMeta, SourceInfo};
 use super::sink::{Sink, SinkFigures};
-use crate::control::MigrationControl;
 use crate::qmp::Qmp;
 use crate::wire::{DecoderOptions, RpMessage, Step, StreamDecoder};
 
@@ -106,7 +105,10 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport, Snapshot
             })
             .map(|d| format!(": {d}"))
             .unwrap_or_default();
-        return Err(SnapshotError::SourceFailed { status, detail });
+        return Err(SnapshotError::SourceFailed {
+            status: status.to_string(),
+            detail,
+        });
     }
     let package_ms = package_at
         .map(|t| (t - started).as_millis() as u64)

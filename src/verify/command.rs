@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use super::check::{VerifyError, VerifyReport, check_files};
 use super::digests::{DigestFileError, PageDigests};
-use crate::control::MigrationControl;
 use crate::guard::DiscoverError;
 use crate::guard::discover;
 use crate::qmp::{Qmp, QmpError};
@@ -56,7 +55,7 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport, VerifyCommandE
     let qmp = Qmp::connect(&opts.qmp).await?;
     let status = qmp.migrate_status().await?;
     if status != "completed" {
-        return Err(VerifyCommandError::NotCompleted(status));
+        return Err(VerifyCommandError::NotCompleted(status.to_string()));
     }
     let running = qmp.is_running().await?;
     if running && !opts.allow_running {

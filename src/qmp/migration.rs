@@ -1,0 +1,162 @@
+//! The QMP calls that drive a migration on either end: capabilities and parameters,
+//! `migrate-incoming`, `migrate` (and its `resume` form), the switch to postcopy, the
+//! out-of-band recovery calls, and waiting for the end on `MIGRATION` events (never on
+//! fixed sleeps).
+
+use std::time::Duration;
+
+use qapi::qmp;
+use serde_json::Value;
+
+use super::{MigrationStatus, Qmp, QmpError};
+
+/// Migration states after which nothing more happens without an operator.
+pub const FINAL_STATES: &[&str] = &["completed", "failed", "cancelled", "postcopy-paused"];
+
+/// `migrate-set-parameters` with arguments given as JSON, so parameters the 9.1 schema
+/// lacks (or that 7.2 lacks) are passed exactly as named.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(transparent)]
+pub struct SetParametersRaw(pub Value);
+
+impl qapi::Command for SetParametersRaw {
+    type Ok = qapi::Empty;
+    const NAME: &'static str = "migrate-set-parameters";
+    const ALLOW_OOB: bool = false;
+}
+
+/// `migrate` with arguments as JSON (the 9.1 schema's `migrate` has fields 7.2 rejects).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(transparent)]
+struct MigrateRaw(Value);
+
+impl qapi::Command for MigrateRaw {
+    type Ok = qapi::Empty;
+    const NAME: &'static str = "migrate";
+    const ALLOW_OOB: bool = false;
+}
+
+impl Qmp {
+    /// Sets migration capabilities by QEMU name (e.g. `postcopy-ram`).
+    pub async fn set_capabilities(&self, caps: &[(&str, bool)]) -> Result<(), QmpError> {
+        let mut list = Vec::new();
+        for (name, state) in caps {
+            let capability = name
+                .parse::<qmp::MigrationCapability>()
+                .map_err(|_| QmpError::Unsupported(format!("migration capability {name}")))?;
+            list.push(qmp::MigrationCapabilityStatus {
+                capability,
+                state: *state,
+            });
+        }
+        self.execute(qmp::migrate_set_capabilities { capabilities: list })
+            .await
+            .map(|_| ())
+    }
+
+    /// Sets migration parameters, given as a JSON object of QEMU names and values
+    /// (`{"max-postcopy-bandwidth": 8388608}`).
+    pub async fn set_parameters(&self, params: Value) -> Result<(), QmpError> {
+        self.execute(SetParametersRaw(params)).await.map(|_| ())
+    }
+
+    /// Makes a destination started with `-incoming defer` listen on `uri`.
+    pub async fn migrate_incoming(&self, uri: &str) -> Result<(), QmpError> {
+        self.execute(qmp::migrate_incoming {
+            uri: Some(uri.to_string()),
+            channels: None,
+            exit_on_error: None,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Starts migrating this (source) VM to `uri`.
+    pub async fn migrate_to(&self, uri: &str) -> Result<(), QmpError> {
+        self.execute(MigrateRaw(serde_json::json!({ "uri": uri })))
+            .await
+            .map(|_| ())
+    }
+
+    /// Resumes a postcopy-paused (source) migration towards `uri`: QEMU reconnects there and
+    /// runs the recovery handshake (protocol-spec/postcopy-sequence.md#sequence-recovery).
+    pub async fn migrate_resume(&self, uri: &str) -> Result<(), QmpError> {
+        self.execute(MigrateRaw(
+            serde_json::json!({ "uri": uri, "resume": true }),
+        ))
+        .await
+        .map(|_| ())
+    }
+
+    /// Makes a postcopy-paused destination listen on `uri` for the source's resume. Out
+    /// of band where the monitor allows it: the destination's main loop may be blocked on
+    /// guest memory that will only arrive after the recovery.
+    pub async fn migrate_recover(&self, uri: &str, timeout: Duration) -> Result<(), QmpError> {
+        let cmd = qmp::migrate_recover {
+            uri: uri.to_string(),
+        };
+        if self.oob() {
+            self.execute_oob(cmd, timeout).await.map(|_| ())
+        } else {
+            self.execute_within(cmd, timeout).await.map(|_| ())
+        }
+    }
+
+    /// Pauses a postcopy migration by shutting its channels down (either end); out of band
+    /// where the monitor allows it. An operator uses it on a source that cannot tell its
+    /// link is gone (a silent partition), so that it can be resumed.
+    pub async fn migrate_pause(&self, timeout: Duration) -> Result<(), QmpError> {
+        if self.oob() {
+            self.execute_oob(qmp::migrate_pause {}, timeout)
+                .await
+                .map(|_| ())
+        } else {
+            self.execute_within(qmp::migrate_pause {}, timeout)
+                .await
+                .map(|_| ())
+        }
+    }
+
+    /// Switches a running migration to postcopy.
+    pub async fn start_postcopy(&self) -> Result<(), QmpError> {
+        self.execute(qmp::migrate_start_postcopy {})
+            .await
+            .map(|_| ())
+    }
+
+    /// The destination's own vCPU blocktime (ms), reported once the migration completed.
+    pub async fn postcopy_blocktime_ms(&self) -> Result<Option<u64>, QmpError> {
+        let info = self.query_migrate_json().await?;
+        Ok(info.get("postcopy-blocktime").and_then(Value::as_u64))
+    }
+
+    /// The source's count of page requests it received.
+    pub async fn postcopy_requests(&self) -> Result<Option<u64>, QmpError> {
+        let info = self.query_migrate_json().await?;
+        Ok(info
+            .pointer("/ram/postcopy-requests")
+            .and_then(Value::as_u64))
+    }
+
+    /// Waits for the migration to reach a final state ([`FINAL_STATES`]); returns it.
+    pub async fn wait_migration_end(&self, timeout: Duration) -> Result<MigrationStatus, QmpError> {
+        self.wait_migration_states(FINAL_STATES, timeout).await
+    }
+
+    /// Waits until the migration is in one of `states` (already, or by a later event).
+    pub async fn wait_migration_states(
+        &self,
+        states: &[&str],
+        timeout: Duration,
+    ) -> Result<MigrationStatus, QmpError> {
+        // Take the cursor first, then look: a change before the look is seen by the
+        // query, one after it by the event.
+        let cursor = self.event_cursor();
+        let status = self.migrate_status().await?;
+        if states.contains(&status.as_str()) {
+            return Ok(status);
+        }
+        self.wait_migration_status_after(cursor, states, timeout)
+            .await
+    }
+}
