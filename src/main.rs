@@ -10,6 +10,7 @@ use std::sync::Arc;
 use postcopy_sidecar::daemon::metrics::Metrics;
 use postcopy_sidecar::daemon::receive::{Incoming, Listen, ReceiveOptions, receive};
 use postcopy_sidecar::inspect;
+use postcopy_sidecar::session::CutPolicy;
 use postcopy_sidecar::source::{SendOptions, send};
 
 /// A sidecar for QEMU postcopy live migration.
@@ -294,6 +295,41 @@ struct ReceiveArgs {
     /// scrape sees its outcome.
     #[arg(long, default_value_t = 0.0)]
     metrics_linger: f64,
+    /// What to do when the source link breaks in postcopy: `hold` keeps the destination's
+    /// connections open (it never notices) and answers the resumed source's recovery
+    /// handshake; `pass-through` lets the destination pause and relays QEMU's own recovery.
+    /// Default: hold, or pass-through with --follow-incoming.
+    #[arg(long, value_parser = parse_cut_policy)]
+    on_cut: Option<CutPolicy>,
+    /// Seconds of silence from the source in postcopy that count as a cut (TCP keepalive
+    /// and TCP_USER_TIMEOUT on the source's sockets follow it).
+    #[arg(long, default_value_t = 10.0)]
+    silence: f64,
+    /// Seconds to wait for the source's first connection.
+    #[arg(long, default_value_t = 600.0)]
+    accept_timeout: f64,
+    /// Seconds to wait for a source that went away in postcopy; then the destination is
+    /// released to QEMU's own postcopy-paused state (recoverable directly) and the
+    /// sidecar exits 1.
+    #[arg(long, default_value_t = 600.0)]
+    away_timeout: f64,
+    /// Write what a restarted sidecar needs to take this migration over (see --recover),
+    /// once it reached postcopy.
+    #[arg(long)]
+    state_file: Option<PathBuf>,
+    /// Take over a migration paused in postcopy whose sidecar died: read --state-file,
+    /// make the paused destination listen again (migrate-recover, out of band), and carry
+    /// the source's resume (`migrate` with `resume: true` to --listen).
+    #[arg(long, requires = "state_file")]
+    recover: bool,
+}
+
+fn parse_cut_policy(s: &str) -> Result<CutPolicy, String> {
+    match s {
+        "hold" => Ok(CutPolicy::Hold),
+        "pass-through" => Ok(CutPolicy::PassThrough),
+        other => Err(format!("{other:?}: expected hold or pass-through")),
+    }
 }
 
 fn run_receive(a: ReceiveArgs) -> ExitCode {
@@ -320,6 +356,12 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
         verify: a.verify,
         digests: a.digests,
         metrics: a.metrics.map(|_| Arc::new(Metrics::new())),
+        on_cut: a.on_cut,
+        silence: std::time::Duration::from_secs_f64(a.silence.max(1.0)),
+        accept_timeout: std::time::Duration::from_secs_f64(a.accept_timeout),
+        away_timeout: std::time::Duration::from_secs_f64(a.away_timeout.max(1.0)),
+        state_file: a.state_file,
+        takeover: a.recover,
         ..ReceiveOptions::new(a.qmp, a.listen)
     };
     runtime().block_on(async move {

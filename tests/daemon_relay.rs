@@ -1,12 +1,16 @@
-//! The relay pumps carry real captured bytes unchanged through in-memory pipes, and the
-//! return path drops requests for pages the stream already delivered.
+//! The relay pumps carry real captured bytes unchanged through in-memory pipes, around
+//! the session, and the return path drops requests for pages the stream already
+//! delivered.
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use postcopy_sidecar::daemon::relay::{Shared, forward_main, relay_return_path};
+use postcopy_sidecar::daemon::relay::{Feed, PumpReport, Relay, main_pump, return_path_pump};
 use postcopy_sidecar::inspect::read_capture;
-use postcopy_sidecar::wire::{RpDecoder, RpMessage, Step, StreamEnd};
+use postcopy_sidecar::session::{CutDecision, Session, SessionConfig};
+use postcopy_sidecar::wire::{RpDecoder, RpMessage, Step};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 fn capture(name: &str) -> Vec<u8> {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -15,37 +19,100 @@ fn capture(name: &str) -> Vec<u8> {
     read_capture(&p).expect("capture present")
 }
 
+/// A relay with its first source main connection accepted.
+fn relay() -> (Arc<Relay>, mpsc::UnboundedReceiver<PumpReport>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let r = Arc::new(Relay::new(
+        Session::new(SessionConfig::default(), Instant::now()),
+        None,
+        tx,
+    ));
+    r.with(|s| s.source_main_connected(Instant::now())).unwrap();
+    (r, rx)
+}
+
+/// Carries `stream` from a source pipe to a destination pipe through the main pump, as
+/// the carrier would, and returns what reached the destination. `before_close` runs once
+/// the destination has every byte and before the source closes (a QEMU source closes
+/// only after the destination's SHUT came back).
+async fn through_main_pump(
+    relay: &Arc<Relay>,
+    reports: &mut mpsc::UnboundedReceiver<PumpReport>,
+    stream: Vec<u8>,
+    before_close: impl std::future::Future<Output = ()>,
+) -> Vec<u8> {
+    let (mut src_w, src_r) = tokio::io::duplex(64 * 1024);
+    let (dst_w, mut dst_r) = tokio::io::duplex(64 * 1024);
+    let (feed, feeds) = mpsc::channel(1);
+    let pump = tokio::spawn(main_pump(relay.clone(), feeds));
+    feed.send(Feed {
+        source: Box::new(src_r),
+        epoch: 1,
+        destination: Some(Box::new(dst_w)),
+    })
+    .await
+    .unwrap();
+    let len = stream.len();
+    let feeder = tokio::spawn(async move {
+        // Odd chunk sizes so records straddle reads.
+        for c in stream.chunks(7919) {
+            src_w.write_all(c).await.unwrap();
+        }
+        src_w
+    });
+    let mut out = vec![0u8; len];
+    dst_r.read_exact(&mut out).await.unwrap();
+    let src_w = feeder.await.unwrap();
+    before_close.await;
+    drop(src_w);
+    // The source closed after its EOF: the session calls that done, and the carrier
+    // closes the pump's input.
+    loop {
+        match reports.recv().await.unwrap() {
+            PumpReport::SourceLost { channel, cause, .. } => {
+                let d = relay.with(|s| s.source_lost(channel, cause, Instant::now()));
+                assert_eq!(d, CutDecision::Done);
+                break;
+            }
+            // The destination's close after its SHUT (the return path's pump).
+            PumpReport::DestinationLost { error: None, .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(feed);
+    pump.await.unwrap().unwrap();
+    let mut rest = Vec::new();
+    dst_r.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    out
+}
+
 #[tokio::test]
 async fn main_stream_is_forwarded_byte_for_byte_and_requests_for_delivered_pages_are_dropped() {
     let main = capture("main.fwd.gz");
     let rp = capture("return-path.rp.gz");
-    let shared = Arc::new(Shared::default());
-
-    let (mut src_w, src_r) = tokio::io::duplex(64 * 1024);
-    let (dst_w, mut dst_r) = tokio::io::duplex(64 * 1024);
-    let pump = tokio::spawn(forward_main(src_r, dst_w, shared.clone()));
-    let feeder = tokio::spawn(async move {
-        // Odd chunk sizes so records straddle reads.
-        for c in main.chunks(7919) {
-            src_w.write_all(c).await.unwrap();
-        }
-        drop(src_w);
-        main
-    });
-    let mut out = Vec::new();
-    dst_r.read_to_end(&mut out).await.unwrap();
-    let main = feeder.await.unwrap();
-    assert_eq!(pump.await.unwrap().unwrap(), StreamEnd::Clean);
-    assert_eq!(out, main);
-
-    let (mut d_w, d_r) = tokio::io::duplex(4096);
+    let (relay, mut reports) = relay();
+    // The return path: installed towards a source pipe, fed from a destination pipe, run
+    // once the stream reached the destination and before the source closes.
     let (s_w, mut s_r) = tokio::io::duplex(4096);
-    let rp_pump = tokio::spawn(relay_return_path(d_r, s_w, shared.clone(), None));
-    d_w.write_all(&rp).await.unwrap();
-    drop(d_w);
+    relay.source.install(1, Box::new(s_w)).await;
+    let r2 = relay.clone();
+    let out = through_main_pump(&relay, &mut reports, main.clone(), async move {
+        let (mut d_w, d_r) = tokio::io::duplex(4096);
+        let (feed, feeds) = mpsc::channel(1);
+        let rp_pump = tokio::spawn(return_path_pump(r2.clone(), feeds));
+        feed.send(Box::new(d_r)).await.unwrap();
+        d_w.write_all(&rp).await.unwrap();
+        drop(d_w);
+        drop(feed);
+        rp_pump.await.unwrap().unwrap();
+    })
+    .await;
+    assert_eq!(out, main);
+    assert!(relay.with(|s| s.ended()));
+    relay.source.clear().await;
     let mut to_src = Vec::new();
     s_r.read_to_end(&mut to_src).await.unwrap();
-    rp_pump.await.unwrap().unwrap();
 
     let mut dec = RpDecoder::new();
     let mut names = Vec::new();
@@ -58,8 +125,7 @@ async fn main_stream_is_forwarded_byte_for_byte_and_requests_for_delivered_pages
         });
     }
     assert_eq!(names, ["PONG 1", "PONG 2", "PONG 4", "PONG 3", "SHUT"]);
-    let t = shared.tracker.lock().unwrap();
-    let r = t.as_ref().unwrap().request_figures();
+    let r = relay.with(|s| s.tracker().unwrap().request_figures());
     assert_eq!(
         (r.messages, r.already_delivered_pages, r.forwarded_pages),
         (1, 1, 0)
@@ -84,15 +150,8 @@ async fn a_discard_after_a_page_in_the_same_read_leaves_the_page_missing() {
     put_discards(&mut stream, b"m", &[(0x3000, 0x1000)]);
     stream.push(0x00); // EOF
 
-    let shared = Arc::new(Shared::default());
-    let (mut src_w, src_r) = tokio::io::duplex(1 << 20);
-    src_w.write_all(&stream).await.unwrap();
-    drop(src_w);
-    let (dst_w, mut dst_r) = tokio::io::duplex(1 << 20);
-    let pump = tokio::spawn(forward_main(src_r, dst_w, shared.clone()));
-    let mut out = Vec::new();
-    dst_r.read_to_end(&mut out).await.unwrap();
-    let _ = pump.await.unwrap();
+    let (relay, mut reports) = relay();
+    let out = through_main_pump(&relay, &mut reports, stream.clone(), async {}).await;
     assert_eq!(out, stream, "forwarded unchanged");
 
     let mut rp = Vec::new();
@@ -104,16 +163,9 @@ async fn a_discard_after_a_page_in_the_same_read_leaves_the_page_missing() {
         }
         .encode(&mut rp);
     }
-    let (mut d_w, d_r) = tokio::io::duplex(4096);
-    let (s_w, mut s_r) = tokio::io::duplex(4096);
-    let rp_pump = tokio::spawn(relay_return_path(d_r, s_w, shared.clone(), None));
-    d_w.write_all(&rp).await.unwrap();
-    drop(d_w);
-    let mut to_src = Vec::new();
-    s_r.read_to_end(&mut to_src).await.unwrap();
-    rp_pump.await.unwrap().unwrap();
-    let t = shared.tracker.lock().unwrap();
-    let r = t.as_ref().unwrap().request_figures();
+    let step = relay.with(|s| s.on_destination_rp(&rp, Instant::now()));
+    assert!(step.error.is_none());
+    let r = relay.with(|s| s.tracker().unwrap().request_figures());
     assert_eq!(
         (r.forwarded_pages, r.already_delivered_pages),
         (1, 1),

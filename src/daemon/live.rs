@@ -2,11 +2,12 @@
 //! second from the shared counters while the migration runs.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::relay::Shared;
+use super::relay::Relay;
+use crate::session::Session;
 
 /// A running live view; [`LiveView::finish`] clears it before the report prints.
 pub struct LiveView {
@@ -15,8 +16,8 @@ pub struct LiveView {
 }
 
 impl LiveView {
-    /// Starts refreshing from `shared` every 250 ms.
-    pub fn start(shared: Arc<Shared>) -> LiveView {
+    /// Starts refreshing from the relay's session every 250 ms.
+    pub fn start(relay: Arc<Relay>) -> LiveView {
         let bar = ProgressBar::new_spinner();
         bar.set_style(
             ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
@@ -26,7 +27,7 @@ impl LiveView {
         let b = bar.clone();
         let task = tokio::spawn(async move {
             loop {
-                b.set_message(line(&shared));
+                b.set_message(relay.with(|s| line(s)));
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
@@ -40,12 +41,20 @@ impl LiveView {
     }
 }
 
-/// One status line from the shared counters.
-pub fn line(shared: &Shared) -> String {
-    let s = shared.stats.lock().expect("stats lock");
+/// One status line from the session's counters.
+pub fn line(session: &Session) -> String {
+    let s = session.stats();
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let v = session.link_view(Instant::now());
+    let link = match (v.state, v.away_for_s, &v.cause) {
+        ("up", _, _) if v.silent_for_s >= 2.0 => {
+            format!("source silent {:.0} s", v.silent_for_s)
+        }
+        (state, Some(away), Some(cause)) => format!("source {state} {away:.0} s ({cause})"),
+        (state, _, _) => format!("source {state}"),
+    };
     format!(
-        "phase {:<10} main {:>8.1} MiB  preempt {:>7.1} MiB  pages {:>8} (+{} zero)  faults {:>6} ({}/s)  served {}",
+        "{link}  phase {:<10} main {:>8.1} MiB  preempt {:>7.1} MiB  pages {:>8} (+{} zero)  faults {:>6} ({}/s)  served {}  recoveries {}",
         s.phase.name(),
         mib(s.bytes.main),
         mib(s.bytes.preempt),
@@ -54,5 +63,6 @@ pub fn line(shared: &Shared) -> String {
         s.requests,
         s.faults_per_second(),
         s.served,
+        session.recoveries().len(),
     )
 }

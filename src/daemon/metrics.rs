@@ -15,6 +15,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use prometheus_client::metrics::gauge::Gauge as FloatGauge;
+use std::sync::atomic::AtomicU64;
+
+use crate::session::tracker::RequestDecision;
+use crate::session::{CutCause, CutDecision, Delta, LinkView, Recovery};
 use crate::wire::Channel;
 
 /// Label values in Prometheus' snake_case convention (the derive would write `Main`).
@@ -37,9 +42,9 @@ macro_rules! label_values {
 label_values!(PhaseLabel { Precopy => "precopy", Postcopy => "postcopy" });
 label_values!(ChannelLabel { Main => "main", Preempt => "preempt", ReturnPath => "return_path" });
 label_values!(PageKind { Page => "page", Zero => "zero" });
-label_values!(RequestOutcome {
-    Forwarded => "forwarded",
-    Deduplicated => "deduplicated",
+label_values!(RequestDecision {
+    Forward => "forwarded",
+    AlreadyRequested => "deduplicated",
     AlreadyDelivered => "already_delivered",
 });
 
@@ -102,22 +107,27 @@ pub struct PageLabels {
     pub kind: PageKind,
 }
 
-/// What the sidecar did with a requested page.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum RequestOutcome {
-    /// Asked of the source.
-    Forwarded,
-    /// Already asked and not yet arrived.
-    Deduplicated,
-    /// Already forwarded to the destination.
-    AlreadyDelivered,
-}
-
 /// Labels of the request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// Outcome.
-    pub outcome: RequestOutcome,
+    /// What the sidecar did with the page.
+    pub outcome: RequestDecision,
+}
+
+/// Labels of the cut counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CutLabels {
+    /// `closed`, `failed`, `silent` or `handshake`.
+    pub cause: &'static str,
+    /// What the sidecar did: `hold`, `pass_through`, `failed`, `done`.
+    pub decision: &'static str,
+}
+
+/// Labels of the recovery counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecoveryLabels {
+    /// `hold` or `pass_through`.
+    pub mode: &'static str,
 }
 
 /// Labels of the migration counter.
@@ -155,6 +165,18 @@ pub struct Metrics {
     pub migrations: Family<OutcomeLabels, Counter>,
     /// Bytes that did not decode, by channel and kind.
     pub decode_errors: Family<DecodeErrorLabels, Counter>,
+    /// 1 while a source is connected and carrying, 0 otherwise.
+    pub source_link_up: Gauge,
+    /// While the source is connected: seconds it has been silent (the idle rule's clock).
+    pub source_silent_seconds: FloatGauge<f64, AtomicU64>,
+    /// While the source is away after a cut: seconds since the cut.
+    pub source_away_seconds: FloatGauge<f64, AtomicU64>,
+    /// Cuts of the source link, by cause and what the sidecar did.
+    pub source_cuts: Family<CutLabels, Counter>,
+    /// Recoveries completed, by mode.
+    pub recoveries: Family<RecoveryLabels, Counter>,
+    /// Cut → postcopy running again, seconds.
+    pub recovery_seconds: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -222,8 +244,51 @@ impl Metrics {
             "Bytes that did not decode (the migration stops there), by channel and kind",
             decode_errors.clone(),
         );
+        let source_link_up = Gauge::default();
+        registry.register(
+            "source_link_up",
+            "1 while a source is connected and carrying the migration",
+            source_link_up.clone(),
+        );
+        let source_silent_seconds = FloatGauge::<f64, AtomicU64>::default();
+        registry.register(
+            "source_silent_seconds",
+            "Seconds the connected source has sent nothing while the sidecar waited",
+            source_silent_seconds.clone(),
+        );
+        let source_away_seconds = FloatGauge::<f64, AtomicU64>::default();
+        registry.register(
+            "source_away_seconds",
+            "Seconds since the source link was cut, while the source is away",
+            source_away_seconds.clone(),
+        );
+        let source_cuts = Family::<CutLabels, Counter>::default();
+        registry.register(
+            "source_cuts",
+            "Cuts of the source link, by cause and what the sidecar did",
+            source_cuts.clone(),
+        );
+        let recoveries = Family::<RecoveryLabels, Counter>::default();
+        registry.register(
+            "recoveries",
+            "Recoveries after a cut of the source link, by mode",
+            recoveries.clone(),
+        );
+        // 10 ms .. ~1.5 h in factors of 2.
+        let recovery_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 20));
+        registry.register(
+            "recovery_seconds",
+            "From a cut of the source link to postcopy running again",
+            recovery_seconds.clone(),
+        );
         Metrics {
             registry,
+            source_link_up,
+            source_silent_seconds,
+            source_away_seconds,
+            source_cuts,
+            recoveries,
+            recovery_seconds,
             bytes,
             pages,
             requested_pages,
@@ -274,8 +339,101 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts requested pages by outcome.
-    pub fn add_requested(&self, outcome: RequestOutcome, pages: u64) {
+    /// Applies the counters of one session step.
+    pub fn apply(&self, d: &Delta) {
+        let Some((channel, postcopy)) = d.channel else {
+            return;
+        };
+        if d.bytes > 0 {
+            self.add_bytes(channel, postcopy, d.bytes);
+        }
+        for (post, kinds) in d.pages.iter().enumerate() {
+            for (zero, n) in kinds.iter().enumerate() {
+                if *n > 0 {
+                    self.pages
+                        .get_or_create(&PageLabels {
+                            channel: channel.into(),
+                            phase: phase(post == 1),
+                            kind: if zero == 1 {
+                                PageKind::Zero
+                            } else {
+                                PageKind::Page
+                            },
+                        })
+                        .inc_by(*n);
+                }
+            }
+        }
+        for (decision, n) in &d.requested {
+            self.add_requested(*decision, *n);
+        }
+        if d.request_messages > 0 {
+            self.request_messages.inc_by(d.request_messages);
+        }
+        for w in &d.served {
+            self.observe_service(*w);
+        }
+        if let Some(n) = d.in_flight {
+            self.in_flight.set(n as i64);
+        }
+    }
+
+    /// Shows the source link's state.
+    pub fn link(&self, v: &LinkView) {
+        self.source_link_up.set(i64::from(v.state == "up"));
+        self.source_silent_seconds.set(v.silent_for_s);
+        self.source_away_seconds.set(v.away_for_s.unwrap_or(0.0));
+    }
+
+    /// Counts a cut of the source link.
+    pub fn cut(&self, cause: &CutCause, decision: &CutDecision) {
+        self.source_cuts
+            .get_or_create(&CutLabels {
+                cause: match cause {
+                    CutCause::Closed => "closed",
+                    CutCause::Failed(_) => "failed",
+                    CutCause::Silent(_) => "silent",
+                    CutCause::Handshake(_) => "handshake",
+                },
+                decision: match decision {
+                    CutDecision::Hold => "hold",
+                    CutDecision::PassThrough => "pass_through",
+                    CutDecision::Fail(_) => "failed",
+                    CutDecision::Done | CutDecision::Ignore => "done",
+                },
+            })
+            .inc();
+    }
+
+    /// Cuts counted so far with this cause (`closed`, `failed`, `silent`, `handshake`),
+    /// whatever the sidecar did about them.
+    pub fn cuts_with_cause(&self, cause: &'static str) -> u64 {
+        ["hold", "pass_through", "failed", "done"]
+            .into_iter()
+            .map(|decision| {
+                self.source_cuts
+                    .get_or_create(&CutLabels { cause, decision })
+                    .get()
+            })
+            .sum()
+    }
+
+    /// Counts a completed recovery.
+    pub fn recovered(&self, r: &Recovery) {
+        self.recoveries
+            .get_or_create(&RecoveryLabels {
+                mode: if r.mode == "hold" {
+                    "hold"
+                } else {
+                    "pass_through"
+                },
+            })
+            .inc();
+        self.recovery_seconds.observe(r.total_ms as f64 / 1000.0);
+    }
+
+    /// Counts requested pages by what the sidecar did with them.
+    pub fn add_requested(&self, outcome: RequestDecision, pages: u64) {
         self.requested_pages
             .get_or_create(&RequestLabels { outcome })
             .inc_by(pages);

@@ -2,10 +2,9 @@
 //! between the source QEMU and the destination QEMU, decoding it and taking over the
 //! return path's page requests.
 
+pub mod carry;
 pub mod live;
 pub mod metrics;
 pub mod receive;
 pub mod relay;
 pub mod report;
-pub mod stats;
-pub mod tracker;

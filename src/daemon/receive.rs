@@ -1,22 +1,21 @@
 //! Orchestration of `receive`: attach to the destination QEMU over QMP, check and
-//! configure it, make it listen on a private endpoint, accept the source's connections,
-//! run the pumps, wait for the end, and report.
+//! configure it, make it listen on a private endpoint, hand the connections to the
+//! carrier ([`super::carry`]), wait for the end, and report.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream, UnixStream};
-use tokio::task::JoinSet;
+use tokio::net::TcpListener;
 
+use super::carry::{self, CarryOptions, Endpoint, Recover, SourceSockets};
 use super::live::LiveView;
-use super::relay::{self, RelayError, Shared};
-use super::report::{DestinationInfo, Report};
+use super::relay::{Relay, RelayError};
+use super::report::{DestinationInfo, Report, VerifyFigures};
 use crate::guard::{DiscoverError, GuardError, GuardedRam, Phase, discover};
-use crate::qmp::{IncomingAddress, Qmp, QmpError};
-use crate::verify::VerifyReport;
+use crate::qmp::{IncomingAddress, MigrationStatus, Qmp, QmpError};
+use crate::session::{CutPolicy, Session, SessionConfig, TakeoverState};
 use crate::verify::placement::PlacementVerifier;
 
 /// Where `receive` hands its guarded mapping to the caller once it made it (tests and
@@ -108,6 +107,25 @@ pub struct ReceiveOptions {
     pub guard_slot: Option<GuardSlot>,
     /// Prometheus metrics to update (served by [`super::metrics::serve`]).
     pub metrics: Option<Arc<super::metrics::Metrics>>,
+    /// What to do when the source link breaks in postcopy; `None` takes the default of
+    /// the incoming mode: hold in private mode, pass-through when following a manager.
+    pub on_cut: Option<CutPolicy>,
+    /// Silence from the source in postcopy that counts as a cut.
+    pub silence: Duration,
+    /// How long to wait for a source that went away in postcopy before releasing the
+    /// destination to QEMU's own paused state.
+    pub away_timeout: Duration,
+    /// How long to wait for the source's first connection.
+    pub accept_timeout: Duration,
+    /// Write what a restarted sidecar needs to take the migration over here, once the
+    /// stream reached postcopy.
+    pub state_file: Option<PathBuf>,
+    /// Take over a migration paused in postcopy (its first sidecar died): read
+    /// `state_file`, make the destination listen again, accept the source's resume.
+    pub takeover: bool,
+    /// Receives every cut and recovery of the source link as it happens (a supervisor or a
+    /// test watching the link).
+    pub link_events: Option<tokio::sync::mpsc::UnboundedSender<crate::session::LinkEvent>>,
 }
 
 /// How long `receive` waits by default for QMP and (following a manager) for the
@@ -133,9 +151,27 @@ impl ReceiveOptions {
             digests: None,
             guard_slot: None,
             metrics: None,
+            on_cut: None,
+            silence: crate::session::DEFAULT_SILENCE,
+            away_timeout: crate::session::DEFAULT_AWAY_TIMEOUT,
+            accept_timeout: ACCEPT_TIMEOUT,
+            state_file: None,
+            takeover: false,
+            link_events: None,
         }
     }
+
+    /// The cut policy in force.
+    pub fn cut_policy(&self) -> CutPolicy {
+        self.on_cut.unwrap_or(match self.incoming {
+            Incoming::Private => CutPolicy::Hold,
+            Incoming::Follow => CutPolicy::PassThrough,
+        })
+    }
 }
+
+/// How long `receive` waits for the source's first connection by default.
+pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Why `receive` could not carry the migration.
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +231,9 @@ pub enum ReceiveError {
     /// The destination reported failure.
     #[error("destination migration ended in state '{0}'")]
     DestinationFailed(String),
+    /// The source went away in postcopy and did not come back in time.
+    #[error("{0}")]
+    SourceGone(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ReceiveError {
@@ -239,24 +278,6 @@ pub async fn receive_on(
     run(Some(listener), opts).await
 }
 
-/// Where the sidecar reaches the destination QEMU's incoming side.
-#[derive(Debug, Clone)]
-enum Endpoint {
-    /// The private socket the sidecar chose.
-    Unix(PathBuf),
-    /// Where a manager made the destination listen.
-    Tcp(SocketAddr),
-}
-
-impl std::fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
-            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
-        }
-    }
-}
-
 /// Connects to QMP, retrying while the socket does not exist or refuses (QEMU not started
 /// yet) until `timeout`; other errors end at once.
 async fn attach(path: &Path, timeout: Duration) -> Result<Qmp, ReceiveError> {
@@ -299,7 +320,7 @@ async fn wait_incoming(qmp: &Qmp, timeout: Duration) -> Result<IncomingAddress, 
 }
 
 /// The address to connect to for a destination listening on `addr`.
-fn endpoint_of(addr: &IncomingAddress) -> Result<Endpoint, ReceiveError> {
+pub(crate) fn endpoint_of(addr: &IncomingAddress) -> Result<Endpoint, ReceiveError> {
     match addr {
         IncomingAddress::Unix(p) => Ok(Endpoint::Unix(p.clone())),
         IncomingAddress::Tcp { host, port } => {
@@ -359,51 +380,112 @@ fn write_ready(path: &Path, listen: SocketAddr, endpoint: &Endpoint) -> Result<(
         "destination": endpoint.to_string(),
         "pid": std::process::id(),
     });
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{body}\n"))
-        .and_then(|_| std::fs::rename(&tmp, path))
+    crate::durable::write_atomically(path, format!("{body}\n").as_bytes())
         .map_err(io(format!("writing the ready file {}", path.display())))
 }
 
-async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Report, ReceiveError> {
-    let qmp = attach(&opts.qmp, opts.attach_timeout).await?;
+/// How long a takeover waits for the destination's QMP: a paused destination's main
+/// loop may be blocked on guest memory, and then a new QMP session cannot even negotiate.
+/// Kept short: a blocked main loop also keeps QEMU 10.0 from accepting the recovery
+/// connection, so every second counts (protocol-spec/postcopy-sequence.md#sequence-takeover).
+const TAKEOVER_QMP: Duration = Duration::from_secs(3);
+
+/// Attaches to the destination's QMP: required for a fresh migration, best effort for a
+/// takeover (which can do without it).
+async fn attach_for(opts: &ReceiveOptions) -> Result<Option<Qmp>, ReceiveError> {
+    if !opts.takeover {
+        return attach(&opts.qmp, opts.attach_timeout).await.map(Some);
+    }
+    // One attempt: the destination runs already.
+    match tokio::time::timeout(TAKEOVER_QMP, Qmp::connect(&opts.qmp)).await {
+        Ok(Ok(q)) => Ok(Some(q)),
+        outcome => {
+            let why = match outcome {
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(_)) => unreachable!(),
+                _ => "no answer (its main loop may be blocked on guest memory)".into(),
+            };
+            tracing::warn!(
+                "destination QMP unavailable ({why}): taking over through the destination's \
+                 original incoming socket, without QMP"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// What the destination says about itself (best effort without QMP).
+async fn destination_info(qmp: Option<&Qmp>) -> Result<DestinationInfo, ReceiveError> {
+    let Some(qmp) = qmp else {
+        return Ok(DestinationInfo::default());
+    };
     let (maj, min, mic) = qmp.version().await?;
-    let mut dest = DestinationInfo {
+    Ok(DestinationInfo {
         qemu_version: format!("{maj}.{min}.{mic}"),
         machine: qmp.machine_type().await.unwrap_or_default(),
         ..Default::default()
-    };
-    check_backends(&qmp).await?;
-    tracing::info!(version = %dest.qemu_version, machine = %dest.machine, "destination attached");
+    })
+}
 
-    let shared = Arc::new(Shared::default());
-    if let Some(m) = &opts.metrics {
-        let _ = shared.metrics.set(m.clone());
-    }
-    shared.record_digests.store(
-        opts.verify || opts.digests.is_some(),
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    // Registered before anything reaches the destination, so no read of the sidecar's can
-    // ever allocate a page that the stream has yet to bring.
-    let guard_wants = if opts.guard || opts.verify || opts.guard_slot.is_some() {
-        Some(start_guard(&qmp, &opts, &shared).await?)
+async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Report, ReceiveError> {
+    let takeover = if opts.takeover {
+        Some(read_takeover(&opts)?)
     } else {
         None
     };
+    let qmp = attach_for(&opts).await?;
+    let mut dest = destination_info(qmp.as_ref()).await?;
+    if takeover.is_none()
+        && let Some(q) = &qmp
+    {
+        check_backends(q).await?;
+    }
+    tracing::info!(version = %dest.qemu_version, machine = %dest.machine, "destination attached");
 
-    // Kept alive until the end: it holds the private socket.
-    let mut _private = None;
-    let (endpoint, dest_addr, preempt) = match opts.incoming {
-        Incoming::Private => {
-            let dir = tempfile::Builder::new()
-                .prefix("postcopy-sidecar-")
-                .tempdir()
-                .map_err(io(
-                    "creating the private directory for the destination endpoint",
-                ))?;
-            let path = dir.path().join("incoming.sock");
-            _private = Some(dir);
+    let policy = opts.cut_policy();
+    let cfg = SessionConfig {
+        on_cut: policy,
+        silence: opts.silence,
+        away_timeout: opts.away_timeout,
+        record_digests: opts.verify || opts.digests.is_some(),
+        check_placement: opts.verify,
+        ..Default::default()
+    };
+    let session = match &takeover {
+        Some(state) => Session::takeover(cfg, state, Instant::now()),
+        None => Session::new(cfg, Instant::now()),
+    };
+    let (reports_tx, reports) = tokio::sync::mpsc::unbounded_channel();
+    let relay = Arc::new(Relay::new(session, opts.metrics.clone(), reports_tx));
+    // Registered before anything reaches the destination, so no read of the sidecar's can
+    // ever allocate a page that the stream has yet to bring.
+    let guard_wants = match (&qmp, opts.guard || opts.verify || opts.guard_slot.is_some()) {
+        (_, false) => None,
+        (Some(q), true) if takeover.is_none() => Some(start_guard(q, &opts, &relay).await?),
+        _ => {
+            return Err(ReceiveError::Setup(
+                "guarded reads (--verify, --guard) cannot join a migration already in postcopy"
+                    .into(),
+            ));
+        }
+    };
+
+    // Kept alive until the end: it holds the private sockets. Not removed when the
+    // sidecar is killed, so a restarted one finds the destination's socket there.
+    let private = tempfile::Builder::new()
+        .prefix("postcopy-sidecar-")
+        .tempdir()
+        .map_err(io(
+            "creating the private directory for the destination endpoint",
+        ))?;
+    let (endpoint, dest_addr, preempt) = match (&takeover, &qmp, opts.incoming) {
+        (Some(state), _, _) => {
+            let e = takeover_endpoint(state, qmp.as_ref(), private.path()).await?;
+            (e.clone(), e.incoming_address(), state.preempt)
+        }
+        (None, None, _) => unreachable!("QMP is required without --recover"),
+        (None, Some(qmp), Incoming::Private) => {
+            let path = private.path().join("incoming.sock");
             // `events` makes QEMU emit MIGRATION events, which the end-of-migration wait
             // relies on.
             let mut caps = vec![
@@ -421,8 +503,8 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
             let addr = IncomingAddress::Unix(path.clone());
             (Endpoint::Unix(path), addr, opts.preempt)
         }
-        Incoming::Follow => {
-            let addr = wait_incoming(&qmp, opts.attach_timeout).await?;
+        (None, Some(qmp), Incoming::Follow) => {
+            let addr = wait_incoming(qmp, opts.attach_timeout).await?;
             let endpoint = endpoint_of(&addr)?;
             let preempt = qmp.capability("postcopy-preempt").await?;
             if opts.preempt && !preempt {
@@ -453,27 +535,73 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     if let Some(p) = &opts.ready_file {
         write_ready(p, listen, &endpoint)?;
     }
-    tracing::info!(%listen, %endpoint, "waiting for the source");
+    tracing::info!(%listen, %endpoint, on_cut = policy.name(), "waiting for the source");
 
-    let live = opts.live.then(|| LiveView::start(shared.clone()));
-    let result = carry(
+    let live = opts.live.then(|| LiveView::start(relay.clone()));
+    let carried = carry::carry(
         &listener,
-        &endpoint,
-        preempt,
-        shared.clone(),
-        &qmp,
+        CarryOptions {
+            endpoint,
+            preempt,
+            recover: match opts.incoming {
+                Incoming::Private => Recover::Private(private.path().to_path_buf()),
+                Incoming::Follow => Recover::Follow,
+            },
+            accept_timeout: opts.accept_timeout,
+            sockets: SourceSockets {
+                rcvbuf: buffer_size("POSTCOPY_SIDECAR_SOURCE_RCVBUF", SOURCE_RCVBUF),
+                dst_sndbuf: buffer_size("POSTCOPY_SIDECAR_DESTINATION_SNDBUF", DESTINATION_SNDBUF),
+                silence: opts.silence,
+            },
+            takeover: takeover.is_some(),
+            state_file: opts.state_file.clone(),
+            link_events: opts.link_events.clone(),
+        },
+        relay.clone(),
+        reports,
+        qmp.as_ref(),
         guard_wants,
     )
     .await;
     if let Some(l) = live {
         l.finish();
     }
+    // Waits for the destination to report the end of the migration (the stream is
+    // complete, so this is QEMU finishing up: bounded).
+    let result = match (carried, &qmp) {
+        (Ok(()), Some(qmp)) => match qmp.wait_migration_end(Duration::from_secs(120)).await {
+            Ok(MigrationStatus::Completed) => Ok(()),
+            Ok(s) => Err(ReceiveError::DestinationFailed(s.to_string())),
+            Err(e) => Err(e.into()),
+        },
+        // Without QMP the stream itself says it: the destination sent SHUT(0) after the
+        // stream's EOF.
+        (Ok(()), None) => match relay.with(|s| s.destination_shut()) {
+            Some(0) => Ok(()),
+            other => Err(ReceiveError::DestinationFailed(format!(
+                "unknown (no QMP; the destination's SHUT was {other:?})"
+            ))),
+        },
+        (Err(e), _) => Err(e),
+    };
 
     // A destination whose postcopy broke can have its main loop stuck behind a vCPU that
-    // waits for a page that will never come; its QMP then stops answering. Ask once, briefly,
-    // and never use the session after a timeout: the `qapi` client cannot take a new
-    // command while an abandoned one is pending.
+    // waits for a page that will never come; its QMP then stops answering. Every call
+    // here is bounded.
     let final_state = tokio::time::timeout(Duration::from_secs(5), async {
+        let Some(qmp) = &qmp else {
+            let shut_ok = relay.with(|s| s.destination_shut()) == Some(0);
+            return (
+                if shut_ok {
+                    "completed"
+                } else {
+                    "unknown (no QMP)"
+                }
+                .to_string(),
+                shut_ok,
+                None,
+            );
+        };
         let status = qmp
             .migrate_status()
             .await
@@ -489,7 +617,7 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     dest.running = running;
     dest.postcopy_blocktime_ms = blocktime;
     dest.migration_status = status.clone();
-    let (guard, verify) = finish_guard(&shared, &opts, &status, running);
+    let (guard, verify) = finish_guard(&relay, &opts, &status, running);
     let mismatch = verify
         .as_ref()
         .and_then(|v| v.exact.as_ref())
@@ -500,7 +628,11 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
                 offset: m.offset,
             })
         });
-    if let (Some(m), Err(ReceiveError::Relay(RelayError::Decode(e)))) = (&opts.metrics, &result) {
+    if let (
+        Some(m),
+        Err(ReceiveError::Relay(RelayError::Session(crate::session::SessionError::Decode(e)))),
+    ) = (&opts.metrics, &result)
+    {
         m.decode_errors
             .get_or_create(&super::metrics::DecodeErrorLabels {
                 channel: e.channel.into(),
@@ -520,10 +652,7 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
         }
         Ok(()) => None,
     };
-    let stats = shared.stats.lock().expect("stats lock").clone();
-    let tracker = shared.tracker.lock().expect("tracker lock");
-    let mut report = Report::build(&stats, tracker.as_ref(), dest, preempt, error);
-    drop(tracker);
+    let mut report = relay.with(|s| Report::build(s, dest, preempt, error, Instant::now()));
     report.guard = guard;
     report.verify = verify;
     if let Some(p) = &opts.report {
@@ -536,27 +665,71 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     Ok(report)
 }
 
+/// Where a taking-over sidecar reaches the paused destination: QEMU keeps its incoming
+/// listener open while paused and takes a new connection there as the recovery's main
+/// channel (protocol-spec/postcopy-sequence.md#sequence-takeover), so the first sidecar's
+/// endpoint works without QMP. Without one in the state file, QMP's `migrate-recover`
+/// (out of band) makes the destination listen on a new private socket.
+async fn takeover_endpoint(
+    state: &TakeoverState,
+    qmp: Option<&Qmp>,
+    private: &Path,
+) -> Result<Endpoint, ReceiveError> {
+    if let Some(d) = &state.destination {
+        return Endpoint::parse(d).ok_or_else(|| {
+            ReceiveError::Setup(format!(
+                "the state file's destination {d:?} is not an endpoint"
+            ))
+        });
+    }
+    match qmp {
+        Some(q) => carry::recover_privately(q, private).await,
+        None => Err(ReceiveError::Setup(
+            "the state file names no destination endpoint and the destination's QMP does not \
+             answer: recover the migration directly (deploy/README.md)"
+                .into(),
+        )),
+    }
+}
+
+/// Reads the state a first sidecar left for a takeover.
+fn read_takeover(opts: &ReceiveOptions) -> Result<TakeoverState, ReceiveError> {
+    let path = opts.state_file.as_ref().ok_or_else(|| {
+        ReceiveError::Setup("--recover needs --state-file: the file the first sidecar wrote".into())
+    })?;
+    let text = std::fs::read(path).map_err(io(format!("reading {}", path.display())))?;
+    serde_json::from_slice(&text).map_err(|e| {
+        ReceiveError::Setup(format!(
+            "{} is not a sidecar state file: {e}",
+            path.display()
+        ))
+    })
+}
+
 /// Finds and guards the destination's memfds; returns the channel of pages the guard wants
 /// asked of the source.
 async fn start_guard(
     qmp: &Qmp,
     opts: &ReceiveOptions,
-    shared: &Arc<Shared>,
-) -> Result<tokio::sync::mpsc::UnboundedReceiver<(usize, u64)>, ReceiveError> {
+    relay: &Arc<Relay>,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<(String, u64)>, ReceiveError> {
     let pid = discover::qemu_pid(&opts.qmp, qmp.peer_pid())?;
     let files = discover::ram_files(pid, &qmp.ram_blocks().await?, &qmp.memory_backends().await?)?;
     let names: Vec<&str> = files.iter().map(|f| f.block.as_str()).collect();
     tracing::info!(pid, blocks = ?names, "guarding the destination's RAM");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let block_names: Vec<String> = files.iter().map(|f| f.block.clone()).collect();
     let guard = Arc::new(GuardedRam::new(
         files,
         Box::new(move |block, offset| {
-            let _ = tx.send((block, offset));
+            if let Some(name) = block_names.get(block) {
+                let _ = tx.send((name.clone(), offset));
+            }
         }),
     )?);
-    let _ = shared.guard.set(guard.clone());
+    let _ = relay.guard.set(guard.clone());
     if opts.verify {
-        *shared.placement.lock().expect("placement lock") =
+        *relay.placement.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(PlacementVerifier::start(guard.clone()));
     }
     if let Some(slot) = &opts.guard_slot {
@@ -568,12 +741,12 @@ async fn start_guard(
 /// Tells the guard how the migration ended, collects the verification, and writes the
 /// digests.
 fn finish_guard(
-    shared: &Shared,
+    relay: &Relay,
     opts: &ReceiveOptions,
     status: &str,
     running: bool,
 ) -> (Option<crate::guard::GuardFigures>, Option<VerifyFigures>) {
-    let guard = shared.guard.get();
+    let guard = relay.guard.get();
     if let Some(g) = guard {
         g.set_phase(if status == "completed" {
             Phase::Ended
@@ -581,13 +754,13 @@ fn finish_guard(
             Phase::Failed(format!("the destination's migration is {status}"))
         });
     }
-    let at_placement = shared
+    let at_placement = relay
         .placement
         .lock()
-        .expect("placement lock")
+        .unwrap_or_else(|p| p.into_inner())
         .take()
         .map(PlacementVerifier::finish);
-    let digests = shared.digests.lock().expect("digests lock").clone();
+    let digests = relay.with(|s| s.digests().cloned());
     if let (Some(path), Some(d)) = (&opts.digests, &digests)
         && let Err(e) = d.save(path)
     {
@@ -624,20 +797,10 @@ fn finish_guard(
     (guard.map(|g| g.figures()), verify)
 }
 
-/// What `receive --verify` found.
-#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
-pub struct VerifyFigures {
-    /// Postcopy pages checked right after placement.
-    pub at_placement: Option<VerifyReport>,
-    /// The whole RAM compared at the end (destination paused).
-    pub exact: Option<VerifyReport>,
-    /// Why a check was not made.
-    pub note: String,
-}
-
 fn write_report(path: &Path, report: &Report) -> Result<(), ReceiveError> {
     let json = serde_json::to_vec_pretty(report).expect("report serialises");
-    std::fs::write(path, json).map_err(io(format!("writing the report to {}", path.display())))
+    crate::durable::write_atomically(path, &json)
+        .map_err(io(format!("writing the report to {}", path.display())))
 }
 
 /// Receive buffer of a source connection. Bulk pages queued in the sidecar's socket
@@ -653,114 +816,4 @@ fn buffer_size(var: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-async fn accept(listener: &TcpListener) -> Result<TcpStream, ReceiveError> {
-    let (s, peer) = listener
-        .accept()
-        .await
-        .map_err(io("accepting the source"))?;
-    s.set_nodelay(true).map_err(io("setting TCP_NODELAY"))?;
-    let rcvbuf = buffer_size("POSTCOPY_SIDECAR_SOURCE_RCVBUF", SOURCE_RCVBUF);
-    if rcvbuf > 0 {
-        socket2::SockRef::from(&s)
-            .set_recv_buffer_size(rcvbuf)
-            .map_err(io("setting the source socket's receive buffer"))?;
-    }
-    tracing::info!(%peer, "source connected");
-    Ok(s)
-}
-
-/// A connection to the destination, split for the pumps.
-type DestinationHalves = (
-    Box<dyn AsyncRead + Send + Unpin>,
-    Box<dyn AsyncWrite + Send + Unpin>,
-);
-
-async fn connect_destination(endpoint: &Endpoint) -> Result<DestinationHalves, ReceiveError> {
-    let what = || format!("connecting to the destination at {endpoint}");
-    let sndbuf = buffer_size("POSTCOPY_SIDECAR_DESTINATION_SNDBUF", DESTINATION_SNDBUF);
-    let set_buf = |s: socket2::SockRef<'_>| {
-        if sndbuf > 0 {
-            s.set_send_buffer_size(sndbuf)
-                .map_err(io("setting the destination socket's send buffer"))
-        } else {
-            Ok(())
-        }
-    };
-    Ok(match endpoint {
-        Endpoint::Unix(p) => {
-            let s = UnixStream::connect(p).await.map_err(io(what()))?;
-            set_buf(socket2::SockRef::from(&s))?;
-            let (r, w) = s.into_split();
-            (Box::new(r), Box::new(w))
-        }
-        Endpoint::Tcp(a) => {
-            let s = TcpStream::connect(a).await.map_err(io(what()))?;
-            s.set_nodelay(true).map_err(io("setting TCP_NODELAY"))?;
-            set_buf(socket2::SockRef::from(&s))?;
-            let (r, w) = s.into_split();
-            (Box::new(r), Box::new(w))
-        }
-    })
-}
-
-/// Accepts the source's channels in order and connects each to the destination in the same
-/// order (protocol-spec/preempt.md#preempt-channel), then waits for every pump and for the
-/// destination to report the end of the migration. The preempt connection is awaited
-/// alongside the main channel: a migration that completes in precopy never opens it.
-async fn carry(
-    listener: &TcpListener,
-    endpoint: &Endpoint,
-    preempt: bool,
-    shared: Arc<Shared>,
-    qmp: &Qmp,
-    guard_wants: Option<tokio::sync::mpsc::UnboundedReceiver<(usize, u64)>>,
-) -> Result<(), ReceiveError> {
-    let src = accept(listener).await?;
-    shared.stats.lock().expect("stats lock").started = std::time::Instant::now();
-    let (dst_r, dst_w) = connect_destination(endpoint).await?;
-    let (src_r, src_w) = src.into_split();
-    let mut pumps: JoinSet<Result<(), RelayError>> = JoinSet::new();
-    let sh = shared.clone();
-    pumps.spawn(async move { relay::forward_main(src_r, dst_w, sh).await.map(|_| ()) });
-    pumps.spawn(relay::relay_return_path(
-        dst_r,
-        src_w,
-        shared.clone(),
-        guard_wants,
-    ));
-    let mut want_preempt = preempt;
-    let result = loop {
-        tokio::select! {
-            second = accept(listener), if want_preempt => {
-                want_preempt = false;
-                let src2 = second?;
-                let (d_r, d_w) = connect_destination(endpoint).await?;
-                tracing::info!("preempt channel connected");
-                let (s_r, s_w) = src2.into_split();
-                pumps.spawn(relay::forward_preempt(s_r, d_w, shared.clone()));
-                pumps.spawn(relay::drain_preempt_reverse(d_r, s_w));
-            }
-            done = pumps.join_next() => match done {
-                None => break Ok(()),
-                Some(Ok(Ok(()))) => {}
-                Some(Ok(Err(e))) => break Err(e),
-                Some(Err(join)) => break Err(RelayError::Io {
-                    channel: crate::wire::Channel::Main,
-                    side: "pump task",
-                    source: std::io::Error::other(join.to_string()),
-                }),
-            }
-        }
-    };
-    // The first pump to fail ends the migration: aborting the others drops every socket,
-    // so both QEMUs see the break at once instead of hanging.
-    pumps.abort_all();
-    result?;
-    let status = qmp.wait_migration_end(Duration::from_secs(120)).await?;
-    if status != "completed" {
-        return Err(ReceiveError::DestinationFailed(status.to_string()));
-    }
-    Ok(())
 }

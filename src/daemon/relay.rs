@@ -1,39 +1,41 @@
-//! The data path: async pumps that carry each channel between the source and the
-//! destination while decoding it. Only bytes that decoded cleanly are forwarded, and they
-//! are forwarded as slices of the read buffer (`BytesMut::split_to`), never copied in user
-//! space. Page requests on the return path go through the [`PageTracker`].
+//! The data path's I/O: pumps that read a channel, hand the bytes to the [`Session`] and
+//! do what it says. Nothing here decides anything: the pumps only read, write and report
+//! that a connection ended; the carrier ([`super::carry`]) decides what to do about it.
 //!
-//! The pumps are generic over `AsyncRead`/`AsyncWrite`, so tests drive them with in-memory
-//! pipes and real captures, without QEMU.
+//! Bytes reach the destination as slices of the read buffer (`BytesMut::split_to`),
+//! never copied in user space. A pump outlives the source connection it reads: after a
+//! cut it waits for the next one (a resumed source), keeping the destination's
+//! connection, which is what lets a held destination never notice.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
-use super::stats::Stats;
-use super::tracker::{Origin, PageTracker, RequestDecision};
+use super::metrics::Metrics;
 use crate::guard::{GuardedRam, Phase};
-use crate::verify::PageDigests;
-use crate::verify::placement::{PlacementCheck, PlacementVerifier};
-use crate::wire::{
-    Channel, Command, DecodeError, Event, PostcopyPhase, PreemptDecoder, RamLayout, RamRecord,
-    RpDecoder, RpMessage, Step, StreamDecoder, StreamEnd,
-};
+use crate::session::{CutCause, Delta, Piece, Session, SessionError};
+use crate::verify::placement::PlacementVerifier;
+use crate::wire::Channel;
 
 /// Read size per socket read: small enough that bulk pages never pile up in the sidecar
 /// ahead of an urgent one (reference: head-of-line blocking behind a relay's buffers).
 pub const READ_CHUNK: usize = 64 * 1024;
 
+/// A readable half of a connection.
+pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
+/// A writable half of a connection.
+pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
 /// Why a channel stopped carrying data.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    /// Bytes that do not decode; nothing from the bad record on was forwarded.
+    /// Bytes that do not decode, or a resume the session refused; nothing from the bad
+    /// record on was forwarded.
     #[error("{0}")]
-    Decode(#[from] DecodeError),
+    Session(#[from] SessionError),
     /// A socket failed.
     #[error("{channel} {side}: {source}")]
     Io {
@@ -49,46 +51,136 @@ pub enum RelayError {
     UnexpectedPreemptData(usize),
 }
 
-/// State shared by the pumps of one migration.
-pub struct Shared {
-    /// Takeover state; created once the RAM block list is known.
-    pub tracker: Mutex<Option<PageTracker>>,
-    /// Byte and page counters.
-    pub stats: Mutex<Stats>,
-    /// Block table and target page size, published when the block list is complete
-    /// (the preempt channel waits for it before decoding).
-    pub layout: watch::Sender<Option<(RamLayout, u64)>>,
-    /// The guarded mapping of the destination's RAM, when the receiver guards it: told
-    /// about PONG(2) and poked when pages arrive.
-    pub guard: OnceLock<Arc<GuardedRam>>,
-    /// Whether to keep digests of delivered pages (set before the pumps start).
-    pub record_digests: AtomicBool,
-    /// Digests of delivered pages; created with the tracker when `record_digests` is set.
-    pub digests: Mutex<Option<PageDigests>>,
-    /// Checks of postcopy pages right after placement.
-    pub placement: Mutex<Option<PlacementVerifier>>,
-    /// Prometheus metrics, when served (`--metrics`).
-    pub metrics: OnceLock<Arc<super::metrics::Metrics>>,
+/// What a pump tells the carrier.
+#[derive(Debug)]
+pub enum PumpReport {
+    /// A source connection (of generation `epoch`) ended or failed.
+    SourceLost {
+        /// Its channel.
+        channel: Channel,
+        /// Why.
+        cause: CutCause,
+        /// The source connection generation it belonged to.
+        epoch: u64,
+    },
+    /// A destination connection ended or failed.
+    DestinationLost {
+        /// Its channel.
+        channel: Channel,
+        /// Why (`None`: a clean close).
+        error: Option<std::io::Error>,
+    },
 }
 
-impl Default for Shared {
-    fn default() -> Self {
-        Shared {
-            tracker: Mutex::new(None),
-            stats: Mutex::new(Stats::default()),
-            layout: watch::Sender::new(None),
-            guard: OnceLock::new(),
-            record_digests: AtomicBool::new(false),
-            digests: Mutex::new(None),
-            placement: Mutex::new(None),
-            metrics: OnceLock::new(),
-        }
+/// The source's return path: the write half of its current main connection, tagged with
+/// its generation so that bytes made for an earlier connection are never sent on a later
+/// one (they are requests, which the session asks again after a resume).
+#[derive(Default)]
+pub struct SourceTx {
+    w: tokio::sync::Mutex<Option<(u64, Writer)>>,
+}
+
+impl SourceTx {
+    /// Makes `w` the return path of source connection generation `epoch`.
+    pub async fn install(&self, epoch: u64, w: Writer) {
+        *self.w.lock().await = Some((epoch, w));
+    }
+
+    /// Forgets the current return path (the source link was cut).
+    pub async fn clear(&self) {
+        *self.w.lock().await = None;
     }
 }
 
-impl Shared {
-    fn recording(&self) -> bool {
-        self.record_digests.load(Ordering::Relaxed)
+/// What the pumps of one migration share.
+pub struct Relay {
+    /// The I/O-free core.
+    pub session: Mutex<Session>,
+    /// Where bytes for the source go.
+    pub source: SourceTx,
+    /// Prometheus metrics, when served.
+    pub metrics: Option<Arc<Metrics>>,
+    /// The guarded mapping of the destination's RAM, when the receiver guards it.
+    pub guard: OnceLock<Arc<GuardedRam>>,
+    /// Checks of postcopy pages right after placement.
+    pub placement: Mutex<Option<PlacementVerifier>>,
+    /// Becomes true once the RAM block table is known (the preempt channel waits for it).
+    pub layout_ready: watch::Sender<bool>,
+    /// Pumps' reports to the carrier.
+    pub reports: mpsc::UnboundedSender<PumpReport>,
+}
+
+impl Relay {
+    /// A relay around `session`; pump reports go to `reports`.
+    pub fn new(
+        session: Session,
+        metrics: Option<Arc<Metrics>>,
+        reports: mpsc::UnboundedSender<PumpReport>,
+    ) -> Relay {
+        Relay {
+            session: Mutex::new(session),
+            source: SourceTx::default(),
+            metrics,
+            guard: OnceLock::new(),
+            placement: Mutex::new(None),
+            layout_ready: watch::Sender::new(false),
+            reports,
+        }
+    }
+
+    /// Runs `f` on the session.
+    pub fn with<T>(&self, f: impl FnOnce(&mut Session) -> T) -> T {
+        f(&mut self.session.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Sends what the session has for the source, on the source's current connection if
+    /// it is of the generation the bytes were made for. Taking and writing happen under
+    /// the writer's lock, so the source gets them in the order the session made them.
+    pub async fn flush_to_source(&self) {
+        let mut w = self.source.w.lock().await;
+        let (epoch, bytes) = self.with(Session::take_to_source);
+        if bytes.is_empty() {
+            return;
+        }
+        if let Some((e, writer)) = w.as_mut()
+            && *e == epoch
+            && writer.write_all(&bytes).await.is_err()
+        {
+            // The source's reading pump sees the same broken socket and reports it.
+            *w = None;
+        }
+    }
+
+    /// Passes a step's counters to metrics and its effects to the guard and verifier.
+    pub fn apply(&self, delta: &Delta) {
+        if let Some(g) = self.guard.get() {
+            if delta.pong2 {
+                // The destination loaded everything before the switch to postcopy.
+                g.set_phase(Phase::Postcopy);
+            }
+            if delta.delivered {
+                g.poke();
+            }
+        }
+        let checks = self.with(Session::take_placement_checks);
+        if !checks.is_empty()
+            && let Some(p) = self
+                .placement
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+        {
+            for c in checks {
+                p.check(c);
+            }
+        }
+        if let Some(m) = &self.metrics {
+            m.apply(delta);
+        }
+    }
+
+    fn report(&self, r: PumpReport) {
+        let _ = self.reports.send(r);
     }
 }
 
@@ -100,397 +192,267 @@ fn io_err(channel: Channel, side: &'static str) -> impl FnOnce(std::io::Error) -
     }
 }
 
-/// Reads at most [`READ_CHUNK`] more bytes from the source into `buf`; 0 means end.
-async fn read_more<R: AsyncRead + Unpin>(
-    src: &mut R,
-    buf: &mut BytesMut,
-    ch: Channel,
-) -> Result<usize, RelayError> {
+/// Reads at most [`READ_CHUNK`] more bytes into `buf`; 0 means end.
+async fn read_more(src: &mut Reader, buf: &mut BytesMut) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < READ_CHUNK {
         buf.reserve(4 * READ_CHUNK);
     }
     let mut limited = (&mut *src).take(READ_CHUNK as u64);
-    limited
-        .read_buf(buf)
-        .await
-        .map_err(io_err(ch, "reading from the source"))
+    limited.read_buf(buf).await
 }
 
-/// Sends the first `consumed` (decoded) bytes of `buf` to the destination as a slice of
-/// the read buffer, without copying them.
-async fn forward_decoded<W: AsyncWrite + Unpin>(
-    dst: &mut W,
+/// Applies a step's pieces: forwards slices of `buf`, skips, injects.
+async fn apply_pieces(
+    dst: &mut Writer,
     buf: &mut BytesMut,
-    consumed: usize,
+    pieces: Vec<Piece>,
     ch: Channel,
 ) -> Result<(), RelayError> {
-    if consumed > 0 {
-        let out = buf.split_to(consumed).freeze();
-        dst.write_all(&out)
-            .await
-            .map_err(io_err(ch, "writing to the destination"))?;
+    for p in pieces {
+        match p {
+            Piece::Forward(n) => {
+                let out = buf.split_to(n).freeze();
+                dst.write_all(&out)
+                    .await
+                    .map_err(io_err(ch, "writing to the destination"))?;
+            }
+            Piece::Skip(n) => buf.advance(n),
+            Piece::Inject(bytes) => dst
+                .write_all(&bytes)
+                .await
+                .map_err(io_err(ch, "writing to the destination"))?,
+        }
     }
     Ok(())
 }
 
-/// A page seen in the stream, applied to the tracker in one batch per read.
-#[derive(Clone, Copy)]
-struct Delivery {
-    block: usize,
-    offset: u64,
-    zero: bool,
-    postcopy: bool,
-    wire_len: usize,
-    /// xxh3 of a PAGE record's data, when recording digests.
-    digest: Option<u64>,
+/// A source connection handed to a pump, with a new destination connection when the
+/// destination's changed too (a pass-through recovery, or the first connection).
+pub struct Feed {
+    /// The source connection's readable half.
+    pub source: Reader,
+    /// Its generation.
+    pub epoch: u64,
+    /// A new destination connection to write to, if it changed.
+    pub destination: Option<Writer>,
 }
 
-/// The digest of a page record's data, if digests are kept (ZERO records get theirs from
-/// the digest table).
-fn digest_of(shared: &Shared, rec: &RamRecord<'_>) -> Option<u64> {
-    match rec {
-        RamRecord::Page { data, .. } if shared.recording() => {
-            Some(xxhash_rust::xxh3::xxh3_64(data))
-        }
-        _ => None,
-    }
+/// How a pump's source connection ended.
+enum Ended {
+    /// The connection is gone; wait for the next.
+    Lost,
+    /// A fatal error.
+    Fatal(RelayError),
 }
 
-/// Carries the main channel from the source (`src`) to the destination (`dst`), decoding
-/// every record. Returns how the stream ended.
-pub async fn forward_main<R, W>(
-    mut src: R,
-    mut dst: W,
-    shared: Arc<Shared>,
-) -> Result<StreamEnd, RelayError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let ch = Channel::Main;
-    let mut dec = StreamDecoder::default();
-    let mut buf = BytesMut::with_capacity(4 * READ_CHUNK);
-    let mut deliveries = Vec::new();
-    loop {
-        let n = read_more(&mut src, &mut buf, ch).await?;
-        if n == 0 {
-            let end = dec.finish(&buf)?;
-            dst.shutdown()
-                .await
-                .map_err(io_err(ch, "closing towards the destination"))?;
-            return Ok(end);
+/// Carries the main channel: for each source main connection fed to it (the first, then
+/// one per resume), reads, lets the session decide, and writes to the destination. Ends
+/// when the carrier closes `feeds` (the stream is complete), shutting the destination's
+/// side down.
+pub async fn main_pump(
+    relay: Arc<Relay>,
+    mut feeds: mpsc::Receiver<Feed>,
+) -> Result<(), RelayError> {
+    let mut dst: Option<Writer> = None;
+    while let Some(feed) = feeds.recv().await {
+        if let Some(d) = feed.destination {
+            dst = Some(d);
         }
-        let mut consumed = 0;
-        let mut opaque = 0u64;
-        let mut ram_bytes_layout_ready = false;
-        loop {
-            let step = dec.next(&buf[consumed..]);
-            let (len, event) = match step {
-                Ok(Step::Event { len, event, .. }) => (len, event),
-                Ok(Step::NeedMore) => break,
-                Err(e) => {
-                    // Forward (and count) what decoded before the bad record, then stop.
-                    account(
-                        &shared,
-                        &deliveries,
-                        Instant::now(),
-                        Channel::Main,
-                        consumed,
-                        opaque,
-                        dec.phase(),
-                    );
-                    let good = buf.split_to(consumed).freeze();
-                    let _ = dst.write_all(&good).await;
-                    return Err(e.into());
-                }
-            };
-            consumed += len;
-            let postcopy = dec.phase() >= PostcopyPhase::Listening;
-            match &event {
-                Event::Ram(rec) => {
-                    if let Some(h) = rec.page_header() {
-                        deliveries.push(Delivery {
-                            block: h.block,
-                            offset: h.offset,
-                            zero: matches!(rec, RamRecord::Zero { .. }),
-                            postcopy,
-                            wire_len: len,
-                            digest: digest_of(&shared, rec),
-                        });
-                    } else if *rec == RamRecord::Eos && shared.layout.borrow().is_none() {
-                        ram_bytes_layout_ready = true;
-                    }
-                }
-                Event::Command(c) => {
-                    if matches!(c, Command::PostcopyRamDiscard { .. }) && !deliveries.is_empty() {
-                        // Pages before a discard must be entered before it, or the discard
-                        // would be undone by the batch (its bytes are counted with the read).
-                        account(
-                            &shared,
-                            &deliveries,
-                            Instant::now(),
-                            Channel::Main,
-                            0,
-                            0,
-                            dec.phase(),
-                        );
-                        deliveries.clear();
-                    }
-                    apply_command(&shared, &dec, c)
-                }
-                Event::Opaque(d) => opaque += d.len() as u64,
-                _ => {}
-            }
-            if ram_bytes_layout_ready {
-                ram_bytes_layout_ready = false;
-                publish_layout(&shared, &dec);
-            }
-        }
-        let now = Instant::now();
-        account(
-            &shared,
-            &deliveries,
-            now,
-            Channel::Main,
-            consumed,
-            opaque,
-            dec.phase(),
-        );
-        deliveries.clear();
-        forward_decoded(&mut dst, &mut buf, consumed, ch).await?;
-    }
-}
-
-fn publish_layout(shared: &Shared, dec: &StreamDecoder) {
-    let layout = dec.layout().clone();
-    let tps = dec.target_page_size();
-    shared
-        .tracker
-        .lock()
-        .expect("tracker lock")
-        .get_or_insert_with(|| PageTracker::new(&layout, tps));
-    if shared.recording() {
-        let blocks: Vec<(String, u64)> = layout
-            .blocks()
-            .iter()
-            .map(|b| (String::from_utf8_lossy(&b.name).into_owned(), b.used_length))
-            .collect();
-        shared
-            .digests
-            .lock()
-            .expect("digests lock")
-            .get_or_insert_with(|| PageDigests::new(&blocks, tps));
-    }
-    shared.layout.send_replace(Some((layout, tps)));
-}
-
-fn apply_command(shared: &Shared, dec: &StreamDecoder, c: &Command<'_>) {
-    let mut stats = shared.stats.lock().expect("stats lock");
-    stats.command(c.name(), Instant::now(), dec.phase());
-    drop(stats);
-    if let Command::PostcopyRamDiscard { block, .. } = c {
-        let mut tr = shared.tracker.lock().expect("tracker lock");
-        if tr.is_none() {
-            drop(tr);
-            publish_layout(shared, dec);
-            tr = shared.tracker.lock().expect("tracker lock");
-        }
-        if let Some(t) = tr.as_mut()
-            && let Some(b) = t.block_index(block)
-        {
-            let mut digests = shared.digests.lock().expect("digests lock");
-            for (start, len) in c.discard_ranges() {
-                t.discarded(b, start, len);
-                if let Some(d) = digests.as_mut() {
-                    d.discard(b, start, len);
-                }
-            }
-        }
-    }
-}
-
-fn account(
-    shared: &Shared,
-    deliveries: &[Delivery],
-    now: Instant,
-    channel: Channel,
-    bytes: usize,
-    opaque: u64,
-    phase: PostcopyPhase,
-) {
-    let mut latencies = Vec::new();
-    // Per delivery: whether the destination had asked for it.
-    let mut asked = Vec::with_capacity(deliveries.len());
-    if !deliveries.is_empty() {
-        let mut tr = shared.tracker.lock().expect("tracker lock");
-        if let Some(t) = tr.as_mut() {
-            for d in deliveries {
-                let answered = t.delivered(d.block, d.offset, d.zero, now);
-                asked.push(matches!(answered, Some((_, Origin::Destination))));
-                if let Some((w, Origin::Destination)) = answered {
-                    latencies.push(w);
-                }
-            }
-        }
-        if let (Some(m), Some(t)) = (shared.metrics.get(), tr.as_ref()) {
-            m.in_flight.set(t.outstanding_pages() as i64);
-        }
-        drop(tr);
-        if shared.recording() {
-            record_digests(shared, deliveries, &asked);
-        }
-        if let Some(g) = shared.guard.get() {
-            g.poke();
-        }
-    }
-    let mut s = shared.stats.lock().expect("stats lock");
-    s.channel_bytes(channel, bytes as u64);
-    s.opaque_bytes += opaque;
-    s.phase = s.phase.max(phase);
-    for d in deliveries {
-        s.page(d.postcopy, d.zero, d.wire_len as u64);
-    }
-    s.served += latencies.len() as u64;
-    let postcopy = channel == Channel::Preempt || s.phase >= PostcopyPhase::Listening;
-    drop(s);
-    if let Some(m) = shared.metrics.get() {
-        m.add_bytes(channel, postcopy, bytes as u64);
-        for d in deliveries {
-            m.add_page(channel, d.postcopy, d.zero);
-        }
-        for w in &latencies {
-            m.observe_service(*w);
-        }
-    }
-}
-
-/// Enters delivered pages into the digest table and queues postcopy pages for checking
-/// once placed.
-fn record_digests(shared: &Shared, deliveries: &[Delivery], asked: &[bool]) {
-    let mut digests = shared.digests.lock().expect("digests lock");
-    let Some(table) = digests.as_mut() else {
-        return;
-    };
-    let placement = shared.placement.lock().expect("placement lock");
-    for (i, d) in deliveries.iter().enumerate() {
-        let digest = if d.zero {
-            table.zero_digest()
-        } else {
-            match d.digest {
-                Some(h) => h,
-                None => continue,
-            }
-        };
-        table.record(d.block, d.offset, digest);
-        if let (true, Some(p)) = (d.postcopy, placement.as_ref())
-            && let Some(b) = table.blocks().get(d.block)
-        {
-            p.check(PlacementCheck {
-                block: b.name.clone(),
-                offset: d.offset,
-                digest,
-                requested: asked.get(i).copied().unwrap_or(false),
-            });
-        }
-    }
-}
-
-/// Carries a preempt channel from the source to the destination. It waits for the main
-/// channel's block table before decoding (QEMU 7.2 opens this channel at the very start).
-pub async fn forward_preempt<R, W>(
-    mut src: R,
-    mut dst: W,
-    shared: Arc<Shared>,
-) -> Result<(), RelayError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let ch = Channel::Preempt;
-    let mut buf = BytesMut::with_capacity(4 * READ_CHUNK);
-    let mut dec: Option<PreemptDecoder> = None;
-    let mut layout_rx = shared.layout.subscribe();
-    let mut deliveries = Vec::new();
-    loop {
-        let n = read_more(&mut src, &mut buf, ch).await?;
-        if n == 0 && buf.is_empty() {
-            dst.shutdown()
-                .await
-                .map_err(io_err(ch, "closing towards the destination"))?;
-            return Ok(());
-        }
-        if dec.is_none() {
-            // Bytes before the block table is known: wait for it, then decode.
-            let ready = layout_rx
-                .wait_for(Option::is_some)
-                .await
-                .map(|v| v.clone())
-                .ok()
-                .flatten();
-            if let Some((layout, tps)) = ready {
-                dec = Some(PreemptDecoder::new(tps, layout));
-            }
-        }
-        let Some(d) = dec.as_mut() else {
+        let Some(d) = dst.as_mut() else {
             continue;
         };
-        let mut consumed = 0;
-        let mut failure = None;
-        loop {
-            match d.next(&buf[consumed..]) {
-                Ok(Step::Event { len, event, .. }) => {
-                    consumed += len;
-                    if let Some(h) = event.page_header() {
-                        deliveries.push(Delivery {
-                            block: h.block,
-                            offset: h.offset,
-                            zero: matches!(event, RamRecord::Zero { .. }),
-                            postcopy: true,
-                            wire_len: len,
-                            digest: digest_of(&shared, &event),
-                        });
-                    }
-                }
-                Ok(Step::NeedMore) => break,
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
+        match carry_main(&relay, feed.source, feed.epoch, d).await {
+            Ended::Lost => {}
+            Ended::Fatal(e) => return Err(e),
+        }
+    }
+    if let Some(mut d) = dst {
+        let _ = d.shutdown().await;
+    }
+    Ok(())
+}
+
+async fn carry_main(relay: &Arc<Relay>, mut src: Reader, epoch: u64, dst: &mut Writer) -> Ended {
+    let ch = Channel::Main;
+    let mut buf = BytesMut::with_capacity(4 * READ_CHUNK);
+    loop {
+        relay.with(|s| s.source_reading(epoch, Instant::now()));
+        let n = match read_more(&mut src, &mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                relay.report(PumpReport::SourceLost {
+                    channel: ch,
+                    cause: CutCause::Failed(e.to_string()),
+                    epoch,
+                });
+                return Ended::Lost;
             }
-        }
-        account(
-            &shared,
-            &deliveries,
-            Instant::now(),
-            ch,
-            consumed,
-            0,
-            PostcopyPhase::None,
-        );
-        deliveries.clear();
-        if let Some(e) = failure {
-            // Forward (and count) what decoded before the bad record, then stop.
-            let _ = forward_decoded(&mut dst, &mut buf, consumed, ch).await;
-            return Err(e.into());
-        }
-        forward_decoded(&mut dst, &mut buf, consumed, ch).await?;
+        };
         if n == 0 {
-            d.finish(&buf)?;
-            dst.shutdown()
-                .await
-                .map_err(io_err(ch, "closing towards the destination"))?;
-            return Ok(());
+            relay.with(|s| s.finish_main(epoch, &buf, Instant::now()));
+            relay.report(PumpReport::SourceLost {
+                channel: ch,
+                cause: CutCause::Closed,
+                epoch,
+            });
+            return Ended::Lost;
+        }
+        let step = relay.with(|s| s.on_source_main(epoch, &buf, Instant::now()));
+        if step.stale {
+            // A cut was declared meanwhile (on the other channel, or by the idle rule).
+            return Ended::Lost;
+        }
+        if step.layout_ready {
+            relay.layout_ready.send_replace(true);
+        }
+        let error = step.error;
+        let delta = step.delta;
+        if let Err(e) = apply_pieces(dst, &mut buf, step.pieces, ch).await {
+            relay.report(PumpReport::DestinationLost {
+                channel: ch,
+                error: match e {
+                    RelayError::Io { source, .. } => Some(source),
+                    _ => None,
+                },
+            });
+            return Ended::Lost;
+        }
+        relay.apply(&delta);
+        relay.flush_to_source().await;
+        if let Some(e) = error {
+            return Ended::Fatal(e.into());
         }
     }
 }
 
-/// Drains the destination side of a preempt connection, which QEMU never writes to; it
+/// Carries the preempt channel, like [`main_pump`]. Bytes wait until the block table is
+/// known (QEMU 7.2 opens this channel at the very start).
+pub async fn preempt_pump(
+    relay: Arc<Relay>,
+    mut feeds: mpsc::Receiver<Feed>,
+) -> Result<(), RelayError> {
+    let mut dst: Option<Writer> = None;
+    while let Some(feed) = feeds.recv().await {
+        if let Some(d) = feed.destination {
+            dst = Some(d);
+        }
+        let Some(d) = dst.as_mut() else {
+            continue;
+        };
+        match carry_preempt(&relay, feed.source, feed.epoch, d).await {
+            Ended::Lost => {}
+            Ended::Fatal(e) => return Err(e),
+        }
+    }
+    if let Some(mut d) = dst {
+        let _ = d.shutdown().await;
+    }
+    Ok(())
+}
+
+async fn carry_preempt(relay: &Arc<Relay>, mut src: Reader, epoch: u64, dst: &mut Writer) -> Ended {
+    let ch = Channel::Preempt;
+    let mut buf = BytesMut::with_capacity(4 * READ_CHUNK);
+    let mut layout = relay.layout_ready.subscribe();
+    loop {
+        let n = match read_more(&mut src, &mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                relay.report(PumpReport::SourceLost {
+                    channel: ch,
+                    cause: CutCause::Failed(e.to_string()),
+                    epoch,
+                });
+                return Ended::Lost;
+            }
+        };
+        if !relay.with(|s| s.preempt_ready(epoch)) {
+            // Bytes before the block table is known: wait for it, then decode.
+            if layout.wait_for(|ready| *ready).await.is_err() {
+                return Ended::Lost;
+            }
+        }
+        let step = relay.with(|s| s.on_source_preempt(epoch, &buf, Instant::now()));
+        if step.stale {
+            return Ended::Lost;
+        }
+        let error = step.error;
+        let delta = step.delta;
+        if let Err(e) = apply_pieces(dst, &mut buf, step.pieces, ch).await {
+            relay.report(PumpReport::DestinationLost {
+                channel: ch,
+                error: match e {
+                    RelayError::Io { source, .. } => Some(source),
+                    _ => None,
+                },
+            });
+            return Ended::Lost;
+        }
+        relay.apply(&delta);
+        relay.flush_to_source().await;
+        if let Some(e) = error {
+            return Ended::Fatal(e.into());
+        }
+        if n == 0 {
+            if let Err(e) = relay.with(|s| s.finish_preempt(&buf)) {
+                return Ended::Fatal(e.into());
+            }
+            relay.report(PumpReport::SourceLost {
+                channel: ch,
+                cause: CutCause::Closed,
+                epoch,
+            });
+            return Ended::Lost;
+        }
+    }
+}
+
+/// Carries the return path from the destination to the source, through the session's
+/// page-request takeover. A new destination connection (pass-through recovery) is fed to
+/// it; it ends when the carrier closes `feeds`.
+pub async fn return_path_pump(
+    relay: Arc<Relay>,
+    mut feeds: mpsc::Receiver<Reader>,
+) -> Result<(), RelayError> {
+    while let Some(mut from_dst) = feeds.recv().await {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        loop {
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 * 1024);
+            }
+            let n = match from_dst.read_buf(&mut buf).await {
+                Ok(0) => {
+                    relay.report(PumpReport::DestinationLost {
+                        channel: Channel::ReturnPath,
+                        error: None,
+                    });
+                    break;
+                }
+                Ok(n) => n,
+                Err(e) => {
+                    relay.report(PumpReport::DestinationLost {
+                        channel: Channel::ReturnPath,
+                        error: Some(e),
+                    });
+                    break;
+                }
+            };
+            let _ = n;
+            let step = relay.with(|s| s.on_destination_rp(&buf, Instant::now()));
+            buf.advance(step.consumed);
+            relay.apply(&step.delta);
+            relay.flush_to_source().await;
+            if let Some(e) = step.error {
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Watches the destination side of a preempt connection, which QEMU never writes to; it
 /// only closes it at the end.
-pub async fn drain_preempt_reverse<R, W>(mut from_dst: R, mut to_src: W) -> Result<(), RelayError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+pub async fn watch_preempt_reverse(mut from_dst: Reader) -> Result<(), RelayError> {
     let mut b = [0u8; 512];
     let n = from_dst
         .read(&mut b)
@@ -499,200 +461,5 @@ where
     if n > 0 {
         return Err(RelayError::UnexpectedPreemptData(n));
     }
-    let _ = to_src.shutdown().await;
     Ok(())
-}
-
-/// Carries the return path from the destination to the source, taking over page requests:
-/// each one is recorded, and only pages the stream will not bring anyway are asked of the
-/// source, always in the REQ_PAGES_ID form (the two legs' "previous block" differ once
-/// the sidecar drops a request; protocol-spec/return-path.md#rp-req-pages).
-///
-/// Pages the sidecar's own guarded reader needs arrive on `guard_wants` as (guard block
-/// index, offset); they are asked of the source at once, ahead of the destination's
-/// requests still being read (protocol-spec/guarded-access.md#guard-faults).
-pub async fn relay_return_path<R, W>(
-    mut from_dst: R,
-    mut to_src: W,
-    shared: Arc<Shared>,
-    mut guard_wants: Option<tokio::sync::mpsc::UnboundedReceiver<(usize, u64)>>,
-) -> Result<(), RelayError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let ch = Channel::ReturnPath;
-    let mut dec = RpDecoder::new();
-    let mut buf = BytesMut::with_capacity(16 * 1024);
-    let mut out = Vec::with_capacity(4096);
-    loop {
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
-        }
-        let n = tokio::select! {
-            biased;
-            want = async { guard_wants.as_mut().expect("guarded").recv().await },
-                if guard_wants.is_some() =>
-            {
-                match want {
-                    Some((block, offset)) => ask_for_guard(&shared, block, offset, &mut out),
-                    None => guard_wants = None,
-                }
-                if !out.is_empty() {
-                    to_src
-                        .write_all(&out)
-                        .await
-                        .map_err(io_err(ch, "writing to the source"))?;
-                    out.clear();
-                }
-                continue;
-            }
-            n = from_dst.read_buf(&mut buf) => n,
-        }
-        .map_err(io_err(ch, "reading from the destination"))?;
-        if n == 0 {
-            dec.finish(&buf)?;
-            to_src
-                .shutdown()
-                .await
-                .map_err(io_err(ch, "closing towards the source"))?;
-            return Ok(());
-        }
-        let now = Instant::now();
-        let mut consumed = 0;
-        let mut received = 0u64;
-        loop {
-            let (len, msg) = match dec.next(&buf[consumed..]) {
-                Ok(Step::Event { len, event, .. }) => (len, event),
-                Ok(Step::NeedMore) => break,
-                Err(e) => {
-                    let _ = to_src.write_all(&out).await;
-                    return Err(e.into());
-                }
-            };
-            let raw = &buf[consumed..consumed + len];
-            consumed += len;
-            received += len as u64;
-            let request = match &msg {
-                RpMessage::ReqPagesId { start, len, block } => Some((*start, *len, block.to_vec())),
-                RpMessage::ReqPages { start, len } => {
-                    Some((*start, *len, dec.last_block().unwrap_or_default().to_vec()))
-                }
-                _ => None,
-            };
-            let Some((start, len, block)) = request else {
-                if let (RpMessage::Pong(2), Some(g)) = (&msg, shared.guard.get()) {
-                    // The destination loaded everything before the switch to postcopy.
-                    g.set_phase(Phase::Postcopy);
-                }
-                shared
-                    .stats
-                    .lock()
-                    .expect("stats lock")
-                    .rp_message(msg.name());
-                out.extend_from_slice(raw);
-                continue;
-            };
-            if forward_request(&shared, &block, start, len, now) {
-                RpMessage::ReqPagesId {
-                    start,
-                    len,
-                    block: &block,
-                }
-                .encode(&mut out);
-            }
-        }
-        buf.advance_to(consumed);
-        let postcopy = {
-            let mut stats = shared.stats.lock().expect("stats lock");
-            stats.channel_bytes(ch, received);
-            stats.phase >= PostcopyPhase::Listening
-        };
-        if let Some(m) = shared.metrics.get() {
-            m.add_bytes(ch, postcopy, received);
-        }
-        if !out.is_empty() {
-            to_src
-                .write_all(&out)
-                .await
-                .map_err(io_err(ch, "writing to the source"))?;
-            out.clear();
-        }
-    }
-}
-
-/// Asks the source for a page the guarded reader needs, unless the stream brings it anyway.
-fn ask_for_guard(shared: &Shared, guard_block: usize, offset: u64, out: &mut Vec<u8>) {
-    let Some(g) = shared.guard.get() else {
-        return;
-    };
-    let Some((name, _)) = g.blocks().into_iter().nth(guard_block) else {
-        return;
-    };
-    let mut tr = shared.tracker.lock().expect("tracker lock");
-    let Some(t) = tr.as_mut() else {
-        return;
-    };
-    let Some(b) = t.block_index(name.as_bytes()) else {
-        return;
-    };
-    let tps = t.target_page_size();
-    if t.guard_requested(b, offset, Instant::now()) == RequestDecision::Forward {
-        RpMessage::ReqPagesId {
-            start: offset,
-            len: tps as u32,
-            block: name.as_bytes(),
-        }
-        .encode(out);
-    }
-}
-
-/// Records a request and says whether it must go on to the source.
-fn forward_request(shared: &Shared, block: &[u8], start: u64, len: u32, now: Instant) -> bool {
-    let mut tr = shared.tracker.lock().expect("tracker lock");
-    let Some(t) = tr.as_mut() else {
-        return true;
-    };
-    let Some(b) = t.block_index(block) else {
-        return true;
-    };
-    let decisions = t.requested(b, start, u64::from(len), now);
-    let forward = decisions
-        .iter()
-        .any(|(_, d)| *d == RequestDecision::Forward);
-    if forward {
-        t.forwarded_message();
-    }
-    if let Some(m) = shared.metrics.get() {
-        use super::metrics::RequestOutcome;
-        m.request_messages.inc();
-        for (_, d) in &decisions {
-            m.add_requested(
-                match d {
-                    RequestDecision::Forward => RequestOutcome::Forwarded,
-                    RequestDecision::AlreadyRequested => RequestOutcome::Deduplicated,
-                    RequestDecision::AlreadyDelivered => RequestOutcome::AlreadyDelivered,
-                },
-                1,
-            );
-        }
-        m.in_flight.set(t.outstanding_pages() as i64);
-    }
-    drop(tr);
-    shared
-        .stats
-        .lock()
-        .expect("stats lock")
-        .request(now, forward, decisions.len() as u64);
-    forward
-}
-
-trait AdvanceTo {
-    fn advance_to(&mut self, n: usize);
-}
-
-impl AdvanceTo for BytesMut {
-    fn advance_to(&mut self, n: usize) {
-        let _ = self.split_to(n);
-    }
 }

@@ -6,8 +6,22 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::stats::{ChannelBytes, PhaseFigures, Stats};
-use super::tracker::{BlockFigures, LatencyFigures, PageTracker, RequestFigures};
+use crate::figures::LatencyFigures;
+use crate::session::stats::{ChannelBytes, PhaseFigures};
+use crate::session::tracker::{BlockFigures, PageTracker, RequestFigures};
+use crate::session::{LinkView, Recovery, Session};
+use crate::verify::VerifyReport;
+
+/// What `receive --verify` found.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct VerifyFigures {
+    /// Postcopy pages checked right after placement.
+    pub at_placement: Option<VerifyReport>,
+    /// The whole RAM compared at the end (destination paused).
+    pub exact: Option<VerifyReport>,
+    /// Why a check was not made.
+    pub note: String,
+}
 
 /// What the destination QEMU said about itself.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -71,18 +85,24 @@ pub struct Report {
     /// What the guarded mapping did (with `--verify` or `--guard`).
     pub guard: Option<crate::guard::GuardFigures>,
     /// What verification found (with `--verify`).
-    pub verify: Option<super::receive::VerifyFigures>,
+    pub verify: Option<VerifyFigures>,
+    /// Every cut of the source link and how the migration came back from it.
+    pub recoveries: Vec<Recovery>,
+    /// The source link at the end (e.g. still away, if the migration ended there).
+    pub link: Option<LinkView>,
 }
 
 impl Report {
-    /// Builds the report from the live state.
+    /// Builds the report from the session's state.
     pub fn build(
-        stats: &Stats,
-        tracker: Option<&PageTracker>,
+        session: &Session,
         destination: DestinationInfo,
         preempt: bool,
         error: Option<String>,
+        now: std::time::Instant,
     ) -> Report {
+        let stats = session.stats();
+        let tracker = session.tracker();
         let ms = |k: &str| {
             stats
                 .milestones
@@ -120,6 +140,8 @@ impl Report {
             blocks: tracker.map(PageTracker::block_figures).unwrap_or_default(),
             guard: None,
             verify: None,
+            recoveries: session.recoveries().to_vec(),
+            link: Some(session.link_view(now)),
         }
     }
 
@@ -196,6 +218,23 @@ impl Report {
         );
         if let Some(bt) = d.postcopy_blocktime_ms {
             let _ = writeln!(s, "blocktime    {bt} ms (destination's own vCPU blocktime)");
+        }
+        for (i, r) in self.recoveries.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "recovery {:>3} {} at {} ms, {} ({}): source away {} ms, handshake {} ms, \
+                 postcopy again after {} ms; {} requests queued, {} asked again",
+                i + 1,
+                r.mode,
+                r.cut_at_ms,
+                r.channel,
+                r.cause,
+                r.source_gone_ms,
+                r.handshake_ms,
+                r.total_ms,
+                r.requests_queued,
+                r.requests_reissued
+            );
         }
         let _ = writeln!(
             s,

@@ -37,7 +37,7 @@ use userfaultfd::{Event, FeatureFlags, Uffd, UffdBuilder};
 
 use super::discover::RamFile;
 use super::probe;
-use crate::daemon::tracker::LatencyFigures;
+use crate::figures::LatencyFigures;
 
 /// Target page size of the guarded mapping (x86 guests on 4 KiB host pages).
 pub const PAGE: u64 = 4096;
@@ -362,7 +362,7 @@ impl GuardedRam {
     pub fn figures(&self) -> GuardFigures {
         let st = self.inner.lock();
         let mut f = st.figures.clone();
-        f.wait = crate::daemon::tracker::latency_of(&st.wait);
+        f.wait = crate::figures::latency_of(&st.wait);
         f
     }
 }

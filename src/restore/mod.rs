@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::net::UnixStream;
 
-use crate::daemon::tracker::LatencyFigures;
+use crate::figures::LatencyFigures;
 use crate::qmp::{Qmp, QmpError};
 use crate::snapshot::meta::{OPENING_FILE, PACKAGE_FILE, SnapshotMeta};
 use crate::snapshot::{PageStore, SnapshotError};
@@ -335,7 +335,7 @@ async fn attach_and_serve(
     report.requests = served.requests;
     report.served = served.served.clone();
     report.bytes_sent = served.bytes_sent;
-    report.latency = crate::daemon::tracker::latency_of(&served.latency);
+    report.latency = crate::figures::latency_of(&served.latency);
     if status != "completed" {
         return Err(RestoreError::DestinationFailed(status.to_string()));
     }

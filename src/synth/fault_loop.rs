@@ -12,7 +12,7 @@ use hdrhistogram::Histogram;
 use userfaultfd::{Event, EventBuffer};
 
 use super::{PAGE, SynthRam};
-use crate::daemon::tracker::{LatencyFigures, latency_of};
+use crate::figures::{LatencyFigures, latency_of};
 
 /// How a first fault on a page is answered.
 pub trait FaultHandler: Send {

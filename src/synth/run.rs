@@ -11,7 +11,7 @@ use super::fault_loop::{BareCopy, FaultClock, FaultThread};
 use super::touch::{self, Pattern, TouchReport};
 use super::wire::{ListenReport, destination};
 use super::{PAGE, SynthRam, page_content};
-use crate::daemon::tracker::LatencyFigures;
+use crate::figures::LatencyFigures;
 use crate::restore::Snapshot;
 use crate::restore::stream::{ServeKnobs, serve};
 

@@ -221,6 +221,26 @@ pub struct StreamDecoder {
     tail: Vec<u8>,
     tail_start: u64,
     opaque_from: Option<u64>,
+    /// Whether sections of this stream end with a footer (`send-section-footer`), once
+    /// the first `ram` section after its EOS showed it.
+    footers: Option<bool>,
+}
+
+/// Why a stream cannot be continued on a new connection after a cut
+/// ([`StreamDecoder::resume_after_cut`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeRefusal {
+    /// The cut came before the destination ran the VM (before POSTCOPY_RUN): QEMU fails
+    /// such a migration instead of pausing it.
+    #[error("the stream was cut in phase '{0}', before the destination ran the VM")]
+    NotRunning(&'static str),
+    /// The cut came inside the device-state package.
+    #[error("the stream was cut inside the device-state package")]
+    InPackage,
+    /// The stream had become opaque (a non-RAM iterable device such as `dirty-bitmap`),
+    /// so the point where the cut left the destination cannot be known.
+    #[error("the stream was cut in device state the codec does not frame")]
+    Opaque,
 }
 
 enum Parsed<'a> {
@@ -255,7 +275,93 @@ impl StreamDecoder {
             tail: Vec::new(),
             tail_start: 0,
             opaque_from: None,
+            footers: None,
         }
+    }
+
+    /// A decoder for the stream of a migration that is already in postcopy and whose
+    /// opening it never saw (a restarted sidecar taking over a paused migration): the
+    /// `ram` section's id, the block table and the target page size come from elsewhere
+    /// (the state the first sidecar wrote), and decoding starts at a section boundary of
+    /// a resumed connection (protocol-spec/postcopy-sequence.md#sequence-recovery).
+    pub fn resumed(
+        options: DecoderOptions,
+        ram_section_id: u32,
+        layout: RamLayout,
+        target_page_size: u64,
+    ) -> Self {
+        let mut d = Self::new(options);
+        d.mode = Mode::Records;
+        d.layout = layout;
+        d.tps = target_page_size;
+        d.sections.insert(ram_section_id, RAM_IDSTR.to_vec());
+        d.phase = PostcopyPhase::Running;
+        d.ram.postcopy_listening = true;
+        d.framing.postcopy_advised = true;
+        d
+    }
+
+    /// Id of the `ram` section, once START announced it.
+    pub fn ram_section_id(&self) -> Option<u32> {
+        self.sections
+            .iter()
+            .find(|(_, name)| name.as_slice() == RAM_IDSTR)
+            .map(|(id, _)| *id)
+    }
+
+    /// The bytes that end a `ram` section the stream left open, exactly as the source
+    /// would have ended it: EOS, then the footer if this stream uses footers. Empty when
+    /// the decoder stands between sections.
+    ///
+    /// After a cut in postcopy, a destination whose connection the sidecar keeps open is
+    /// still inside that section; a resumed source starts a new one
+    /// (protocol-spec/postcopy-sequence.md#sequence-hold).
+    pub fn close_open_section(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self.mode {
+            Mode::RamPayload { section_id, .. } => {
+                RamRecord::Eos.encode(&mut out);
+                if self.footers != Some(false) {
+                    stream::encode_footer(section_id, &mut out);
+                }
+            }
+            Mode::AfterRam { section_id } if self.footers != Some(false) => {
+                stream::encode_footer(section_id, &mut out);
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// Whether this stream could continue on a new connection after a cut now (see
+    /// [`Self::resume_after_cut`]).
+    pub fn can_resume(&self) -> Result<(), ResumeRefusal> {
+        if self.package.is_some() {
+            return Err(ResumeRefusal::InPackage);
+        }
+        if self.phase < PostcopyPhase::Running {
+            return Err(ResumeRefusal::NotRunning(self.phase.name()));
+        }
+        if matches!(self.mode, Mode::Opaque | Mode::PackageOpaque { .. }) {
+            return Err(ResumeRefusal::Opaque);
+        }
+        Ok(())
+    }
+
+    /// Continues this stream on a new connection after a cut: a resumed source sends no
+    /// header, starts at a section boundary, and has forgotten its previous block
+    /// (protocol-spec/postcopy-sequence.md#sequence-recovery). Offsets restart at 0 for
+    /// the new connection. Bytes of a record the cut interrupted were never decoded, so
+    /// they are simply not part of the continued stream.
+    pub fn resume_after_cut(&mut self) -> Result<(), ResumeRefusal> {
+        self.can_resume()?;
+        // Mid-section, or past an EOF the source will send again after a resume that
+        // finds nothing left to send.
+        self.mode = Mode::Records;
+        self.ram.current = None;
+        self.offset = 0;
+        self.failed = None;
+        Ok(())
     }
 
     /// Absolute offset of the next byte the decoder expects.
@@ -417,9 +523,11 @@ impl StreamDecoder {
                 }
                 let (_, t) = super::primitives::u8_(inp)?;
                 if t != SECTION_FOOTER {
+                    self.footers.get_or_insert(false);
                     self.mode = Mode::Records;
                     return Ok((inp, Parsed::Again));
                 }
+                self.footers = Some(true);
                 let (rest, id) = stream::parse_footer(inp)?;
                 if id != section_id {
                     return fail(

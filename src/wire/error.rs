@@ -15,6 +15,17 @@ pub enum Channel {
     ReturnPath,
 }
 
+impl Channel {
+    /// The serialised name (`main`, `preempt`, `return-path`), for reports and labels.
+    pub fn short(self) -> &'static str {
+        match self {
+            Channel::Main => "main",
+            Channel::Preempt => "preempt",
+            Channel::ReturnPath => "return-path",
+        }
+    }
+}
+
 impl fmt::Display for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

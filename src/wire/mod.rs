@@ -23,7 +23,8 @@ pub mod stream;
 
 pub use command::{Advise, Command, CommandCode};
 pub use decoder::{
-    DecoderOptions, Event, OpaqueTail, PostcopyPhase, Step, StreamDecoder, StreamEnd, coalesce,
+    DecoderOptions, Event, OpaqueTail, PostcopyPhase, ResumeRefusal, Step, StreamDecoder,
+    StreamEnd, coalesce,
 };
 pub use error::{Channel, DecodeError, ErrorKind};
 pub use preempt::PreemptDecoder;

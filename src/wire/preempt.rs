@@ -42,6 +42,11 @@ impl PreemptDecoder {
         self.layout = layout;
     }
 
+    /// Whether the channel ended with EOS (sources before 8.0 end it so).
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
     /// Absolute offset of the next expected byte.
     pub fn offset(&self) -> u64 {
         self.offset

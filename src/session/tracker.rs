@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::figures::{LatencyFigures, latency_of};
+
 use crate::wire::RamLayout;
 
 /// What to do with one page of a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RequestDecision {
     /// Not delivered and not asked for yet: ask the source.
     Forward,
@@ -100,39 +102,6 @@ pub struct RequestFigures {
     /// Request messages sent to the source on the guarded reader's behalf (not counted in
     /// `forwarded_messages`).
     pub guard_forwarded_messages: u64,
-}
-
-/// Fault-service latency: from the first request for a page to the moment the sidecar
-/// handed the page to the destination.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct LatencyFigures {
-    /// Requests answered.
-    pub count: u64,
-    /// Median, µs.
-    pub p50_us: f64,
-    /// 90th percentile, µs.
-    pub p90_us: f64,
-    /// 99th percentile, µs.
-    pub p99_us: f64,
-    /// Worst, µs.
-    pub max_us: f64,
-    /// Mean, µs.
-    pub mean_us: f64,
-}
-
-/// Percentiles of a histogram of µs values (all zero when it is empty).
-pub fn latency_of(h: &Histogram<u64>) -> LatencyFigures {
-    if h.is_empty() {
-        return LatencyFigures::default();
-    }
-    LatencyFigures {
-        count: h.len(),
-        p50_us: h.value_at_quantile(0.5) as f64,
-        p90_us: h.value_at_quantile(0.9) as f64,
-        p99_us: h.value_at_quantile(0.99) as f64,
-        max_us: h.max() as f64,
-        mean_us: h.mean(),
-    }
 }
 
 /// The takeover state of one migration.
@@ -292,6 +261,80 @@ impl PageTracker {
                 RequestDecision::Forward
             }
         }
+    }
+
+    /// Every page asked for and not delivered yet, oldest request first: what must be asked
+    /// again of a source that resumes after a cut.
+    pub fn pending_pages(&self) -> Vec<(usize, u64)> {
+        let mut all: Vec<(Instant, usize, u64)> = self
+            .blocks
+            .iter()
+            .enumerate()
+            .flat_map(|(b, st)| {
+                st.pending
+                    .iter()
+                    .map(move |(page, (at, _))| (*at, b, *page))
+            })
+            .collect();
+        all.sort_unstable();
+        all.into_iter()
+            .map(|(_, b, page)| (b, page * self.tps))
+            .collect()
+    }
+
+    /// Forgets every outstanding request (a destination that paused re-sends its own after
+    /// the recovery); the pages stay requestable.
+    pub fn clear_pending(&mut self) {
+        for b in &mut self.blocks {
+            b.pending.clear();
+        }
+    }
+
+    /// The block's delivered pages in the form of QEMU's received bitmap
+    /// (protocol-spec/return-path.md#rp-recv-bitmap): one bit per target page of the
+    /// block's length, bit i in byte i/8 from the least significant bit, the byte count
+    /// rounded up to a multiple of 8. A page counts as received once it was forwarded to a
+    /// destination whose connection stays open, so this is exact for a held destination.
+    pub fn received_bitmap(&self, block: usize) -> Option<Vec<u8>> {
+        let b = self.blocks.get(block)?;
+        let nbits = b.figures.length / self.tps;
+        let size = nbits.div_ceil(8).next_multiple_of(8) as usize;
+        let mut out: Vec<u8> = b.delivered.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.resize(size, 0);
+        // Bits past the block's last page are never set.
+        if !nbits.is_multiple_of(8)
+            && let Some(last) = out.get_mut((nbits / 8) as usize)
+        {
+            *last &= (1u8 << (nbits % 8)) - 1;
+        }
+        for byte in out.iter_mut().skip(nbits.div_ceil(8) as usize) {
+            *byte = 0;
+        }
+        Some(out)
+    }
+
+    /// Replaces the block's delivered pages with a destination's received bitmap (the
+    /// destination is the authority after it paused and dropped what was in flight).
+    /// Returns the pages marked received.
+    pub fn load_received_bitmap(&mut self, block: usize, bitmap: &[u8]) -> u64 {
+        let Some(b) = self.blocks.get_mut(block) else {
+            return 0;
+        };
+        let pages = (b.delivered.len() * 64) as u64;
+        let mut received = 0;
+        for word in &mut b.delivered {
+            *word = 0;
+        }
+        for (i, byte) in bitmap.iter().enumerate() {
+            for bit in 0..8 {
+                let page = (i * 8 + bit) as u64;
+                if page < pages && byte & (1 << bit) != 0 {
+                    b.set(page, true);
+                    received += 1;
+                }
+            }
+        }
+        received
     }
 
     /// Pages asked of the source and not delivered yet.

@@ -1,0 +1,641 @@
+//! The carrier: accepts the source's connections for the whole migration, tells them
+//! apart, connects the destination, feeds the pumps, and acts on what the session decides
+//! when a source connection is lost (hold the destination, pass QEMU's recovery through,
+//! or fail), on the idle rule, and on the end.
+//!
+//! Connections are told apart by their first byte, never by a guess: a fresh main channel
+//! starts with the file magic (`Q`), a resumed one with a command (`0x08`), and a preempt
+//! channel arrives once the main one is up (or, with QEMU 7.2, right after it, silent).
+//! (protocol-spec/postcopy-sequence.md#sequence-hold)
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::receive::ReceiveError;
+use super::relay::{self, Feed, PumpReport, Reader, Relay, RelayError, Writer};
+use crate::qmp::{IncomingAddress, MigrationStatus, Qmp};
+use crate::session::{CutDecision, LinkEvent, TimerAction};
+use crate::wire::Channel;
+
+/// Where the sidecar reaches the destination QEMU's incoming side.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// A private unix socket the sidecar chose.
+    Unix(PathBuf),
+    /// Where a manager made the destination listen.
+    Tcp(SocketAddr),
+}
+
+impl Endpoint {
+    /// Parses the display form (`unix:PATH`, `tcp:ADDR:PORT`).
+    pub fn parse(s: &str) -> Option<Endpoint> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Some(Endpoint::Unix(p.into()));
+        }
+        s.strip_prefix("tcp:")?.parse().ok().map(Endpoint::Tcp)
+    }
+
+    /// The same endpoint as QEMU reports an incoming address.
+    pub fn incoming_address(&self) -> IncomingAddress {
+        match self {
+            Endpoint::Unix(p) => IncomingAddress::Unix(p.clone()),
+            Endpoint::Tcp(a) => IncomingAddress::Tcp {
+                host: a.ip().to_string(),
+                port: a.port(),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// How the destination is recovered in pass-through mode after it paused.
+#[derive(Debug, Clone)]
+pub enum Recover {
+    /// The sidecar runs `migrate-recover` itself (out of band) on a new private socket in
+    /// this directory.
+    Private(PathBuf),
+    /// The destination's manager runs `migrate-recover`; the sidecar connects wherever the
+    /// destination listens when the source comes back.
+    Follow,
+}
+
+/// Socket settings for the source's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceSockets {
+    /// Receive buffer (0 = the kernel's default).
+    pub rcvbuf: usize,
+    /// Send buffer towards the destination (0 = the kernel's default).
+    pub dst_sndbuf: usize,
+    /// Silence that counts as a cut; also sets TCP keepalive and `TCP_USER_TIMEOUT`.
+    pub silence: Duration,
+}
+
+/// What the carrier needs.
+pub struct CarryOptions {
+    /// Where the destination listens first.
+    pub endpoint: Endpoint,
+    /// Whether the preempt channel is in use.
+    pub preempt: bool,
+    /// How a paused destination gets recovered (pass-through).
+    pub recover: Recover,
+    /// How long to wait for the source's first connection.
+    pub accept_timeout: Duration,
+    /// Socket settings.
+    pub sockets: SourceSockets,
+    /// The migration is being taken over from an earlier sidecar: the first source main
+    /// connection is a resume.
+    pub takeover: bool,
+    /// Where to write what a restarted sidecar needs, once the stream reached postcopy.
+    pub state_file: Option<PathBuf>,
+    /// Where link events also go.
+    pub link_events: Option<mpsc::UnboundedSender<LinkEvent>>,
+}
+
+/// How long a new connection may stay silent before it is dropped, while no main
+/// connection is up (a preempt channel is recognised once the main one is).
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait for a destination connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// QMP calls made while the destination may be blocked on guest memory.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A source connection after its first byte (or the lack of one) was seen.
+enum Classified {
+    /// Starts with the file magic: a fresh main channel.
+    FreshMain,
+    /// Starts with a command: a resumed main channel.
+    ResumedMain,
+    /// Silent while a main connection came up: a preempt channel.
+    Preempt,
+    /// Anything else, or silent too long.
+    Refused(String),
+}
+
+fn configure_source(s: &TcpStream, o: &SourceSockets) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(s);
+    if o.rcvbuf > 0 {
+        sock.set_recv_buffer_size(o.rcvbuf)?;
+    }
+    // A dead peer or a silent partition ends the connection within about `silence`.
+    let idle = (o.silence / 2).max(Duration::from_secs(1));
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(Duration::from_secs(1))
+            .with_retries(3),
+    )?;
+    sock.set_tcp_user_timeout(Some(o.silence))?;
+    Ok(())
+}
+
+/// Cuts a connection at once: RST, so a source that still writes gets an error and
+/// pauses (QEMU pauses only on a write error, protocol-spec/postcopy-sequence.md#sequence-hold).
+fn cut_socket(s: &socket2::Socket) {
+    let _ = s.set_linger(Some(Duration::ZERO));
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+fn dup<T: std::os::fd::AsFd>(s: &T) -> Option<socket2::Socket> {
+    socket2::SockRef::from(s).try_clone().ok()
+}
+
+impl Classified {
+    fn name(&self) -> &'static str {
+        match self {
+            Classified::FreshMain => "fresh main",
+            Classified::ResumedMain => "resumed main",
+            Classified::Preempt => "preempt",
+            Classified::Refused(_) => "refused",
+        }
+    }
+}
+
+/// Waits for a connection's first byte, or for a main connection to come up.
+async fn classify(
+    s: &TcpStream,
+    mut main_up: watch::Receiver<bool>,
+    timeout: Duration,
+) -> Classified {
+    let mut b = [0u8; 1];
+    tokio::select! {
+        r = s.peek(&mut b) => match r {
+            Ok(0) => Classified::Refused("closed before sending anything".into()),
+            Ok(_) if b[0] == b'Q' => Classified::FreshMain,
+            Ok(_) if b[0] == crate::wire::command::SECTION_COMMAND => Classified::ResumedMain,
+            Ok(_) => Classified::Refused(format!("starts with {:#04x}, not a migration stream", b[0])),
+            Err(e) => Classified::Refused(e.to_string()),
+        },
+        _ = main_up.wait_for(|up| *up) => Classified::Preempt,
+        _ = tokio::time::sleep(timeout) => Classified::Refused(format!("silent for {:.0} s", timeout.as_secs_f64())),
+    }
+}
+
+async fn connect_destination(
+    endpoint: &Endpoint,
+    sndbuf: usize,
+) -> Result<(Reader, Writer, socket2::Socket), ReceiveError> {
+    let what = format!("connecting to the destination at {endpoint}");
+    let io = |source| ReceiveError::Io {
+        what: what.clone(),
+        source,
+    };
+    let connect = async {
+        match endpoint {
+            Endpoint::Unix(p) => {
+                let s = UnixStream::connect(p).await?;
+                let sock = socket2::SockRef::from(&s);
+                if sndbuf > 0 {
+                    sock.set_send_buffer_size(sndbuf)?;
+                }
+                let d = sock.try_clone()?;
+                let (r, w) = s.into_split();
+                Ok::<_, std::io::Error>((Box::new(r) as Reader, Box::new(w) as Writer, d))
+            }
+            Endpoint::Tcp(a) => {
+                let s = TcpStream::connect(a).await?;
+                s.set_nodelay(true)?;
+                let sock = socket2::SockRef::from(&s);
+                if sndbuf > 0 {
+                    sock.set_send_buffer_size(sndbuf)?;
+                }
+                let d = sock.try_clone()?;
+                let (r, w) = s.into_split();
+                Ok((Box::new(r) as Reader, Box::new(w) as Writer, d))
+            }
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| {
+            io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer",
+            ))
+        })?
+        .map_err(io)
+}
+
+fn endpoint_of(addr: &IncomingAddress) -> Result<Endpoint, ReceiveError> {
+    super::receive::endpoint_of(addr)
+}
+
+/// The pumps' channels.
+struct Pumps {
+    main: Option<mpsc::Sender<Feed>>,
+    rp: Option<mpsc::Sender<Reader>>,
+    preempt: Option<mpsc::Sender<Feed>>,
+    tasks: JoinSet<(&'static str, Result<(), RelayError>)>,
+}
+
+/// Runs the migration's connections until the stream is complete and every pump ended.
+pub async fn carry(
+    listener: &TcpListener,
+    opts: CarryOptions,
+    relay: Arc<Relay>,
+    mut reports: mpsc::UnboundedReceiver<PumpReport>,
+    qmp: Option<&Qmp>,
+    mut guard_wants: Option<mpsc::UnboundedReceiver<(String, u64)>>,
+) -> Result<(), ReceiveError> {
+    let mut pumps = Pumps {
+        main: None,
+        rp: None,
+        preempt: None,
+        tasks: JoinSet::new(),
+    };
+    let (main_up_tx, _) = watch::channel(false);
+    let mut classifying: JoinSet<(TcpStream, SocketAddr, Classified)> = JoinSet::new();
+    let mut src_socks: Vec<socket2::Socket> = Vec::new();
+    let mut dst_socks: Vec<socket2::Socket> = Vec::new();
+    let mut endpoint = opts.endpoint.clone();
+    let mut preempt_up = false;
+    // Whether the destination's preempt connection is open (a held destination keeps it).
+    let mut dst_preempt_open = false;
+    let mut first_main = !opts.takeover;
+    // In pass-through, a destination connection must be made for the next resume.
+    let mut need_destination = opts.takeover;
+    let accept_deadline = tokio::time::Instant::now() + opts.accept_timeout;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut state_file = opts.state_file.clone();
+    let mut main_done = false;
+    let mut rp_done = false;
+    let mut destination_closed = false;
+    let result: Result<(), ReceiveError> = loop {
+        let timeout = relay.with(|s| s.poll_timeout());
+        let waiting_first = first_main && pumps.main.is_none();
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (s, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!("accepting a source connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if let Err(e) = configure_source(&s, &opts.sockets) {
+                    tracing::warn!(%peer, "configuring a source connection: {e}");
+                    continue;
+                }
+                tracing::debug!(%peer, main_up = *main_up_tx.borrow(), preempt_up, "accepted a source connection");
+                if *main_up_tx.borrow() && opts.preempt && !preempt_up {
+                    // The main channel is up: this is the preempt channel.
+                    classifying.spawn(async move { (s, peer, Classified::Preempt) });
+                } else if *main_up_tx.borrow() {
+                    tracing::warn!(%peer, "refused a connection: the source's channels are all up");
+                } else {
+                    let up = main_up_tx.subscribe();
+                    classifying.spawn(async move {
+                        let c = classify(&s, up, FIRST_BYTE_TIMEOUT).await;
+                        (s, peer, c)
+                    });
+                }
+            }
+            Some(done) = classifying.join_next() => {
+                let Ok((s, peer, class)) = done else { continue };
+                tracing::debug!(%peer, class = class.name(), main_up = *main_up_tx.borrow(), "classified a source connection");
+                match class {
+                    Classified::Refused(why) => {
+                        tracing::warn!(%peer, "refused a connection: {why}");
+                    }
+                    Classified::FreshMain | Classified::ResumedMain if *main_up_tx.borrow() => {
+                        tracing::warn!(%peer, "refused a second main connection");
+                    }
+                    Classified::FreshMain if !first_main => {
+                        tracing::warn!(%peer, "refused a fresh migration stream: this migration is in progress");
+                    }
+                    Classified::ResumedMain if first_main => {
+                        tracing::warn!(%peer, "refused a resume connection: no migration to resume yet");
+                    }
+                    Classified::FreshMain | Classified::ResumedMain => {
+                        let epoch = match relay.with(|s| s.source_main_connected(Instant::now())) {
+                            Ok(_) => relay.with(|s| s.epoch()),
+                            Err(e) => {
+                                tracing::warn!(%peer, "refused a main connection: {e}");
+                                continue;
+                            }
+                        };
+                        for sock in src_socks.drain(..) {
+                            cut_socket(&sock);
+                        }
+                        src_socks.extend(dup(&s));
+                        let (r, w) = s.into_split();
+                        relay.source.install(epoch, Box::new(w)).await;
+                        let mut destination = None;
+                        if first_main || need_destination {
+                            if !first_main {
+                                // Pass-through: where the destination listens now.
+                                if let (Recover::Follow, Some(qmp)) = (&opts.recover, qmp) {
+                                    match tokio::time::timeout(QMP_TIMEOUT, qmp.incoming_address()).await {
+                                        Ok(Ok(Some(a))) => endpoint = endpoint_of(&a)?,
+                                        other => tracing::warn!("the destination's recovery address: {other:?}; trying {endpoint}"),
+                                    }
+                                }
+                            }
+                            let (dr, dw, dsock) = connect_destination(&endpoint, opts.sockets.dst_sndbuf).await?;
+                            dst_socks.push(dsock);
+                            destination = Some(dw);
+                            if pumps.rp.is_none() {
+                                let (tx, rx) = mpsc::channel(1);
+                                let r2 = relay.clone();
+                                pumps.tasks.spawn(async move { ("return path", relay::return_path_pump(r2, rx).await) });
+                                pumps.rp = Some(tx);
+                            }
+                            if let Some(tx) = &pumps.rp {
+                                let _ = tx.send(dr).await;
+                            }
+                            need_destination = false;
+                        }
+                        if pumps.main.is_none() {
+                            let (tx, rx) = mpsc::channel(1);
+                            let r2 = relay.clone();
+                            pumps.tasks.spawn(async move { ("main", relay::main_pump(r2, rx).await) });
+                            pumps.main = Some(tx);
+                        }
+                        if let Some(tx) = &pumps.main {
+                            let _ = tx.send(Feed { source: Box::new(r), epoch, destination }).await;
+                        }
+                        if first_main {
+                            tracing::info!(%peer, "source connected");
+                        } else {
+                            tracing::info!(%peer, epoch, "source resumed: answering its recovery handshake");
+                        }
+                        first_main = false;
+                        preempt_up = false;
+                        main_up_tx.send_replace(true);
+                    }
+                    Classified::Preempt => {
+                        if !opts.preempt || preempt_up {
+                            tracing::warn!(%peer, "refused an extra connection");
+                            continue;
+                        }
+                        if let Err(e) = relay.with(|s| s.source_preempt_connected()) {
+                            tracing::warn!(%peer, "refused a preempt connection: {e}");
+                            continue;
+                        }
+                        let epoch = relay.with(|s| s.epoch());
+                        src_socks.extend(dup(&s));
+                        let (r, w) = s.into_split();
+                        // The source never reads its preempt channel; keep the half open.
+                        std::mem::forget(w);
+                        let mut destination = None;
+                        if !dst_preempt_open {
+                            let (dr, dw, dsock) = connect_destination(&endpoint, opts.sockets.dst_sndbuf).await?;
+                            dst_socks.push(dsock);
+                            destination = Some(dw);
+                            dst_preempt_open = true;
+                            pumps.tasks.spawn(async move { ("preempt reverse", relay::watch_preempt_reverse(dr).await) });
+                        }
+                        if pumps.preempt.is_none() {
+                            let (tx, rx) = mpsc::channel(1);
+                            let r2 = relay.clone();
+                            pumps.tasks.spawn(async move { ("preempt", relay::preempt_pump(r2, rx).await) });
+                            pumps.preempt = Some(tx);
+                        }
+                        if let Some(tx) = &pumps.preempt {
+                            let _ = tx.send(Feed { source: Box::new(r), epoch, destination }).await;
+                        }
+                        preempt_up = true;
+                        tracing::info!(%peer, "preempt channel connected");
+                    }
+                }
+            }
+            Some(report) = reports.recv() => {
+                match report {
+                    PumpReport::SourceLost { channel, cause, epoch } => {
+                        if epoch != relay.with(|s| s.epoch()) {
+                            continue; // a connection a resume already replaced
+                        }
+                        let decision = relay.with(|s| s.source_lost(channel, cause, Instant::now()));
+                        match decision {
+                            CutDecision::Ignore => {}
+                            CutDecision::Done => {
+                                if channel == Channel::Main {
+                                    pumps.main = None;
+                                    main_done = true;
+                                } else {
+                                    pumps.preempt = None;
+                                }
+                            }
+                            CutDecision::Hold if destination_closed => {
+                                break Err(ReceiveError::Setup(
+                                    "the source link was lost after the destination closed its \
+                                     connection: nothing to hold".into()));
+                            }
+                            CutDecision::Hold | CutDecision::PassThrough => {
+                                main_up_tx.send_replace(false);
+                                preempt_up = false;
+                                relay.source.clear().await;
+                                for sock in src_socks.drain(..) {
+                                    cut_socket(&sock);
+                                }
+                                if decision == CutDecision::PassThrough {
+                                    let cursor = qmp.map(Qmp::event_cursor);
+                                    for sock in dst_socks.drain(..) {
+                                        cut_socket(&sock);
+                                    }
+                                    need_destination = true;
+                                    dst_preempt_open = false;
+                                    if let (Recover::Private(_), Some(qmp), Some(cursor)) = (&opts.recover, qmp, cursor) {
+                                        // QEMU keeps its incoming listener while paused, and
+                                        // takes the next connection there as the recovery's
+                                        // main channel once it has paused: wait for that
+                                        // (an event: its main loop may be blocked).
+                                        match qmp.wait_migration_status_after(cursor, &["postcopy-paused", "failed"], QMP_TIMEOUT).await {
+                                            Ok(MigrationStatus::PostcopyPaused) => tracing::info!(destination = %endpoint, "the destination paused; it takes the source's resume there"),
+                                            other => tracing::warn!("the destination after the cut: {other:?}"),
+                                        }
+                                    }
+                                }
+                            }
+                            CutDecision::Fail(why) => break Err(ReceiveError::Setup(why)),
+                        }
+                    }
+                    PumpReport::DestinationLost { channel, error } => {
+                        let up = relay.with(|s| s.link_view(Instant::now()).state == "up");
+                        if need_destination {
+                            // Our own cut of the destination (pass-through): expected.
+                        } else if channel == Channel::ReturnPath && error.is_none() && up {
+                            // The destination finished reading (it closes after its SHUT;
+                            // a precopy stream's end is judged when the source closes).
+                            destination_closed = true;
+                            pumps.rp = None;
+                        } else {
+                            break Err(ReceiveError::Relay(RelayError::Io {
+                                channel,
+                                side: "the destination closed the connection",
+                                source: error.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "EOF")),
+                            }));
+                        }
+                    }
+                }
+            }
+            Some(done) = pumps.tasks.join_next(), if !pumps.tasks.is_empty() => {
+                match done {
+                    Ok((name, Ok(()))) => {
+                        tracing::debug!(pump = name, "pump ended");
+                        if name == "return path" {
+                            rp_done = true;
+                        }
+                    }
+                    Ok((name, Err(e))) => {
+                        tracing::error!(pump = name, "{e}");
+                        break Err(e.into());
+                    }
+                    Err(join) => break Err(ReceiveError::Setup(format!("a pump task failed: {join}"))),
+                }
+            }
+            want = async { guard_wants.as_mut().expect("checked").recv().await }, if guard_wants.is_some() => {
+                match want {
+                    Some((block, offset)) => {
+                        relay.with(|s| s.guard_wants(&block, offset, Instant::now()));
+                        relay.flush_to_source().await;
+                    }
+                    None => guard_wants = None,
+                }
+            }
+            _ = async {
+                match timeout {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match relay.with(|s| s.handle_timeout(Instant::now())) {
+                    Some(TimerAction::CutSource) => {
+                        tracing::warn!("the source has been silent too long: cutting its connections");
+                        for sock in &src_socks {
+                            cut_socket(sock);
+                        }
+                    }
+                    Some(TimerAction::GiveUp(why)) => {
+                        break Err(ReceiveError::SourceGone(why));
+                    }
+                    None => {}
+                }
+            }
+            _ = tokio::time::sleep_until(accept_deadline), if waiting_first => {
+                break Err(ReceiveError::Setup(format!(
+                    "no source connected within {:.0} s", opts.accept_timeout.as_secs_f64())));
+            }
+            _ = tick.tick() => {}
+        }
+        for ev in relay.with(|s| s.take_events()) {
+            log_event(&ev, listener);
+            if let Some(tx) = &opts.link_events {
+                let _ = tx.send(ev.clone());
+            }
+            if let Some(m) = &relay.metrics {
+                match &ev {
+                    LinkEvent::Cut {
+                        cause, decision, ..
+                    } => m.cut(cause, decision),
+                    LinkEvent::Recovered(r) => m.recovered(r),
+                    LinkEvent::ResumeStarted { .. } => {}
+                }
+            }
+        }
+        if let Some(m) = &relay.metrics {
+            m.link(&relay.with(|s| s.link_view(Instant::now())));
+        }
+        if let Some(path) = &state_file
+            && let Some(mut state) = relay.with(|s| s.takeover_state())
+        {
+            state.destination = Some(endpoint.to_string());
+            let json = serde_json::to_vec_pretty(&state).expect("state serialises");
+            match crate::durable::write_atomically(path, &json) {
+                Ok(()) => tracing::info!(path = %path.display(), "takeover state written"),
+                Err(e) => tracing::warn!("writing the state file {}: {e}", path.display()),
+            }
+            state_file = None;
+        }
+        if main_done && pumps.main.is_none() && (rp_done || destination_closed) {
+            pumps.preempt = None;
+            break Ok(());
+        }
+    };
+    // Whatever happened, the pumps' inputs close; a failure drops every socket so both
+    // QEMUs see the break at once instead of hanging.
+    pumps.main = None;
+    pumps.rp = None;
+    pumps.preempt = None;
+    if result.is_err() {
+        for s in src_socks.iter().chain(dst_socks.iter()) {
+            cut_socket(s);
+        }
+        pumps.tasks.abort_all();
+    } else {
+        // Let the pumps finish their last writes.
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_secs(10), pumps.tasks.join_next()).await
+        {}
+    }
+    result
+}
+
+fn log_event(ev: &LinkEvent, listener: &TcpListener) {
+    let at = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    match ev {
+        LinkEvent::Cut {
+            channel,
+            cause,
+            decision,
+        } => match decision {
+            CutDecision::Hold => tracing::warn!(
+                %channel, %cause,
+                "source link lost in postcopy: holding the destination (its vCPUs wait for \
+                 pages); resume the source with `migrate {{\"uri\": \"tcp:{at}\", \"resume\": true}}` \
+                 (after `migrate-pause` if it has not noticed)"
+            ),
+            CutDecision::PassThrough => tracing::warn!(
+                %channel, %cause,
+                "source link lost in postcopy: the destination pauses too; recover both ends"
+            ),
+            CutDecision::Fail(why) => tracing::error!(%channel, "{why}"),
+            CutDecision::Done | CutDecision::Ignore => {}
+        },
+        LinkEvent::ResumeStarted { conn } => tracing::info!(conn, "resume connection"),
+        LinkEvent::Recovered(r) => tracing::info!(
+            mode = r.mode,
+            total_ms = r.total_ms,
+            handshake_ms = r.handshake_ms,
+            queued = r.requests_queued,
+            reissued = r.requests_reissued,
+            "postcopy running again"
+        ),
+    }
+}
+
+/// Makes a paused destination listen for the source's resume on a new private socket
+/// (`migrate-recover`, out of band: its main loop may be blocked on guest memory), for a
+/// takeover whose state names no endpoint.
+pub async fn recover_privately(qmp: &Qmp, dir: &std::path::Path) -> Result<Endpoint, ReceiveError> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("recover-{n}.sock"));
+    let status = tokio::time::timeout(QMP_TIMEOUT, qmp.migrate_status())
+        .await
+        .map_err(|_| ReceiveError::Qmp(crate::qmp::QmpError::Timeout("query-migrate".into())))??;
+    if status != MigrationStatus::PostcopyPaused {
+        return Err(ReceiveError::DestinationFailed(status.to_string()));
+    }
+    qmp.migrate_recover(&format!("unix:{}", path.display()), QMP_TIMEOUT)
+        .await?;
+    Ok(Endpoint::Unix(path))
+}

@@ -1,0 +1,1229 @@
+//! The I/O-free core of one migration carried by the sidecar.
+//!
+//! Like quinn-proto's connection, a [`Session`] is state plus methods: the daemon's pumps
+//! read bytes, hand them in, and do what the answer says (forward these bytes, skip
+//! those, inject these, send that to the source), and time is passed in. Every decision
+//! lives here, so tests drive source ⇄ sidecar ⇄ destination in memory:
+//! - which bytes reach the destination: only decoded ones, as slices of the read buffer
+//!   ([`Piece::Forward`]), zero-copy;
+//! - page-request takeover: every request is recorded, and only pages the stream will not
+//!   bring anyway are asked of the source ([`tracker`]);
+//! - the source link: a cut in postcopy is held or passed through ([`CutPolicy`]), the
+//!   resumed source's recovery handshake is answered or relayed, requests are queued while
+//!   the source is away and asked again when it is back, and silence counts as a cut.
+//!
+//! Exactly-once delivery to the destination holds across any number of cuts: a page
+//! counts as delivered when its record was forwarded to a destination connection that
+//! stays open, and the received bitmaps given to a resumed source say exactly that, so
+//! the source resends precisely the pages that were lost in flight
+//! (protocol-spec/postcopy-sequence.md#sequence-hold).
+
+mod delta;
+mod link;
+pub mod sim;
+pub mod stats;
+pub mod tracker;
+
+use std::time::{Duration, Instant};
+
+pub use delta::Delta;
+use link::{Cut, Link};
+pub use link::{CutCause, CutDecision, CutPolicy, LinkView, Recovery};
+use stats::Stats;
+use tracker::{Origin, PageTracker, RequestDecision};
+
+use crate::verify::PageDigests;
+use crate::verify::placement::PlacementCheck;
+use crate::wire::{
+    Channel, Command, DecodeError, DecoderOptions, Event, PostcopyPhase, PreemptDecoder, RamLayout,
+    RamRecord, RpDecoder, RpMessage, Step, StreamDecoder,
+};
+
+/// Default time without a byte from the source, in postcopy, after which the link counts
+/// as cut (the source may be on the far side of a silent partition).
+pub const DEFAULT_SILENCE: Duration = Duration::from_secs(10);
+/// How long a resume connection may take to complete its handshake.
+pub const RESUME_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time the sidecar waits for a source that went away in postcopy before it
+/// hands the destination over to QEMU's own paused state.
+pub const DEFAULT_AWAY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What the I/O layer must do when a session timer fires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimerAction {
+    /// Cut the source's connections now (the idle rule, or a resume handshake that does
+    /// not complete); they are reported lost with the reason the session recorded.
+    CutSource,
+    /// The source has been away too long: release the destination (close its
+    /// connections, so QEMU pauses it and it can be recovered directly) and end.
+    GiveUp(String),
+}
+
+/// How a session behaves.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// What to do when the source link breaks in postcopy.
+    pub on_cut: CutPolicy,
+    /// Silence on the source's main channel in postcopy that counts as a cut.
+    pub silence: Duration,
+    /// How long to wait for a source that went away in postcopy.
+    pub away_timeout: Duration,
+    /// Keep the digest of every delivered page.
+    pub record_digests: bool,
+    /// Queue every postcopy page for a check right after placement.
+    pub check_placement: bool,
+    /// Options of the main-stream decoder.
+    pub decoder: DecoderOptions,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            on_cut: CutPolicy::Hold,
+            silence: DEFAULT_SILENCE,
+            away_timeout: DEFAULT_AWAY_TIMEOUT,
+            record_digests: false,
+            check_placement: false,
+            decoder: DecoderOptions::default(),
+        }
+    }
+}
+
+/// What a restarted sidecar needs to take over a paused migration, which the first one
+/// wrote once the stream reached postcopy (`receive --state-file`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TakeoverState {
+    /// Id of the `ram` section (PART sections name it by id only).
+    pub ram_section_id: u32,
+    /// Target page size.
+    pub target_page_size: u64,
+    /// RAM blocks (idstr, used length).
+    pub blocks: Vec<(String, u64)>,
+    /// Whether the migration uses the preempt channel.
+    pub preempt: bool,
+    /// Where the first sidecar reached the destination (`unix:PATH`, `tcp:ADDR`): QEMU
+    /// keeps listening there while paused.
+    #[serde(default)]
+    pub destination: Option<String>,
+}
+
+/// One step of the byte stream towards the destination's main or preempt connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// Forward the next `n` bytes of the input unchanged.
+    Forward(usize),
+    /// Consume the next `n` bytes of the input without forwarding them (the recovery
+    /// handshake that the sidecar answers itself).
+    Skip(usize),
+    /// Send these bytes first (they close a section the cut left open).
+    Inject(Vec<u8>),
+}
+
+/// What the session made of bytes from a source channel.
+#[derive(Debug, Default)]
+pub struct SourceStep {
+    /// What to do with the input, in order; forwards and skips add up to `consumed`.
+    pub pieces: Vec<Piece>,
+    /// Input bytes used; the rest (an incomplete record) stays buffered.
+    pub consumed: usize,
+    /// Counters and effects.
+    pub delta: Delta,
+    /// The RAM block table became known (the preempt channel can be decoded now).
+    pub layout_ready: bool,
+    /// The stream's EOF was decoded: the source now only waits for the destination's SHUT.
+    pub ended: bool,
+    /// The bytes after `consumed` do not decode; nothing from them on may be forwarded.
+    pub error: Option<SessionError>,
+    /// The connection these bytes came from is no longer the source's current one (a
+    /// cut was already declared): nothing was used, and the connection must be dropped.
+    pub stale: bool,
+}
+
+/// What the session made of bytes from the destination's return path.
+#[derive(Debug, Default)]
+pub struct RpStep {
+    /// Input bytes used.
+    pub consumed: usize,
+    /// Counters and effects.
+    pub delta: Delta,
+    /// The bytes after `consumed` do not decode.
+    pub error: Option<SessionError>,
+}
+
+/// Why the session cannot go on with a channel.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SessionError {
+    /// Bytes that do not decode.
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    /// A resumed source sent something other than its recovery handshake, or named a
+    /// block the migration does not have.
+    #[error("resume connection {conn}: {what}")]
+    Resume {
+        /// Which source main connection (1 = the first).
+        conn: u32,
+        /// What was wrong.
+        what: String,
+    },
+    /// A connection the link's state does not allow.
+    #[error("{0}")]
+    Link(String),
+}
+
+/// A destination RECV_BITMAP being read (pass-through recovery).
+#[derive(Debug)]
+struct BitmapIn {
+    block: Option<usize>,
+    name: Vec<u8>,
+    expected: Option<u64>,
+    data: Vec<u8>,
+}
+
+/// Link-level happenings for logs and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkEvent {
+    /// The source link was lost; the decision says what the sidecar does about it.
+    Cut {
+        /// Channel whose loss was noticed.
+        channel: Channel,
+        /// Why.
+        cause: CutCause,
+        /// Held, passed through, or failed.
+        decision: CutDecision,
+    },
+    /// A resume connection arrived.
+    ResumeStarted {
+        /// Which source main connection.
+        conn: u32,
+    },
+    /// Postcopy runs again.
+    Recovered(Recovery),
+}
+
+/// The state of one carried migration.
+pub struct Session {
+    cfg: SessionConfig,
+    main: StreamDecoder,
+    preempt: Option<PreemptDecoder>,
+    rp: RpDecoder,
+    tracker: Option<PageTracker>,
+    digests: Option<PageDigests>,
+    stats: Stats,
+    link: Link,
+    /// Source main connections so far (1 = the first).
+    conns: u32,
+    /// Bytes for the source's return path, produced under `epoch`.
+    to_source: Vec<u8>,
+    epoch: u64,
+    /// Bytes that close the section a cut left open at the destination (hold), sent
+    /// before the next forwarded byte.
+    close_section: Vec<u8>,
+    /// The stream's EOF was forwarded.
+    ended: bool,
+    /// The destination's SHUT, once seen, and whether the source got it.
+    shut: Option<u32>,
+    shut_sent: bool,
+    /// Since when the main pump waits for source bytes (the idle rule's clock).
+    reading_since: Option<Instant>,
+    /// The idle rule fired for this long a silence; the next loss is reported as such,
+    /// and no timer fires until it is.
+    silent: Option<Duration>,
+    bitmap_in: Option<BitmapIn>,
+    recoveries: Vec<Recovery>,
+    events: Vec<LinkEvent>,
+    placement: Vec<PlacementCheck>,
+    layout_published: bool,
+    preempt_used: bool,
+}
+
+impl Session {
+    /// A session for a fresh migration; `now` is when the sidecar accepted the source.
+    pub fn new(cfg: SessionConfig, now: Instant) -> Session {
+        let main = StreamDecoder::new(cfg.decoder.clone());
+        Session {
+            main,
+            preempt: None,
+            rp: RpDecoder::new(),
+            tracker: None,
+            digests: None,
+            stats: Stats {
+                started: now,
+                ..Stats::default()
+            },
+            link: Link::Waiting,
+            conns: 0,
+            to_source: Vec::new(),
+            epoch: 0,
+            close_section: Vec::new(),
+            ended: false,
+            shut: None,
+            shut_sent: false,
+            reading_since: None,
+            silent: None,
+            bitmap_in: None,
+            recoveries: Vec::new(),
+            events: Vec::new(),
+            placement: Vec::new(),
+            layout_published: false,
+            preempt_used: false,
+            cfg,
+        }
+    }
+
+    /// A session that takes over a migration paused in postcopy (a restarted sidecar):
+    /// the destination has paused and will be recovered through the sidecar, which rebuilds
+    /// what was delivered from the destination's received bitmaps (policy pass-through).
+    pub fn takeover(cfg: SessionConfig, state: &TakeoverState, now: Instant) -> Session {
+        let mut layout = RamLayout::default();
+        for (name, len) in &state.blocks {
+            layout.announce(name.as_bytes(), *len);
+        }
+        let mut s = Session::new(
+            SessionConfig {
+                on_cut: CutPolicy::PassThrough,
+                ..cfg
+            },
+            now,
+        );
+        s.main = StreamDecoder::resumed(
+            s.cfg.decoder.clone(),
+            state.ram_section_id,
+            layout,
+            state.target_page_size,
+        );
+        s.publish_layout();
+        s.stats.phase = PostcopyPhase::Running;
+        s.link = Link::Away(Cut {
+            at: now,
+            channel: Channel::Main,
+            cause: CutCause::Closed,
+            policy: CutPolicy::PassThrough,
+            queued: 0,
+            resume_at: None,
+            attempts: 0,
+        });
+        s.preempt_used = state.preempt;
+        s
+    }
+
+    /// What a restarted sidecar would need, once the stream has reached postcopy.
+    pub fn takeover_state(&self) -> Option<TakeoverState> {
+        if self.main.phase() < PostcopyPhase::Listening {
+            return None;
+        }
+        Some(TakeoverState {
+            ram_section_id: self.main.ram_section_id()?,
+            target_page_size: self.main.target_page_size(),
+            blocks: self
+                .main
+                .layout()
+                .blocks()
+                .iter()
+                .map(|b| (String::from_utf8_lossy(&b.name).into_owned(), b.used_length))
+                .collect(),
+            preempt: self.preempt_used,
+            destination: None,
+        })
+    }
+
+    /// The destination's SHUT value, once it sent one (0 = it completed).
+    pub fn destination_shut(&self) -> Option<u32> {
+        self.shut
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The takeover state, once the block table is known.
+    pub fn tracker(&self) -> Option<&PageTracker> {
+        self.tracker.as_ref()
+    }
+
+    /// Digests of delivered pages, when kept.
+    pub fn digests(&self) -> Option<&PageDigests> {
+        self.digests.as_ref()
+    }
+
+    /// Every recovery so far.
+    pub fn recoveries(&self) -> &[Recovery] {
+        &self.recoveries
+    }
+
+    /// The block table and target page size, once known.
+    pub fn layout(&self) -> Option<(RamLayout, u64)> {
+        self.layout_published
+            .then(|| (self.main.layout().clone(), self.main.target_page_size()))
+    }
+
+    /// The postcopy phase the stream reached.
+    pub fn phase(&self) -> PostcopyPhase {
+        self.main.phase()
+    }
+
+    /// Whether the preempt channel was used.
+    pub fn preempt_used(&self) -> bool {
+        self.preempt_used
+    }
+
+    /// Whether the stream's EOF was forwarded.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// The generation of the source connection that bytes for the source belong to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Takes the bytes for the source's return path with the connection generation they
+    /// were made for; a writer of another generation must drop them (they are requests,
+    /// asked again after the resume).
+    pub fn take_to_source(&mut self) -> (u64, Vec<u8>) {
+        (self.epoch, std::mem::take(&mut self.to_source))
+    }
+
+    /// Takes the link events since the last call.
+    pub fn take_events(&mut self) -> Vec<LinkEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Takes the pages queued for a check after placement.
+    pub fn take_placement_checks(&mut self) -> Vec<PlacementCheck> {
+        std::mem::take(&mut self.placement)
+    }
+
+    /// The link as the live view, the report and metrics show it.
+    pub fn link_view(&self, now: Instant) -> LinkView {
+        let silent = self
+            .reading_since
+            .map(|t| now.saturating_duration_since(t).as_secs_f64())
+            .unwrap_or(0.0);
+        match &self.link {
+            Link::Waiting => LinkView {
+                state: "waiting",
+                away_for_s: None,
+                cause: None,
+                silent_for_s: 0.0,
+            },
+            Link::Up => LinkView {
+                state: "up",
+                away_for_s: None,
+                cause: None,
+                silent_for_s: silent,
+            },
+            Link::Away(c) | Link::Resuming(c) => LinkView {
+                state: if matches!(self.link, Link::Away(_)) {
+                    "away"
+                } else {
+                    "resuming"
+                },
+                away_for_s: Some(now.saturating_duration_since(c.at).as_secs_f64()),
+                cause: Some(c.cause.to_string()),
+                silent_for_s: 0.0,
+            },
+        }
+    }
+
+    fn postcopy_running(&self) -> bool {
+        self.main.phase() >= PostcopyPhase::Running && !self.ended
+    }
+
+    /// A source main connection arrived: the first one, or a resume after a cut. Fails if
+    /// the link's state does not allow one (the caller drops the connection).
+    pub fn source_main_connected(&mut self, now: Instant) -> Result<u32, SessionError> {
+        match &self.link {
+            Link::Waiting => {
+                self.link = Link::Up;
+            }
+            Link::Away(cut) => {
+                let mut cut = cut.clone();
+                cut.resume_at = Some(now);
+                if cut.policy == CutPolicy::PassThrough {
+                    // A new destination connection goes with it: its return path starts
+                    // afresh, as does its previous-block state.
+                    self.rp = RpDecoder::new();
+                }
+                self.link = Link::Resuming(cut);
+                self.events.push(LinkEvent::ResumeStarted {
+                    conn: self.conns + 1,
+                });
+            }
+            Link::Up | Link::Resuming(_) => {
+                return Err(SessionError::Link(
+                    "a second main connection while the source's is up".into(),
+                ));
+            }
+        }
+        self.conns += 1;
+        self.epoch += 1;
+        self.to_source.clear();
+        self.reading_since = None;
+        self.silent = None;
+        Ok(self.conns)
+    }
+
+    /// A source preempt connection arrived (at the switch to postcopy, at the start with
+    /// QEMU 7.2, or during a resume).
+    pub fn source_preempt_connected(&mut self) -> Result<(), SessionError> {
+        if matches!(self.link, Link::Away(_) | Link::Waiting) && self.conns == 0 {
+            return Err(SessionError::Link(
+                "a preempt connection before the main one".into(),
+            ));
+        }
+        self.preempt_used = true;
+        self.preempt = self
+            .layout()
+            .map(|(layout, tps)| PreemptDecoder::new(tps, layout));
+        Ok(())
+    }
+
+    /// The main pump starts waiting for source bytes (after its writes completed): the
+    /// idle rule counts only time spent waiting for the source, not time the destination
+    /// took to accept bytes.
+    pub fn source_reading(&mut self, epoch: u64, now: Instant) {
+        if self.current(epoch) && self.reading_since.is_none() {
+            self.reading_since = Some(now);
+        }
+    }
+
+    /// When the next timer fires: the idle rule while the source is up in postcopy, the
+    /// handshake deadline while it resumes, the away deadline while it is gone.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.silent.is_some() {
+            return None; // a cut was asked for; its loss comes next
+        }
+        match &self.link {
+            Link::Up if self.postcopy_running() => self.reading_since.map(|t| t + self.cfg.silence),
+            Link::Resuming(c) => c.resume_at.map(|t| t + RESUME_HANDSHAKE_TIMEOUT),
+            Link::Away(c) => Some(c.at + self.cfg.away_timeout),
+            _ => None,
+        }
+    }
+
+    /// Applies the timers at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) -> Option<TimerAction> {
+        let due = self.poll_timeout().is_some_and(|t| now >= t);
+        if !due {
+            return None;
+        }
+        match &self.link {
+            Link::Away(c) => Some(TimerAction::GiveUp(format!(
+                "the source did not come back within {:.0} s of the cut ({}); the destination \
+                 is released to QEMU's own postcopy-paused state: recover both ends directly \
+                 (deploy/README.md, \"The sidecar died or gave up\")",
+                self.cfg.away_timeout.as_secs_f64(),
+                c.cause
+            ))),
+            Link::Up => {
+                let since = self.reading_since.unwrap_or(now);
+                self.silent = Some(now.saturating_duration_since(since));
+                Some(TimerAction::CutSource)
+            }
+            Link::Resuming(_) => {
+                self.silent = Some(RESUME_HANDSHAKE_TIMEOUT);
+                Some(TimerAction::CutSource)
+            }
+            Link::Waiting => None,
+        }
+    }
+
+    /// A source channel was lost (EOF, an error, or the idle rule cut it).
+    pub fn source_lost(&mut self, channel: Channel, cause: CutCause, now: Instant) -> CutDecision {
+        let cause = match self.silent.take() {
+            Some(d) if matches!(self.link, Link::Up) => CutCause::Silent(d),
+            Some(_) => CutCause::Handshake("it did not complete in time".into()),
+            None => cause,
+        };
+        self.reading_since = None;
+        let decision = match self.link.clone() {
+            Link::Waiting => CutDecision::Fail(format!("the source's {channel} {cause}")),
+            Link::Away(_) => CutDecision::Ignore,
+            Link::Resuming(mut cut) => {
+                // The resumed source broke off; QEMU 10.x goes back to postcopy-paused and
+                // can resume again.
+                cut.attempts += 1;
+                cut.resume_at = None;
+                let decision = match cut.policy {
+                    CutPolicy::Hold => CutDecision::Hold,
+                    CutPolicy::PassThrough => CutDecision::PassThrough,
+                };
+                self.enter_away(cut);
+                decision
+            }
+            Link::Up => {
+                if channel == Channel::Preempt && (self.ended || self.preempt_finished()) {
+                    CutDecision::Done
+                } else if self.ended {
+                    if self.shut_sent
+                        || self.cfg.on_cut == CutPolicy::PassThrough
+                        || self.main.phase() < PostcopyPhase::Running
+                    {
+                        CutDecision::Done
+                    } else {
+                        // The destination has everything; the source still waits for its
+                        // SHUT, which it gets when it resumes.
+                        self.away(channel, cause.clone(), CutPolicy::Hold, now)
+                    }
+                } else if let Err(refusal) = self.main.can_resume() {
+                    CutDecision::Fail(format!(
+                        "the source's {channel} {cause}; {refusal}: the migration cannot be \
+                         recovered (before postcopy the VM is still whole on the source)"
+                    ))
+                } else {
+                    self.away(channel, cause.clone(), self.cfg.on_cut, now)
+                }
+            }
+        };
+        if decision != CutDecision::Ignore {
+            self.events.push(LinkEvent::Cut {
+                channel,
+                cause,
+                decision: decision.clone(),
+            });
+        }
+        decision
+    }
+
+    fn preempt_finished(&self) -> bool {
+        // A 7.2 source ends its preempt channel with EOS; 8.0+ just closes it at the end.
+        self.preempt.as_ref().is_some_and(PreemptDecoder::ended)
+    }
+
+    fn away(
+        &mut self,
+        channel: Channel,
+        cause: CutCause,
+        policy: CutPolicy,
+        now: Instant,
+    ) -> CutDecision {
+        if policy == CutPolicy::Hold && !self.ended {
+            // The destination stays inside the section the cut interrupted. A cut that
+            // comes before anything was forwarded since the last one finds the decoder
+            // between sections, and the earlier close is still owed.
+            let close = self.main.close_open_section();
+            if !close.is_empty() {
+                self.close_section = close;
+            }
+        }
+        self.main
+            .resume_after_cut()
+            .expect("checked by can_resume, or past the stream's end");
+        if policy == CutPolicy::PassThrough
+            && let Some(t) = self.tracker.as_mut()
+        {
+            // The destination drops what was in flight and re-sends its own requests.
+            t.clear_pending();
+        }
+        self.enter_away(Cut {
+            at: now,
+            channel,
+            cause,
+            policy,
+            queued: 0,
+            resume_at: None,
+            attempts: 0,
+        });
+        match policy {
+            CutPolicy::Hold => CutDecision::Hold,
+            CutPolicy::PassThrough => CutDecision::PassThrough,
+        }
+    }
+
+    fn enter_away(&mut self, cut: Cut) {
+        self.preempt = None;
+        self.to_source.clear();
+        self.bitmap_in = None;
+        self.link = Link::Away(cut);
+    }
+
+    /// Whether bytes of source connection generation `epoch` may still be used: after a
+    /// cut, what an old connection still delivers belongs to a stream position the
+    /// decoder has left (it was reset for the resume).
+    fn current(&self, epoch: u64) -> bool {
+        epoch == self.epoch && matches!(self.link, Link::Up | Link::Resuming(_))
+    }
+
+    /// Bytes from the source's main connection of generation `epoch`.
+    pub fn on_source_main(&mut self, epoch: u64, input: &[u8], now: Instant) -> SourceStep {
+        let mut step = SourceStep {
+            delta: Delta::on(Channel::Main, self.main.phase() >= PostcopyPhase::Listening),
+            ..Default::default()
+        };
+        if !self.current(epoch) {
+            step.stale = true;
+            return step;
+        }
+        self.reading_since = None;
+        let mut pos = 0;
+        let mut opaque = 0u64;
+        while pos < input.len() {
+            let (len, event) = match self.main.next(&input[pos..]) {
+                Ok(Step::Event { len, event, .. }) => (len, event),
+                Ok(Step::NeedMore) => break,
+                Err(e) => {
+                    step.error = Some(e.into());
+                    break;
+                }
+            };
+            let action = match self.main_event(&event, len, now, &mut step) {
+                Ok(a) => a,
+                Err(e) => {
+                    step.error = Some(e);
+                    break;
+                }
+            };
+            if let Event::Opaque(d) = &event {
+                opaque += d.len() as u64;
+            }
+            pos += len;
+            match action {
+                Action::Forward => {
+                    if !self.close_section.is_empty() {
+                        step.pieces
+                            .push(Piece::Inject(std::mem::take(&mut self.close_section)));
+                    }
+                    push_piece(&mut step.pieces, Piece::Forward(len));
+                }
+                Action::Skip => push_piece(&mut step.pieces, Piece::Skip(len)),
+            }
+        }
+        step.consumed = pos;
+        let forwarded: usize = step
+            .pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Forward(n) => *n,
+                _ => 0,
+            })
+            .sum();
+        self.stats.channel_bytes(Channel::Main, pos as u64);
+        self.stats.opaque_bytes += opaque;
+        self.stats.phase = self.stats.phase.max(self.main.phase());
+        step.delta.bytes = forwarded as u64;
+        step.delta.channel = Some((Channel::Main, self.stats.phase >= PostcopyPhase::Listening));
+        step.delta.in_flight = self.tracker.as_ref().map(PageTracker::outstanding_pages);
+        step
+    }
+
+    /// Decides about one main-stream event and applies it to the state.
+    fn main_event(
+        &mut self,
+        event: &Event<'_>,
+        len: usize,
+        now: Instant,
+        step: &mut SourceStep,
+    ) -> Result<Action, SessionError> {
+        let handshake = matches!(&self.link, Link::Resuming(c) if c.policy == CutPolicy::Hold);
+        if handshake {
+            return self.hold_handshake(event, now);
+        }
+        if self.ended {
+            // A source resumed after its stream ended: the destination has it all; the
+            // source only needs to finish and get its SHUT.
+            if matches!(event, Event::Eof)
+                && !self.shut_sent
+                && let Some(v) = self.shut
+            {
+                RpMessage::Shut(v).encode(&mut self.to_source);
+                self.shut_sent = true;
+            }
+            return Ok(Action::Skip);
+        }
+        let postcopy = self.main.phase() >= PostcopyPhase::Listening;
+        match event {
+            Event::Ram(rec) => {
+                if let Some(h) = rec.page_header() {
+                    let zero = matches!(rec, RamRecord::Zero { .. });
+                    self.deliver(h.block, h.offset, zero, postcopy, len, rec, now, step);
+                } else if *rec == RamRecord::Eos && !self.layout_published {
+                    self.publish_layout();
+                    step.layout_ready = true;
+                }
+            }
+            Event::Command(c) => {
+                self.stats.command(c.name(), now, self.main.phase());
+                match c {
+                    Command::PostcopyRamDiscard { block, .. } => {
+                        if !self.layout_published {
+                            self.publish_layout();
+                            step.layout_ready = true;
+                        }
+                        self.discard(block, c);
+                    }
+                    Command::PostcopyResume => {
+                        // Pass-through: the destination answers; its RESUME_ACK completes
+                        // the recovery (see on_destination_rp).
+                    }
+                    _ => {}
+                }
+            }
+            Event::Eof => {
+                self.ended = true;
+                step.ended = true;
+                self.stats.milestones.entry("eof").or_insert(now);
+            }
+            _ => {}
+        }
+        Ok(Action::Forward)
+    }
+
+    /// The recovery handshake of a resumed source, answered by the sidecar for a held
+    /// destination (protocol-spec/postcopy-sequence.md#sequence-hold).
+    fn hold_handshake(&mut self, event: &Event<'_>, now: Instant) -> Result<Action, SessionError> {
+        let bad = |what: String| SessionError::Resume {
+            conn: self.conns,
+            what,
+        };
+        match event {
+            Event::Command(Command::RecvBitmap { block }) => {
+                let t = self
+                    .tracker
+                    .as_ref()
+                    .ok_or_else(|| bad("RECV_BITMAP before the block table is known".into()))?;
+                let b = t.block_index(block).ok_or_else(|| {
+                    bad(format!(
+                        "RECV_BITMAP for block {:?}, which this migration does not have",
+                        String::from_utf8_lossy(block)
+                    ))
+                })?;
+                let bitmap = t.received_bitmap(b).expect("a known block");
+                RpMessage::RecvBitmap { block }.encode(&mut self.to_source);
+                RpMessage::BitmapSize(bitmap.len() as u64).encode(&mut self.to_source);
+                RpMessage::BitmapData(&bitmap).encode(&mut self.to_source);
+                RpMessage::BitmapEnd.encode(&mut self.to_source);
+                self.stats.command("RECV_BITMAP", now, self.main.phase());
+                Ok(Action::Skip)
+            }
+            Event::Command(Command::PostcopyResume) => {
+                self.stats
+                    .command("POSTCOPY_RESUME", now, self.main.phase());
+                if self.ended {
+                    self.resumed_after_end(now);
+                } else {
+                    self.resumed(now);
+                }
+                Ok(Action::Skip)
+            }
+            other => Err(bad(format!(
+                "expected RECV_BITMAP or POSTCOPY_RESUME, got {}",
+                describe(other)
+            ))),
+        }
+    }
+
+    /// RESUME_ACK, then every unanswered request again (the first names its block: the
+    /// source's previous requested block is not reset by a resume), then postcopy runs.
+    fn resumed(&mut self, now: Instant) {
+        RpMessage::ResumeAck(1).encode(&mut self.to_source);
+        let mut reissued = 0;
+        if let Some(t) = self.tracker.as_mut() {
+            let tps = t.target_page_size();
+            let names: Vec<Vec<u8>> = t
+                .block_figures()
+                .iter()
+                .map(|b| b.name.as_bytes().to_vec())
+                .collect();
+            for (b, offset) in t.pending_pages() {
+                RpMessage::ReqPagesId {
+                    start: offset,
+                    len: tps as u32,
+                    block: &names[b],
+                }
+                .encode(&mut self.to_source);
+                t.forwarded_message();
+                reissued += 1;
+            }
+        }
+        self.finish_recovery(now, reissued);
+    }
+
+    fn resumed_after_end(&mut self, now: Instant) {
+        RpMessage::ResumeAck(1).encode(&mut self.to_source);
+        self.finish_recovery(now, 0);
+    }
+
+    fn finish_recovery(&mut self, now: Instant, reissued: u64) {
+        let Link::Resuming(cut) = std::mem::replace(&mut self.link, Link::Up) else {
+            return;
+        };
+        let resume_at = cut.resume_at.unwrap_or(now);
+        let ms = |d: Duration| d.as_millis() as u64;
+        let r = Recovery {
+            mode: cut.policy.name(),
+            channel: cut.channel.short().to_string(),
+            cause: cut.cause.to_string(),
+            cut_at_ms: ms(cut.at.saturating_duration_since(self.stats.started)),
+            source_gone_ms: ms(resume_at.saturating_duration_since(cut.at)),
+            handshake_ms: ms(now.saturating_duration_since(resume_at)),
+            total_ms: ms(now.saturating_duration_since(cut.at)),
+            requests_queued: cut.queued,
+            requests_reissued: reissued,
+            failed_attempts: cut.attempts,
+        };
+        self.recoveries.push(r.clone());
+        self.events.push(LinkEvent::Recovered(r));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &mut self,
+        block: usize,
+        offset: u64,
+        zero: bool,
+        postcopy: bool,
+        wire_len: usize,
+        rec: &RamRecord<'_>,
+        now: Instant,
+        step: &mut SourceStep,
+    ) {
+        let mut asked = false;
+        if let Some(t) = self.tracker.as_mut() {
+            let answered = t.delivered(block, offset, zero, now);
+            if let Some((w, Origin::Destination)) = answered {
+                asked = true;
+                step.delta.served.push(w);
+                self.stats.served += 1;
+            }
+        }
+        self.stats.page(postcopy, zero, wire_len as u64);
+        step.delta.page(postcopy, zero);
+        if let Some(d) = self.digests.as_mut() {
+            let digest = match rec {
+                RamRecord::Page { data, .. } => Some(xxhash_rust::xxh3::xxh3_64(data)),
+                RamRecord::Zero { .. } => Some(d.zero_digest()),
+                _ => None,
+            };
+            if let Some(digest) = digest {
+                d.record(block, offset, digest);
+                if postcopy
+                    && self.cfg.check_placement
+                    && let Some(b) = d.blocks().get(block)
+                {
+                    self.placement.push(PlacementCheck {
+                        block: b.name.clone(),
+                        offset,
+                        digest,
+                        requested: asked,
+                    });
+                }
+            }
+        }
+    }
+
+    fn discard(&mut self, block: &[u8], c: &Command<'_>) {
+        let Some(t) = self.tracker.as_mut() else {
+            return;
+        };
+        let Some(b) = t.block_index(block) else {
+            return;
+        };
+        for (start, len) in c.discard_ranges() {
+            t.discarded(b, start, len);
+            if let Some(d) = self.digests.as_mut() {
+                d.discard(b, start, len);
+            }
+        }
+    }
+
+    fn publish_layout(&mut self) {
+        let layout = self.main.layout().clone();
+        let tps = self.main.target_page_size();
+        self.tracker
+            .get_or_insert_with(|| PageTracker::new(&layout, tps));
+        if self.cfg.record_digests || self.cfg.check_placement {
+            let blocks: Vec<(String, u64)> = layout
+                .blocks()
+                .iter()
+                .map(|b| (String::from_utf8_lossy(&b.name).into_owned(), b.used_length))
+                .collect();
+            self.digests
+                .get_or_insert_with(|| PageDigests::new(&blocks, tps));
+        }
+        self.layout_published = true;
+        if self.preempt_used && self.preempt.is_none() {
+            self.preempt = Some(PreemptDecoder::new(tps, layout));
+        }
+    }
+
+    /// Bytes from the source's preempt connection. Until the block table is known (QEMU
+    /// 7.2 opens the channel at the very start) nothing is consumed: the caller waits for
+    /// a main step with `layout_ready` and calls again.
+    pub fn on_source_preempt(&mut self, epoch: u64, input: &[u8], now: Instant) -> SourceStep {
+        let mut step = SourceStep {
+            delta: Delta::on(Channel::Preempt, true),
+            ..Default::default()
+        };
+        if !self.current(epoch) {
+            step.stale = true;
+            return step;
+        }
+        if self.preempt.is_none() {
+            return step;
+        }
+        let mut pos = 0;
+        while pos < input.len() {
+            let dec = self.preempt.as_mut().expect("checked");
+            let (len, rec) = match dec.next(&input[pos..]) {
+                Ok(Step::Event { len, event, .. }) => (len, event),
+                Ok(Step::NeedMore) => break,
+                Err(e) => {
+                    step.error = Some(e.into());
+                    break;
+                }
+            };
+            if let Some(h) = rec.page_header() {
+                let (block, offset) = (h.block, h.offset);
+                let zero = matches!(rec, RamRecord::Zero { .. });
+                self.deliver(block, offset, zero, true, len, &rec, now, &mut step);
+            }
+            pos += len;
+            push_piece(&mut step.pieces, Piece::Forward(len));
+        }
+        step.consumed = pos;
+        step.delta.bytes = pos as u64;
+        step.delta.in_flight = self.tracker.as_ref().map(PageTracker::outstanding_pages);
+        self.stats.channel_bytes(Channel::Preempt, pos as u64);
+        step
+    }
+
+    /// Whether preempt bytes of connection generation `epoch` can be decoded now (false
+    /// until the block table is known; true for a stale connection, whose bytes
+    /// [`Self::on_source_preempt`] then refuses).
+    pub fn preempt_ready(&self, epoch: u64) -> bool {
+        self.preempt.is_some() || !self.current(epoch)
+    }
+
+    /// The source closed its main connection: judges whether the stream is complete (a
+    /// precopy stream may end in device state whose EOF is recognised only from the end,
+    /// protocol-spec/device-state.md#device-state-opaque). Returns true if it is.
+    pub fn finish_main(&mut self, epoch: u64, rest: &[u8], now: Instant) -> bool {
+        if !self.current(epoch) {
+            return false;
+        }
+        if self.ended {
+            return rest.is_empty();
+        }
+        if !matches!(self.link, Link::Up) {
+            return false;
+        }
+        match self.main.clone().finish(rest) {
+            Ok(_) => {
+                self.ended = true;
+                self.stats.milestones.entry("eof").or_insert(now);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Judges the end of a source channel that closed cleanly at a record boundary.
+    pub fn finish_preempt(&mut self, rest: &[u8]) -> Result<(), SessionError> {
+        match self.preempt.as_mut() {
+            Some(d) => d.finish(rest).map_err(Into::into),
+            None if rest.is_empty() => Ok(()),
+            None => Ok(()),
+        }
+    }
+
+    /// Bytes from the destination's return path.
+    pub fn on_destination_rp(&mut self, input: &[u8], now: Instant) -> RpStep {
+        let mut step = RpStep {
+            delta: Delta::on(
+                Channel::ReturnPath,
+                self.stats.phase >= PostcopyPhase::Listening,
+            ),
+            ..Default::default()
+        };
+        let mut pos = 0;
+        while pos < input.len() {
+            let (len, msg) = match self.rp.next(&input[pos..]) {
+                Ok(Step::Event { len, event, .. }) => (len, event),
+                Ok(Step::NeedMore) => break,
+                Err(e) => {
+                    step.error = Some(e.into());
+                    break;
+                }
+            };
+            let raw = &input[pos..pos + len];
+            pos += len;
+            match &msg {
+                RpMessage::ReqPagesId { start, len, block } => {
+                    let block = block.to_vec();
+                    self.request(&block, *start, *len, now, &mut step.delta);
+                }
+                RpMessage::ReqPages { start, len } => {
+                    let block = self.rp.last_block().unwrap_or_default().to_vec();
+                    self.request(&block, *start, *len, now, &mut step.delta);
+                }
+                other => {
+                    self.stats.rp_message(other.name());
+                    self.control_from_destination(other, raw, now, &mut step.delta);
+                }
+            }
+        }
+        step.consumed = pos;
+        self.stats.channel_bytes(Channel::ReturnPath, pos as u64);
+        step.delta.bytes = pos as u64;
+        step.delta.in_flight = self.tracker.as_ref().map(PageTracker::outstanding_pages);
+        step
+    }
+
+    /// A return-path message other than a request.
+    fn control_from_destination(
+        &mut self,
+        msg: &RpMessage<'_>,
+        raw: &[u8],
+        now: Instant,
+        delta: &mut Delta,
+    ) {
+        match msg {
+            RpMessage::Pong(2) => delta.pong2 = true,
+            RpMessage::Shut(v) => {
+                self.shut = Some(*v);
+                if !matches!(self.link, Link::Up) {
+                    return; // given to the source when it is back
+                }
+                self.shut_sent = true;
+            }
+            RpMessage::RecvBitmap { block } => {
+                let b = self.tracker.as_ref().and_then(|t| t.block_index(block));
+                self.bitmap_in = Some(BitmapIn {
+                    block: b,
+                    name: block.to_vec(),
+                    expected: None,
+                    data: Vec::new(),
+                });
+            }
+            RpMessage::BitmapSize(n) => {
+                if let Some(bi) = self.bitmap_in.as_mut() {
+                    bi.expected = Some(*n);
+                }
+            }
+            RpMessage::BitmapData(d) => {
+                if let Some(bi) = self.bitmap_in.as_mut()
+                    && (bi.data.len() + d.len()) as u64 <= bi.expected.unwrap_or(0)
+                {
+                    bi.data.extend_from_slice(d);
+                }
+            }
+            RpMessage::BitmapEnd => {
+                if let (Some(bi), Some(t)) = (self.bitmap_in.take(), self.tracker.as_mut()) {
+                    match bi.block {
+                        Some(b) => {
+                            let n = t.load_received_bitmap(b, &bi.data);
+                            tracing::info!(
+                                block = %String::from_utf8_lossy(&bi.name),
+                                received = n,
+                                "rebuilt delivered pages from the destination's bitmap"
+                            );
+                        }
+                        None => tracing::warn!(
+                            block = %String::from_utf8_lossy(&bi.name),
+                            "a received bitmap for a block the sidecar does not know"
+                        ),
+                    }
+                }
+            }
+            RpMessage::ResumeAck(_) => {
+                if let Link::Resuming(c) = &self.link
+                    && c.policy == CutPolicy::PassThrough
+                {
+                    self.to_source.extend_from_slice(raw);
+                    self.finish_recovery(now, 0);
+                    return;
+                }
+            }
+            _ => {}
+        }
+        if matches!(self.link, Link::Up)
+            || matches!(&self.link, Link::Resuming(c) if c.policy == CutPolicy::PassThrough)
+        {
+            self.to_source.extend_from_slice(raw);
+        }
+    }
+
+    /// A page request from the destination: recorded, and asked of the source only if
+    /// the stream will not bring the page anyway. While the source is away (or its resume
+    /// handshake runs) nothing is sent; the page stays pending and is asked again after
+    /// the resume.
+    fn request(&mut self, block: &[u8], start: u64, len: u32, now: Instant, delta: &mut Delta) {
+        delta.request_messages += 1;
+        let up = matches!(self.link, Link::Up);
+        if let Link::Away(c) | Link::Resuming(c) = &mut self.link {
+            c.queued += 1;
+        }
+        let Some(t) = self.tracker.as_mut() else {
+            self.stats.request(now, up, 0);
+            if up {
+                RpMessage::ReqPagesId { start, len, block }.encode(&mut self.to_source);
+            }
+            return;
+        };
+        let Some(b) = t.block_index(block) else {
+            self.stats.request(now, up, 0);
+            if up {
+                RpMessage::ReqPagesId { start, len, block }.encode(&mut self.to_source);
+            }
+            return;
+        };
+        let decisions = t.requested(b, start, u64::from(len), now);
+        let forward = decisions
+            .iter()
+            .any(|(_, d)| *d == RequestDecision::Forward);
+        for (_, d) in &decisions {
+            delta.requested(*d);
+        }
+        if forward && up {
+            t.forwarded_message();
+            RpMessage::ReqPagesId { start, len, block }.encode(&mut self.to_source);
+        }
+        self.stats
+            .request(now, forward && up, decisions.len() as u64);
+    }
+
+    /// The sidecar's own guarded reader needs a page (protocol-spec/guarded-access.md#guard-faults).
+    pub fn guard_wants(&mut self, block: &str, offset: u64, now: Instant) {
+        let up = matches!(self.link, Link::Up);
+        let Some(t) = self.tracker.as_mut() else {
+            return;
+        };
+        let Some(b) = t.block_index(block.as_bytes()) else {
+            return;
+        };
+        let tps = t.target_page_size();
+        if t.guard_requested(b, offset, now) == RequestDecision::Forward && up {
+            RpMessage::ReqPagesId {
+                start: offset,
+                len: tps as u32,
+                block: block.as_bytes(),
+            }
+            .encode(&mut self.to_source);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Forward,
+    Skip,
+}
+
+fn push_piece(pieces: &mut Vec<Piece>, p: Piece) {
+    match (pieces.last_mut(), &p) {
+        (Some(Piece::Forward(a)), Piece::Forward(b)) => *a += b,
+        (Some(Piece::Skip(a)), Piece::Skip(b)) => *a += b,
+        _ => pieces.push(p),
+    }
+}
+
+fn describe(e: &Event<'_>) -> String {
+    match e {
+        Event::Command(c) => format!("command {}", c.name()),
+        other => other.kind_name().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,482 @@
+//! The session driven in memory: a simulated QEMU source ⇄ the session ⇄ a simulated QEMU
+//! destination, with cuts at arbitrary bytes.
+
+use std::time::{Duration, Instant};
+
+use super::sim::{PAGE, SimDestination, SimSource};
+use super::*;
+use crate::wire::RpDecoder;
+
+const BLOCKS: &[(&[u8], u64)] = &[(b"m", 320 * PAGE), (b"pc.bios", 8 * PAGE)];
+
+/// Source, sidecar and destination wired in memory.
+struct Wire {
+    s: Session,
+    src: SimSource,
+    dst: SimDestination,
+    now: Instant,
+    /// Bytes of the current source main connection the sidecar has not consumed.
+    buf: Vec<u8>,
+    /// Every byte that reached the destination's main connection.
+    to_dst: Vec<u8>,
+    /// Pieces the session returned, for inspection.
+    pieces: Vec<Piece>,
+}
+
+impl Wire {
+    fn new(policy: CutPolicy) -> Wire {
+        let now = Instant::now();
+        let mut s = Session::new(
+            SessionConfig {
+                on_cut: policy,
+                ..Default::default()
+            },
+            now,
+        );
+        s.source_main_connected(now).unwrap();
+        Wire {
+            s,
+            src: SimSource::new(BLOCKS),
+            dst: SimDestination::new(BLOCKS),
+            now,
+            buf: Vec::new(),
+            to_dst: Vec::new(),
+            pieces: Vec::new(),
+        }
+    }
+
+    fn tick(&mut self) {
+        self.now += Duration::from_micros(100);
+    }
+
+    /// The sidecar reads `bytes` from the source's main connection, in chunks of `chunk`.
+    fn carry(&mut self, bytes: &[u8], chunk: usize) {
+        for c in bytes.chunks(chunk.max(1)) {
+            self.tick();
+            self.buf.extend_from_slice(c);
+            let step = self.s.on_source_main(self.s.epoch(), &self.buf, self.now);
+            assert!(step.error.is_none(), "{:?}", step.error);
+            let mut at = 0;
+            for p in &step.pieces {
+                match p {
+                    Piece::Forward(n) => {
+                        let out = &self.buf[at..at + n];
+                        self.to_dst.extend_from_slice(out);
+                        self.dst.feed(out).unwrap();
+                        at += n;
+                    }
+                    Piece::Skip(n) => at += n,
+                    Piece::Inject(v) => {
+                        self.to_dst.extend_from_slice(v);
+                        self.dst.feed(v).unwrap();
+                    }
+                }
+            }
+            assert_eq!(at, step.consumed);
+            self.pieces.extend(step.pieces);
+            self.buf.drain(..step.consumed);
+            self.pass_to_source();
+        }
+    }
+
+    fn pass_to_source(&mut self) {
+        let (_, bytes) = self.s.take_to_source();
+        if !bytes.is_empty() {
+            self.src.on_return_path(&bytes);
+        }
+    }
+
+    /// The destination faults on `n` missing pages.
+    fn faults(&mut self, n: usize) {
+        let missing = self.dst.missing();
+        for (block, offset) in missing.iter().step_by(7).take(n) {
+            let req = self.dst.request(block, *offset);
+            self.tick();
+            let step = self.s.on_destination_rp(&req, self.now);
+            assert!(step.error.is_none());
+        }
+        self.pass_to_source();
+    }
+
+    /// The source link breaks: what the sidecar had not consumed is lost.
+    fn cut(&mut self) -> CutDecision {
+        self.buf.clear();
+        self.tick();
+        self.s
+            .source_lost(Channel::Main, CutCause::Failed("reset".into()), self.now)
+    }
+
+    /// The source resumes to the sidecar's address and completes the handshake.
+    fn resume(&mut self, chunk: usize) {
+        self.tick();
+        self.s.source_main_connected(self.now).unwrap();
+        let start = self.src.resume_start();
+        self.carry(&start, chunk);
+        assert!(self.src.bitmaps_done(), "every RECV_BITMAP answered");
+        let fin = self.src.resume_finish();
+        self.carry(&fin, chunk);
+        assert_eq!(self.src.resume_acks.last(), Some(&1));
+    }
+
+    /// Runs the postcopy phase to the end: PART sections of `per_part` pages, faults in
+    /// between, then END and EOF.
+    fn run_to_end(&mut self, per_part: usize, chunk: usize) {
+        while self.src.has_dirty() {
+            let part = self.src.part(per_part);
+            self.carry(&part, chunk);
+            self.faults(2);
+        }
+        let fin = self.src.finish();
+        self.carry(&fin, chunk);
+    }
+
+    fn assert_complete(&self) {
+        assert!(self.dst.ended, "the destination saw EOF");
+        assert_eq!(self.dst.missing(), vec![], "pages never delivered");
+        assert!(self.s.ended());
+    }
+}
+
+#[test]
+fn a_stream_without_cuts_is_forwarded_byte_for_byte() {
+    let mut w = Wire::new(CutPolicy::Hold);
+    let mut all = w.src.start(3);
+    while w.src.has_dirty() {
+        all.extend(w.src.part(10));
+    }
+    all.extend(w.src.finish());
+    w.carry(&all, 1000);
+    assert_eq!(w.to_dst, all);
+    assert!(w.pieces.iter().all(|p| matches!(p, Piece::Forward(_))));
+    w.assert_complete();
+    assert!(w.dst.postcopy_pages > 0);
+}
+
+#[test]
+fn a_cut_mid_record_is_held_and_the_resumed_source_fills_exactly_the_gap() {
+    let mut w = Wire::new(CutPolicy::Hold);
+    let start = w.src.start(4);
+    w.carry(&start, 4096);
+    let part = w.src.part(20);
+    // The sidecar gets only part of the section: the cut falls inside a page record.
+    let upto = part.len() / 2 + 100;
+    w.carry(&part[..upto], 777);
+    assert!(!w.buf.is_empty(), "a partial record stays buffered");
+    assert_eq!(w.cut(), CutDecision::Hold);
+    // The destination keeps faulting while the source is away: queued, nothing sent.
+    w.faults(3);
+    assert_eq!(w.s.link_view(w.now).state, "away");
+    w.resume(64);
+    // The handshake was answered by the sidecar and skipped, and the destination got the
+    // interrupted section closed before anything else.
+    assert!(w.pieces.iter().any(|p| matches!(p, Piece::Skip(_))));
+    w.run_to_end(16, 999);
+    // The first byte after the handshake was the close of the open section.
+    let inject = w
+        .pieces
+        .iter()
+        .position(|p| matches!(p, Piece::Inject(_)))
+        .expect("the open section was closed");
+    assert!(
+        w.pieces[..inject]
+            .iter()
+            .rev()
+            .take_while(|p| !matches!(p, Piece::Forward(_)))
+            .any(|p| matches!(p, Piece::Skip(_)))
+    );
+    w.assert_complete();
+    let r = &w.s.recoveries()[0];
+    assert_eq!(r.mode, "hold");
+    assert_eq!(r.requests_queued, 3);
+    assert!(r.requests_reissued >= 1);
+}
+
+#[test]
+fn requests_reach_a_resumed_source_only_after_its_postcopy_resume_and_after_resume_ack() {
+    let mut w = Wire::new(CutPolicy::Hold);
+    let start = w.src.start(4);
+    w.carry(&start, 4096);
+    assert_eq!(w.cut(), CutDecision::Hold);
+    w.faults(4);
+    w.tick();
+    w.s.source_main_connected(w.now).unwrap();
+    let bitmaps = w.src.resume_start();
+    w.buf.extend_from_slice(&bitmaps);
+    let step = w.s.on_source_main(w.s.epoch(), &w.buf, w.now);
+    w.buf.drain(..step.consumed);
+    // Before POSTCOPY_RESUME only bitmaps go back: a 10.x source with preempt would
+    // abort on a request now (its preempt channel is not connected yet).
+    let (_, rp) = w.s.take_to_source();
+    let names = rp_names(&rp);
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("RECV_BITMAP") || n.starts_with("bitmap"))
+    );
+    w.src.on_return_path(&rp);
+    let fin = w.src.resume_finish();
+    w.buf.extend_from_slice(&fin);
+    let step = w.s.on_source_main(w.s.epoch(), &w.buf, w.now);
+    w.buf.drain(..step.consumed);
+    let (_, rp) = w.s.take_to_source();
+    let names = rp_names(&rp);
+    assert_eq!(names[0], "RESUME_ACK");
+    assert!(names[1..].iter().all(|n| n == "REQ_PAGES_ID"), "{names:?}");
+    assert_eq!(names.len(), 1 + 4);
+}
+
+fn rp_names(bytes: &[u8]) -> Vec<String> {
+    let mut d = RpDecoder::new();
+    let mut at = 0;
+    let mut out = Vec::new();
+    while let crate::wire::Step::Event { len, event, .. } = d.next(&bytes[at..]).unwrap() {
+        at += len;
+        out.push(event.name().to_string());
+    }
+    out
+}
+
+/// A small deterministic generator (the tests must not depend on a seed source).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, below: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 33) as usize) % below.max(1)
+    }
+}
+
+#[test]
+fn twenty_cuts_at_arbitrary_bytes_lose_no_page_and_place_none_twice() {
+    for seed in 1..=12u64 {
+        let mut rng = Lcg(seed);
+        let mut w = Wire::new(CutPolicy::Hold);
+        let start = w.src.start(2 + seed % 5);
+        w.carry(&start, 1 + rng.next(9000));
+        let mut cuts = 0;
+        while w.src.has_dirty() {
+            let part = w.src.part(1 + rng.next(6));
+            if cuts < 20 && rng.next(2) == 0 {
+                // The sidecar receives an arbitrary prefix; the rest is lost in the cut.
+                let upto = rng.next(part.len() + 1);
+                w.carry(&part[..upto], 1 + rng.next(5000));
+                assert_eq!(w.cut(), CutDecision::Hold);
+                cuts += 1;
+                w.faults(rng.next(4));
+                w.resume(1 + rng.next(300));
+            } else {
+                w.carry(&part, 1 + rng.next(5000));
+            }
+            w.faults(rng.next(3));
+        }
+        let fin = w.src.finish();
+        w.carry(&fin, 7);
+        w.assert_complete();
+        assert_eq!(w.s.recoveries().len(), cuts, "seed {seed}");
+        assert_eq!(cuts, 20, "seed {seed}");
+        assert_eq!(
+            w.s.tracker().unwrap().request_figures().outstanding_pages,
+            0,
+            "seed {seed}"
+        );
+    }
+}
+
+#[test]
+fn a_cut_before_the_destination_runs_the_vm_fails_the_migration() {
+    let mut w = Wire::new(CutPolicy::Hold);
+    let start = w.src.start(2);
+    // Up to, but not including, the package: the destination never ran the VM.
+    let package_at = start.len() - 200;
+    w.carry(&start[..package_at], 4096);
+    match w.cut() {
+        CutDecision::Fail(why) => assert!(why.contains("cannot be recovered"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_idle_rule_cuts_a_silent_source_in_postcopy_only() {
+    let mut w = Wire::new(CutPolicy::Hold);
+    let start = w.src.start(2);
+    // In precopy the rule does not apply.
+    w.carry(&start[..100], 100);
+    w.s.source_reading(w.s.epoch(), w.now);
+    assert_eq!(w.s.poll_timeout(), None);
+    w.carry(&start[100..], 4096);
+    w.s.source_reading(w.s.epoch(), w.now);
+    let due = w.s.poll_timeout().expect("armed in postcopy");
+    assert_eq!(due, w.now + DEFAULT_SILENCE);
+    assert_eq!(w.s.handle_timeout(w.now + Duration::from_secs(1)), None);
+    assert!((w.s.link_view(w.now + Duration::from_secs(4)).silent_for_s - 4.0).abs() < 0.01);
+    assert_eq!(w.s.handle_timeout(due), Some(TimerAction::CutSource));
+    // Disarmed until the cut is reported, so the I/O layer is not woken again and again.
+    assert_eq!(w.s.poll_timeout(), None);
+    let d =
+        w.s.source_lost(Channel::Main, CutCause::Failed("shut down".into()), due);
+    assert_eq!(d, CutDecision::Hold);
+    let events = w.s.take_events();
+    assert!(events.iter().any(|e| matches!(
+        e,
+        LinkEvent::Cut { cause: CutCause::Silent(d), .. } if *d == DEFAULT_SILENCE
+    )));
+    // Away: the next timer is the away deadline, and then the sidecar gives up.
+    let give_up = w.s.poll_timeout().expect("armed while away");
+    assert_eq!(give_up, due + DEFAULT_AWAY_TIMEOUT);
+    match w.s.handle_timeout(give_up) {
+        Some(TimerAction::GiveUp(why)) => assert!(why.contains("did not come back"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_resume_naming_a_block_the_migration_does_not_have_is_refused() {
+    let mut w = Wire::new(CutPolicy::Hold);
+    let start = w.src.start(2);
+    w.carry(&start, 4096);
+    w.cut();
+    w.s.source_main_connected(w.now).unwrap();
+    let mut bad = Vec::new();
+    Command::RecvBitmap { block: b"other" }.encode(&mut bad);
+    let step = w.s.on_source_main(w.s.epoch(), &bad, w.now);
+    assert!(
+        matches!(&step.error, Some(SessionError::Resume { what, .. }) if what.contains("other")),
+        "{:?}",
+        step.error
+    );
+    assert_eq!(step.consumed, 0);
+    // Nothing was answered: a 7.2 source is never left half-way through a handshake
+    // it could not complete.
+    assert!(w.s.take_to_source().1.is_empty());
+}
+
+#[test]
+fn a_second_main_connection_while_the_source_is_up_is_refused() {
+    let mut w = Wire::new(CutPolicy::Hold);
+    assert!(matches!(
+        w.s.source_main_connected(w.now),
+        Err(SessionError::Link(_))
+    ));
+}
+
+#[test]
+fn pass_through_rebuilds_delivered_pages_from_the_destinations_bitmap() {
+    let mut w = Wire::new(CutPolicy::PassThrough);
+    let start = w.src.start(2);
+    w.carry(&start, 4096);
+    let part = w.src.part(10);
+    w.carry(&part, 4096);
+    w.faults(2);
+    assert_eq!(w.cut(), CutDecision::PassThrough);
+    assert_eq!(w.s.tracker().unwrap().outstanding_pages(), 0);
+    // The source resumes: its handshake is forwarded to the (new) destination connection.
+    w.s.source_main_connected(w.now).unwrap();
+    let bitmaps = w.src.resume_start();
+    let step = w.s.on_source_main(w.s.epoch(), &bitmaps, w.now);
+    assert_eq!(step.pieces, vec![Piece::Forward(bitmaps.len())]);
+    // The destination answers with what it really holds: say only page 0 of `m`.
+    let mut rp = Vec::new();
+    for (name, len) in BLOCKS {
+        let size = (len / PAGE).div_ceil(8).next_multiple_of(8);
+        let mut bits = vec![0u8; size as usize];
+        if *name == b"m" {
+            bits[0] = 1;
+        }
+        RpMessage::RecvBitmap { block: name }.encode(&mut rp);
+        RpMessage::BitmapSize(size).encode(&mut rp);
+        RpMessage::BitmapData(&bits).encode(&mut rp);
+        RpMessage::BitmapEnd.encode(&mut rp);
+    }
+    let step = w.s.on_destination_rp(&rp, w.now);
+    assert!(step.error.is_none());
+    assert_eq!(w.s.take_to_source().1, rp, "relayed unchanged");
+    // Page 0 is delivered, page 1 (sent before the cut) is not any more.
+    let t = w.s.tracker().unwrap();
+    assert_eq!(t.received_bitmap(0).unwrap()[0], 1);
+    let mut ack = Vec::new();
+    RpMessage::ResumeAck(1).encode(&mut ack);
+    w.s.on_destination_rp(&ack, w.now);
+    assert_eq!(w.s.recoveries().len(), 1);
+    assert_eq!(w.s.recoveries()[0].mode, "pass-through");
+    assert_eq!(w.s.take_to_source().1, ack);
+    // A request for page 1 now goes to the source.
+    let req = w.dst.request(b"m", PAGE);
+    w.s.on_destination_rp(&req, w.now);
+    assert_eq!(rp_names(&w.s.take_to_source().1), ["REQ_PAGES_ID"]);
+}
+
+#[test]
+fn a_cut_after_the_stream_ended_gives_the_resumed_source_its_shut() {
+    let mut w = Wire::new(CutPolicy::Hold);
+    let start = w.src.start(2);
+    w.carry(&start, 4096);
+    w.run_to_end(50, 4096);
+    w.assert_complete();
+    // The cut comes before the destination's SHUT went back.
+    assert_eq!(w.cut(), CutDecision::Hold);
+    let mut shut = Vec::new();
+    RpMessage::Shut(0).encode(&mut shut);
+    w.s.on_destination_rp(&shut, w.now);
+    assert!(
+        w.s.take_to_source().1.is_empty(),
+        "held for the resumed source"
+    );
+    w.resume(100);
+    // Nothing is dirty: the source completes at once, and gets its SHUT.
+    assert!(!w.src.has_dirty());
+    let fin = w.src.finish();
+    w.carry(&fin, 100);
+    assert_eq!(w.src.shut, vec![0]);
+}
+
+/// The preempt channel's loss is seen first; the main connection of the same (cut)
+/// generation still delivers bytes, which must not reach the decoder that was reset for
+/// the resume.
+#[test]
+fn bytes_of_a_connection_cut_meanwhile_are_refused_not_decoded() {
+    let mut w = Wire::new(CutPolicy::Hold);
+    let start = w.src.start(3);
+    w.carry(&start, 4096);
+    let old = w.s.epoch();
+    let part = w.src.part(8);
+    let d = w.s.source_lost(Channel::Preempt, CutCause::Closed, w.now);
+    assert_eq!(d, CutDecision::Hold);
+    let step = w.s.on_source_main(old, &part, w.now);
+    assert!(step.stale);
+    assert_eq!(step.consumed, 0);
+    assert!(step.error.is_none());
+    // The same connection's own loss, reported later, changes nothing.
+    assert_eq!(
+        w.s.source_lost(Channel::Main, CutCause::Closed, w.now),
+        CutDecision::Ignore
+    );
+    w.resume(100);
+    w.run_to_end(10, 777);
+    w.assert_complete();
+}
+
+/// Cuts that follow each other before the resumed source forwarded anything: the close of
+/// the section the first cut left open is still owed, and sent exactly once.
+#[test]
+fn back_to_back_cuts_still_close_the_first_cuts_section_once() {
+    let mut w = Wire::new(CutPolicy::Hold);
+    let start = w.src.start(4);
+    w.carry(&start, 4096);
+    let part = w.src.part(10);
+    w.carry(&part[..part.len() / 2], 1000);
+    for _ in 0..3 {
+        assert_eq!(w.cut(), CutDecision::Hold);
+        w.resume(50);
+    }
+    w.run_to_end(10, 500);
+    w.assert_complete();
+    let injects = w
+        .pieces
+        .iter()
+        .filter(|p| matches!(p, Piece::Inject(_)))
+        .count();
+    assert_eq!(injects, 1);
+}
