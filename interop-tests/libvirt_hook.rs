@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use libvirt::{LibvirtHost, QemuUser, wait_for};
 use postcopy_sidecar::deploy::libvirt::xml::MEMFD_XML;
+use postcopy_sidecar::lab::link::Link;
 use postcopy_sidecar::lab::{GuestImage, WlLine, Workload, WorkloadMode, parse_wl_line};
+use postcopy_sidecar::qmp::Qmp;
 
 const BIN: &str = env!("CARGO_BIN_EXE_postcopy-sidecar");
 const HOST_A: &str = "11111111-2222-3333-4444-00000000000a";
@@ -308,18 +310,30 @@ fn free_port() -> u16 {
     postcopy_sidecar::lab::free_tcp_port().unwrap()
 }
 
-/// A Linux guest migrated by stock `virsh migrate --live --postcopy
-/// --postcopy-after-precopy` between two libvirtds on this machine, through the sidecar the
-/// destination's hook launched: the report says completed with postcopy pages, and the
-/// guest keeps running on the destination with every page it verifies intact.
-#[test]
-fn virsh_postcopy_goes_through_the_hooks_sidecar_two_libvirtds_on_one_machine() {
+/// Two libvirt hosts with the hook on `b`, and the Linux guest `t1` running on `a` with
+/// the workload verifying its memory.
+struct LinuxPair {
+    a: LibvirtHost,
+    b: LibvirtHost,
+    calls_a: PathBuf,
+    calls_b: PathBuf,
+    serial_b: PathBuf,
+    dest_xml: PathBuf,
+    booted: Duration,
+    _dir: tempfile::TempDir,
+}
+
+fn wl_lines(p: &Path) -> Vec<WlLine> {
+    lines(p).iter().filter_map(|l| parse_wl_line(l)).collect()
+}
+
+fn linux_pair(prefix: &str, hook_config: &str) -> LinuxPair {
     let t0 = Instant::now();
     let img = GuestImage::find().unwrap_or_else(|e| panic!("{e}"));
-    let dir = test_dir("lv-pc-");
+    let dir = test_dir(prefix);
     let mut a = LibvirtHost::prepare(&dir.path().join("a"), "a", HOST_A, QemuUser::Root);
     let mut b = LibvirtHost::prepare(&dir.path().join("b"), "b", HOST_B, QemuUser::Root);
-    b.install_sidecar_hook("listen = \"127.0.0.2\"\n", false);
+    b.install_sidecar_hook(hook_config, false);
     let calls_a = a.record_hook_calls();
     let calls_b = b.record_hook_calls();
     a.start();
@@ -363,8 +377,6 @@ fn virsh_postcopy_goes_through_the_hooks_sidecar_two_libvirtds_on_one_machine() 
     a.virsh_ok(&["create", src_xml.to_str().unwrap()]);
     b.seed_capabilities_from(&a);
     b.start();
-    let wl_lines =
-        |p: &Path| -> Vec<WlLine> { lines(p).iter().filter_map(|l| parse_wl_line(l)).collect() };
     wait_for(
         "the guest on the source to verify its memory",
         Duration::from_secs(180),
@@ -386,25 +398,110 @@ fn virsh_postcopy_goes_through_the_hooks_sidecar_two_libvirtds_on_one_machine() 
         migratable.replace(&src_path, &serial_b.display().to_string()),
     )
     .unwrap();
+    LinuxPair {
+        a,
+        b,
+        calls_a,
+        calls_b,
+        serial_b,
+        dest_xml,
+        booted: t0.elapsed(),
+        _dir: dir,
+    }
+}
 
+/// `t1`'s migration status as its QEMU reports it (through libvirt's passthrough, which
+/// works during a migration job).
+fn migration_status(h: &LibvirtHost) -> String {
+    let o = h.virsh(&[
+        "qemu-monitor-command",
+        "t1",
+        r#"{"execute":"query-migrate"}"#,
+    ]);
+    serde_json::from_slice::<serde_json::Value>(&o.stdout)
+        .ok()
+        .and_then(|v| v["return"]["status"].as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("? {}", stderr(&o)))
+}
+
+/// Every log the hook's sidecars wrote on `host`.
+fn sidecar_logs(host: &LibvirtHost) -> String {
+    std::fs::read_dir(host.report_dir())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+impl LinuxPair {
+    /// The guest on the destination: fresh progress lines and a full verification sweep,
+    /// all clean.
+    fn assert_guest_healthy(&self) {
+        let healthy = wait_for(
+            "the guest on the destination to sweep its memory",
+            Duration::from_secs(120),
+            || {
+                let l = wl_lines(&self.serial_b);
+                let progress = l
+                    .iter()
+                    .filter(|x| matches!(x, WlLine::Progress(_)))
+                    .count();
+                let swept = l.iter().any(|x| matches!(x, WlLine::Sweep { .. }));
+                (progress >= 3 && swept).then_some(l)
+            },
+        );
+        for l in &healthy {
+            match l {
+                WlLine::Progress(p) => assert_eq!(p.mismatches, 0, "{p:?}"),
+                WlLine::Sweep { mismatches } => assert_eq!(*mismatches, 0),
+                WlLine::Mismatch(m) => panic!("WL mismatch on the destination: {m:?}"),
+                WlLine::Fatal(f) => panic!("WL fatal on the destination: {f}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// The sidecar's one report, once written.
+    fn report(&self) -> serde_json::Value {
+        let r = wait_for("the sidecar's report", Duration::from_secs(60), || {
+            let r = reports(&self.b.report_dir());
+            (r.len() == 1).then(|| r[0].clone())
+        });
+        let report = json(&r);
+        eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+        report
+    }
+}
+
+/// A Linux guest migrated by stock `virsh migrate --live --postcopy
+/// --postcopy-after-precopy` between two libvirtds on this machine, through the sidecar the
+/// destination's hook launched: the report says completed with postcopy pages, and the
+/// guest keeps running on the destination with every page it verifies intact.
+#[test]
+fn virsh_postcopy_goes_through_the_hooks_sidecar_two_libvirtds_on_one_machine() {
+    let t0 = Instant::now();
+    let p = linux_pair("lv-pc-", "listen = \"127.0.0.2\"\n");
     let port = free_port();
-    let booted = t0.elapsed();
     let t_mig = Instant::now();
     // --bandwidth holds the first precopy pass below the guest's dirty rate, so the
     // migration cannot converge in precopy and libvirt switches to postcopy after it.
-    let o = a.virsh(&[
+    let o = p.a.virsh(&[
         "migrate",
         "--live",
         "--postcopy",
         "--postcopy-after-precopy",
         "t1",
-        &b.uri,
+        &p.b.uri,
         "--migrateuri",
         &format!("tcp://127.0.0.2:{port}"),
         "--listen-address",
         "127.0.0.1",
         "--xml",
-        dest_xml.to_str().unwrap(),
+        p.dest_xml.to_str().unwrap(),
         "--bandwidth",
         "50",
         "--verbose",
@@ -414,10 +511,10 @@ fn virsh_postcopy_goes_through_the_hooks_sidecar_two_libvirtds_on_one_machine() 
         o.status.success(),
         "virsh migrate: {}\nhook calls on b: {:?}",
         stderr(&o),
-        lines(&calls_b)
+        lines(&p.calls_b)
     );
     assert_eq!(
-        lines(&calls_b)[..4],
+        lines(&p.calls_b)[..4],
         [
             "t1 migrate begin -",
             "t1 prepare begin -",
@@ -425,15 +522,10 @@ fn virsh_postcopy_goes_through_the_hooks_sidecar_two_libvirtds_on_one_machine() 
             "t1 started begin -"
         ]
     );
-    assert!(a.running().is_empty(), "the source no longer runs t1");
-    assert_eq!(b.virsh_ok(&["domstate", "t1"]).trim(), "running");
+    assert!(p.a.running().is_empty(), "the source no longer runs t1");
+    assert_eq!(p.b.virsh_ok(&["domstate", "t1"]).trim(), "running");
 
-    let r = wait_for("the sidecar's report", Duration::from_secs(60), || {
-        let r = reports(&b.report_dir());
-        (r.len() == 1).then(|| r[0].clone())
-    });
-    let report = json(&r);
-    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+    let report = p.report();
     assert_eq!(report["outcome"], "completed", "{:?}", report["error"]);
     assert!(
         report["postcopy"]["pages"].as_u64().unwrap() > 0,
@@ -441,43 +533,186 @@ fn virsh_postcopy_goes_through_the_hooks_sidecar_two_libvirtds_on_one_machine() 
     );
     assert_eq!(report["destination"]["migration_status"], "completed");
     assert_eq!(report["destination"]["running"], true);
-
-    // The guest on the destination: fresh progress lines and a full verification sweep,
-    // all clean.
-    let healthy = wait_for(
-        "the guest on the destination to sweep its memory",
-        Duration::from_secs(120),
-        || {
-            let l = wl_lines(&serial_b);
-            let progress = l
-                .iter()
-                .filter(|x| matches!(x, WlLine::Progress(_)))
-                .count();
-            let swept = l.iter().any(|x| matches!(x, WlLine::Sweep { .. }));
-            (progress >= 3 && swept).then_some(l)
-        },
-    );
-    for l in &healthy {
-        match l {
-            WlLine::Progress(p) => assert_eq!(p.mismatches, 0, "{p:?}"),
-            WlLine::Sweep { mismatches } => assert_eq!(*mismatches, 0),
-            WlLine::Mismatch(m) => panic!("WL mismatch on the destination: {m:?}"),
-            WlLine::Fatal(f) => panic!("WL fatal on the destination: {f}"),
-            _ => {}
-        }
-    }
+    p.assert_guest_healthy();
     // The source's hook saw its domain leave.
     wait_for("the source's stop events", Duration::from_secs(60), || {
-        let c = lines(&calls_a);
+        let c = lines(&p.calls_a);
         (c.contains(&"t1 stopped end -".to_string()) && c.contains(&"t1 release end -".to_string()))
             .then_some(())
     });
     eprintln!(
         "boot {:.1}s, virsh migrate {:.1}s, total {:.1}s",
-        booted.as_secs_f64(),
+        p.booted.as_secs_f64(),
         migration.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// The source's link to the sidecar is cut in postcopy: both QEMUs pause (the hook's
+/// sidecar follows libvirt, so it passes QEMU's own recovery through), the operator
+/// repeats the command with `--postcopy-resume`, libvirt recovers the destination and
+/// resumes the source to the sidecar, which relays the handshake; the guest is intact.
+#[test]
+fn virsh_postcopy_resume_recovers_a_cut_through_the_hooks_sidecar() {
+    let p = linux_pair("lv-rec-", "listen = \"127.0.0.2\"\n");
+    let port = free_port();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The link the cut breaks: the source connects to 127.0.0.3:PORT, relayed to the
+    // sidecar on 127.0.0.2:PORT (libvirt gives QEMU and the sidecar the migrateuri's port).
+    let link = rt
+        .block_on(Link::start_on(
+            format!("127.0.0.3:{port}").parse().unwrap(),
+            format!("127.0.0.2:{port}").parse().unwrap(),
+        ))
+        .unwrap();
+    // A QMP monitor of the test's own on the destination QEMU: libvirt holds its monitor
+    // for the incoming migration job (its passthrough waits for the job to end).
+    let test_qmp = p.b.root.join("t1-test.qmp");
+    let xml = std::fs::read_to_string(&p.dest_xml).unwrap();
+    let xml = xml
+        .replacen(
+            "<domain type='qemu'>",
+            "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>",
+            1,
+        )
+        .replace(
+            "</domain>",
+            &format!(
+                "  <qemu:commandline>\n    <qemu:arg value='-qmp'/>\n    \
+                 <qemu:arg value='unix:{},server=on,wait=off'/>\n  </qemu:commandline>\n</domain>",
+                test_qmp.display()
+            ),
+        );
+    assert!(xml.contains("xmlns:qemu="), "{xml}");
+    std::fs::write(&p.dest_xml, xml).unwrap();
+    let args = |resume: bool| {
+        let mut v: Vec<String> = [
+            "migrate",
+            "--live",
+            "--postcopy",
+            "--postcopy-after-precopy",
+            "t1",
+            &p.b.uri,
+            "--migrateuri",
+            &format!("tcp://127.0.0.3:{port}"),
+            "--listen-address",
+            "127.0.0.1",
+            "--xml",
+            p.dest_xml.to_str().unwrap(),
+            "--bandwidth",
+            "50",
+            // Slow enough that postcopy lasts for the cut.
+            "--postcopy-bandwidth",
+            "2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if resume {
+            v.push("--postcopy-resume".into());
+        }
+        v
+    };
+    let dst = std::thread::scope(|sc| {
+        let h = sc.spawn(|| {
+            let a: Vec<String> = args(false);
+            p.a.virsh(&a.iter().map(String::as_str).collect::<Vec<_>>())
+        });
+        let dst = wait_for(
+            "the destination QEMU's test monitor",
+            Duration::from_secs(300),
+            || {
+                test_qmp
+                    .exists()
+                    .then(|| rt.block_on(Qmp::connect(&test_qmp)).ok())
+                    .flatten()
+            },
+        );
+        let cursor = dst.event_cursor();
+        rt.block_on(dst.wait_for_event_after(
+            cursor,
+            |e| e.name == "RESUME",
+            Duration::from_secs(300),
+        ))
+        .expect("the destination runs the guest: postcopy has begun");
+        // Under TCG a vCPU delivers interrupts holding QEMU's big lock; on a page that has
+        // not arrived, a paused destination's main loop (libvirt's monitor, and QEMU
+        // 10.0's accept of the recovery connection) then freezes for good
+        // (protocol-spec/postcopy-sequence.md#sequence-recovery). Stopped vCPUs take no
+        // interrupt; under KVM this is not needed.
+        rt.block_on(dst.execute(qapi::qmp::stop {})).expect("stop");
+        let cursor = dst.event_cursor();
+        link.cut();
+        let st = rt
+            .block_on(dst.wait_migration_status_after(
+                cursor,
+                &["postcopy-paused"],
+                Duration::from_secs(60),
+            ))
+            .expect("the destination pauses");
+        assert_eq!(st, postcopy_sidecar::qmp::MigrationStatus::PostcopyPaused);
+        let first = h.join().unwrap();
+        assert!(
+            !first.status.success(),
+            "the first virsh migrate must report the broken postcopy; sidecar log:\n{}",
+            sidecar_logs(&p.b)
+        );
+        eprintln!("first virsh migrate: {}", stderr(&first));
+        dst
+    });
+    // libvirt resumes only once the source says postcopy-paused too.
+    wait_for("the source to pause", Duration::from_secs(60), || {
+        (migration_status(&p.a) == "postcopy-paused").then_some(())
+    });
+    let ev_cursor = dst.event_cursor();
+    let a: Vec<String> = args(true);
+    let o = p.a.virsh(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    if !o.status.success() {
+        eprintln!("destination events: {:?}", dst.events_since(ev_cursor));
+        // With LIBVIRT_DEBUG set, both libvirtds log their migration code to a file.
+        if std::env::var("LIBVIRT_DEBUG").is_ok() {
+            for h in [&p.a, &p.b] {
+                let _ = std::fs::copy(
+                    h.root.join("libvirtd.log"),
+                    format!("/tmp/libvirtd-{}.log", h.name),
+                );
+            }
+        }
+        for h in [&p.a, &p.b] {
+            let log = h.root.join("log/qemu/t1.log");
+            eprintln!(
+                "{}: {}",
+                log.display(),
+                std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .rev()
+                    .take(8)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+    assert!(
+        o.status.success(),
+        "virsh migrate --postcopy-resume: {}\nhook calls on b: {:?}\nreports: {:?}\nsidecar log:\n{}",
+        stderr(&o),
+        lines(&p.calls_b),
+        reports(&p.b.report_dir())
+            .iter()
+            .map(|r| json(r))
+            .collect::<Vec<_>>(),
+        sidecar_logs(&p.b)
+    );
+    rt.block_on(dst.execute(qapi::qmp::cont {})).expect("cont");
+    assert_eq!(p.b.virsh_ok(&["domstate", "t1"]).trim(), "running");
+    let report = p.report();
+    assert_eq!(report["outcome"], "completed", "{:?}", report["error"]);
+    let rec = report["recoveries"].as_array().unwrap();
+    assert_eq!(rec.len(), 1, "{rec:?}");
+    assert_eq!(rec[0]["mode"], "pass-through");
+    p.assert_guest_healthy();
+    drop(link);
 }
 
 /// The shipped systemd unit, as installed, passes `systemd-analyze verify` without a

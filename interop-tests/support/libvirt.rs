@@ -171,6 +171,15 @@ impl LibvirtHost {
             "libvirtd.conf",
             &format!("\n# test host {name}\nhost_uuid = \"{host_uuid}\"\n"),
         );
+        if std::env::var("LIBVIRT_DEBUG").is_ok() {
+            append(
+                "libvirtd.conf",
+                &format!(
+                    "log_filters=\"1:qemu.qemu_migration 1:qemu.qemu_process 1:qemu.qemu_domainjob 4:*\"\nlog_outputs=\"1:file:{}/libvirtd.log\"\n",
+                    root.display()
+                ),
+            );
+        }
         let mut qemu_conf = String::from(
             "\n# test host: AppArmor/SELinux profiles would not know the test's paths\n\
              security_driver = \"none\"\n",

@@ -234,6 +234,35 @@ fn endpoint_of(addr: &IncomingAddress) -> Result<Endpoint, ReceiveError> {
     super::receive::endpoint_of(addr)
 }
 
+/// Connects to a paused destination for the source's resume (pass-through), as fast as
+/// possible: the source counts as recovering from its TCP connect on, and a manager may
+/// check the destination at once (libvirt 9.0 fails the resume if the destination is not
+/// recovering yet). The address known so far comes first: QEMU keeps its listener while
+/// paused, and a manager's `migrate-recover` on the same address (libvirt, when
+/// `--migrateuri` names the port) replaces it in place. Only if that is refused is the
+/// destination asked, over QMP, where it listens now.
+async fn reconnect_destination(
+    endpoint: &mut Endpoint,
+    opts: &CarryOptions,
+    qmp: Option<&Qmp>,
+) -> Result<(Reader, Writer, socket2::Socket), ReceiveError> {
+    let first = connect_destination(endpoint, opts.sockets.dst_sndbuf).await;
+    let (Err(e), Recover::Follow, Some(qmp)) = (&first, &opts.recover, qmp) else {
+        return first;
+    };
+    tracing::info!(
+        "the destination no longer listens at {endpoint} ({e}); asking it where it does"
+    );
+    match tokio::time::timeout(QMP_TIMEOUT, qmp.incoming_address()).await {
+        Ok(Ok(Some(a))) => *endpoint = endpoint_of(&a)?,
+        other => {
+            tracing::warn!("the destination's recovery address: {other:?}");
+            return first;
+        }
+    }
+    connect_destination(endpoint, opts.sockets.dst_sndbuf).await
+}
+
 /// The pumps' channels.
 struct Pumps {
     main: Option<mpsc::Sender<Feed>>,
@@ -337,16 +366,11 @@ pub async fn carry(
                         relay.source.install(epoch, Box::new(w)).await;
                         let mut destination = None;
                         if first_main || need_destination {
-                            if !first_main {
-                                // Pass-through: where the destination listens now.
-                                if let (Recover::Follow, Some(qmp)) = (&opts.recover, qmp) {
-                                    match tokio::time::timeout(QMP_TIMEOUT, qmp.incoming_address()).await {
-                                        Ok(Ok(Some(a))) => endpoint = endpoint_of(&a)?,
-                                        other => tracing::warn!("the destination's recovery address: {other:?}; trying {endpoint}"),
-                                    }
-                                }
-                            }
-                            let (dr, dw, dsock) = connect_destination(&endpoint, opts.sockets.dst_sndbuf).await?;
+                            let (dr, dw, dsock) = if first_main {
+                                connect_destination(&endpoint, opts.sockets.dst_sndbuf).await?
+                            } else {
+                                reconnect_destination(&mut endpoint, &opts, qmp).await?
+                            };
                             dst_socks.push(dsock);
                             destination = Some(dw);
                             if pumps.rp.is_none() {

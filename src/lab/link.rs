@@ -54,7 +54,12 @@ fn cut_socket(s: &socket2::Socket) {
 impl Link {
     /// Starts relaying connections made to a new loopback port to `target`.
     pub async fn start(target: SocketAddr) -> std::io::Result<Link> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Link::start_on("127.0.0.1:0".parse().expect("an address"), target).await
+    }
+
+    /// Starts relaying connections made to `bind` (an address of this host) to `target`.
+    pub async fn start_on(bind: SocketAddr, target: SocketAddr) -> std::io::Result<Link> {
+        let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let frozen = watch::Sender::new(false);
