@@ -524,6 +524,25 @@ async fn pass_through_lets_the_destination_pause_and_relays_its_recovery_10_0() 
     assert_eq!(paused, 3, "the destination paused at every cut: {states:?}");
 }
 
+/// Pass-through with QEMU 7.2 at both ends (no `postcopy-recover-setup` state, and a
+/// source that would wedge on a broken handshake): QEMU's own recovery, relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pass_through_relays_the_recovery_of_7_2() {
+    let (rig, sidecar) = Rig::start(QemuVersion::V7_2, false, |o| ReceiveOptions {
+        on_cut: Some(CutPolicy::PassThrough),
+        ..o
+    })
+    .await;
+    rig.postcopy().await;
+    for _ in 0..2 {
+        rig.advance(256 * 1024).await;
+        rig.cut_and_resume(Link::cut).await;
+    }
+    let report = rig.finish(sidecar).await;
+    assert_eq!(report.recoveries.len(), 2);
+    assert!(report.recoveries.iter().all(|r| r.mode == "pass-through"));
+}
+
 /// The sidecar as its own process, so that it can be killed; its log lines are read like
 /// a serial console, to wait on what it says.
 struct SidecarProcess {

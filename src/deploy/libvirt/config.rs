@@ -49,6 +49,14 @@ pub struct Config {
     pub log_filter: String,
     /// The `postcopy-sidecar` binary to run; the hook's own binary when unset.
     pub binary: Option<PathBuf>,
+    /// What the sidecar does when the source's link breaks in postcopy: `pass-through`
+    /// (the destination pauses too, and `virsh migrate --postcopy-resume` recovers both)
+    /// or `hold` (the destination never notices; resume the source QEMU itself).
+    pub on_cut: String,
+    /// Seconds of silence from the source in postcopy that count as a cut.
+    pub silence: f64,
+    /// Seconds the sidecar waits for a source that went away in postcopy.
+    pub away_timeout: f64,
 }
 
 impl Default for Config {
@@ -63,6 +71,9 @@ impl Default for Config {
             launcher: Launcher::Auto,
             log_filter: "info".into(),
             binary: None,
+            on_cut: "pass-through".into(),
+            silence: 10.0,
+            away_timeout: 600.0,
         }
     }
 }
@@ -119,9 +130,17 @@ impl Config {
         if let Some(l) = &c.listen {
             parse_listen(l).map_err(|e| invalid(format!("listen: {e}")))?;
         }
+        if !matches!(c.on_cut.as_str(), "hold" | "pass-through") {
+            return Err(invalid(format!(
+                "on_cut must be \"hold\" or \"pass-through\", not {:?}",
+                c.on_cut
+            )));
+        }
         for (name, v) in [
             ("ready_timeout", c.ready_timeout),
             ("attach_timeout", c.attach_timeout),
+            ("silence", c.silence),
+            ("away_timeout", c.away_timeout),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(invalid(format!(

@@ -134,6 +134,9 @@ pub struct DomainPaths {
     pub qemu_dir: PathBuf,
     /// `RUN/DOMAIN/qemu/qmp.sock`.
     pub qmp: PathBuf,
+    /// `RUN/DOMAIN/qemu/takeover.json`: written by the sidecar once the migration reached
+    /// postcopy, for a restarted one (`receive --recover`).
+    pub takeover: PathBuf,
     /// `RUN/DOMAIN/qemu/ready`.
     pub ready: PathBuf,
 }
@@ -150,6 +153,7 @@ impl DomainPaths {
             state: dir.join("state.json"),
             env: dir.join("sidecar.env"),
             qmp: qemu_dir.join("qmp.sock"),
+            takeover: qemu_dir.join("takeover.json"),
             ready: qemu_dir.join("ready"),
             qemu_dir,
             dir,
@@ -361,6 +365,10 @@ impl Hook {
             ready: paths.ready.clone(),
             report: report.clone(),
             attach_timeout: self.config.attach_timeout,
+            state_file: paths.takeover.clone(),
+            on_cut: self.config.on_cut.clone(),
+            silence: self.config.silence,
+            away_timeout: self.config.away_timeout,
         };
         let systemd = match self.config.launcher {
             Launcher::Auto => systemd_running(),

@@ -23,6 +23,14 @@ pub struct SidecarArgs {
     pub report: PathBuf,
     /// `--attach-timeout`, seconds.
     pub attach_timeout: f64,
+    /// `--state-file`: what a restarted sidecar (`--recover`) needs to take over.
+    pub state_file: PathBuf,
+    /// `--on-cut`: `hold` or `pass-through`.
+    pub on_cut: String,
+    /// `--silence`, seconds.
+    pub silence: f64,
+    /// `--away-timeout`, seconds.
+    pub away_timeout: f64,
 }
 
 impl SidecarArgs {
@@ -41,6 +49,14 @@ impl SidecarArgs {
         v.push(self.report.clone().into());
         v.push("--attach-timeout".into());
         v.push(self.attach_timeout.to_string().into());
+        v.push("--state-file".into());
+        v.push(self.state_file.clone().into());
+        v.push("--on-cut".into());
+        v.push(self.on_cut.clone().into());
+        v.push("--silence".into());
+        v.push(self.silence.to_string().into());
+        v.push("--away-timeout".into());
+        v.push(self.away_timeout.to_string().into());
         v
     }
 
@@ -59,12 +75,17 @@ impl SidecarArgs {
             o
         };
         format!(
-            "LISTEN={}\nQMP={}\nREADY={}\nREPORT={}\nATTACH_TIMEOUT={}\nRUST_LOG={}\nNO_COLOR=1\n",
+            "LISTEN={}\nQMP={}\nREADY={}\nREPORT={}\nATTACH_TIMEOUT={}\nSTATE_FILE={}\n\
+             ON_CUT={}\nSILENCE={}\nAWAY_TIMEOUT={}\nRUST_LOG={}\nNO_COLOR=1\n",
             q(&self.listen),
             q(&self.qmp.to_string_lossy()),
             q(&self.ready.to_string_lossy()),
             q(&self.report.to_string_lossy()),
             self.attach_timeout,
+            q(&self.state_file.to_string_lossy()),
+            q(&self.on_cut),
+            self.silence,
+            self.away_timeout,
             q(log_filter)
         )
     }
@@ -270,8 +291,24 @@ mod tests {
             ready: "/run/p/x/qemu/ready".into(),
             report: "/var/lib/p/$x.json".into(),
             attach_timeout: 60.0,
+            state_file: "/run/p/x/qemu/takeover.json".into(),
+            on_cut: "pass-through".into(),
+            silence: 10.0,
+            away_timeout: 600.0,
         };
         let env = a.env_file("info");
+        assert!(env.contains("ON_CUT=\"pass-through\"\n"), "{env}");
+        assert!(env.contains("AWAY_TIMEOUT=600\n"), "{env}");
+        // Every variable the unit's ExecStart uses is in the file.
+        let unit = include_str!("../../../deploy/systemd/postcopy-sidecar@.service");
+        let exec = unit.lines().find(|l| l.starts_with("ExecStart=")).unwrap();
+        for var in exec.split("${").skip(1) {
+            let name = var.split('}').next().unwrap();
+            assert!(
+                env.contains(&format!("\n{name}=")) || env.starts_with(&format!("{name}=")),
+                "{name} missing:\n{env}"
+            );
+        }
         assert!(
             env.contains("QMP=\"/run/p/a \\\"b\\\"/qemu/qmp.sock\"\n"),
             "{env}"
