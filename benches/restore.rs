@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use postcopy_sidecar::lab::{QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode};
 use postcopy_sidecar::qmp::Qmp;
 use postcopy_sidecar::restore::{RestoreOptions, Snapshot, restore};
-use postcopy_sidecar::snapshot::take::{SnapshotOptions, snapshot};
+use postcopy_sidecar::snapshot::take::{SnapshotMode, SnapshotOptions, snapshot};
 
 const LONG: Duration = Duration::from_secs(1200);
 
@@ -195,6 +195,8 @@ async fn size(ram: u64, touched: u64, rounds: usize) -> Row {
         qmp: src.spare_qmp_path().to_path_buf(),
         out: snap.clone(),
         timeout: LONG,
+        mode: SnapshotMode::Precopy,
+        stop_after: true,
     })
     .await
     .expect("snapshot");

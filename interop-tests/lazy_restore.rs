@@ -14,11 +14,12 @@ use std::time::Duration;
 use postcopy_sidecar::lab::{
     LabError, QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode,
 };
+use postcopy_sidecar::qmp::migration_event_status;
 use postcopy_sidecar::restore::progress::{DEFAULT_MARKER, ProgressWatch};
 use postcopy_sidecar::restore::{RestoreOptions, RestoreReport, Snapshot, restore, restore_clones};
 use postcopy_sidecar::snapshot::SnapshotError;
 use postcopy_sidecar::snapshot::meta::PAGES_FILE;
-use postcopy_sidecar::snapshot::take::{SnapshotOptions, SnapshotReport, snapshot};
+use postcopy_sidecar::snapshot::take::{SnapshotMode, SnapshotOptions, SnapshotReport, snapshot};
 
 const BOOT: Duration = Duration::from_secs(180);
 const PROGRESS: Duration = Duration::from_secs(120);
@@ -40,24 +41,55 @@ fn source_spec(version: QemuVersion) -> VmSpec {
         })
 }
 
-/// Boots a guest, lets its workload run, and snapshots it into `dir/snap`.
-async fn snapshot_running_guest(version: QemuVersion, dir: &Path) -> (VmSpec, Vm, SnapshotReport) {
+/// Boots a guest and lets its workload run.
+async fn running_guest(version: QemuVersion, dir: &Path) -> (VmSpec, Vm) {
     let spec = source_spec(version);
     let src = need(Vm::spawn(&spec, dir).await);
     need(src.wait_workload_ready(BOOT).await);
     need(src.wait_progress(src.serial().len(), 1, PROGRESS).await);
-    let report = snapshot(&SnapshotOptions {
+    (spec, src)
+}
+
+fn snapshot_options(src: &Vm, out: &Path, mode: SnapshotMode, stop_after: bool) -> SnapshotOptions {
+    SnapshotOptions {
         qmp: src.spare_qmp_path().to_path_buf(),
-        out: dir.join("snap"),
+        out: out.to_path_buf(),
         timeout: MIGRATION,
-    })
+        mode,
+        stop_after,
+    }
+}
+
+/// Boots a guest, lets its workload run, and snapshots it into `dir/snap`, leaving it
+/// paused at the snapshot's point (the VM is moved, not checkpointed).
+async fn snapshot_running_guest(version: QemuVersion, dir: &Path) -> (VmSpec, Vm, SnapshotReport) {
+    let (spec, src) = running_guest(version, dir).await;
+    let report = snapshot(&snapshot_options(
+        &src,
+        &dir.join("snap"),
+        SnapshotMode::Precopy,
+        true,
+    ))
     .await
     .unwrap_or_else(|e| panic!("snapshot: {e}\nsource stderr:\n{}", src.stderr().tail(20)));
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
-    // The source ends paused, as after any completed migration.
+    // Asked to stop after: paused since the final pass, as after any completed migration.
     assert_eq!(src.qmp().run_state().await.unwrap(), "postmigrate");
+    assert_eq!(report.source_after, "postmigrate");
+    assert!(report.vm_paused_ms > 0, "{report:?}");
+    // Precopy: the device state came as sections after END ram, wrapped for the restore.
+    assert!(report.stream.device_bytes > 0, "{report:?}");
+    assert!(!dir.join("snap.partial").exists());
     need(src.check_workload_clean());
     (spec, src, report)
+}
+
+/// Asserts the source's VM runs and its workload goes on with zero mismatches.
+async fn assert_source_runs_on(src: &Vm) {
+    assert_eq!(src.qmp().run_state().await.unwrap(), "running");
+    let seen = need(src.wait_progress(src.serial().len(), 2, PROGRESS).await);
+    assert!(seen.iter().all(|p| p.mismatches == 0), "{seen:?}");
+    need(src.check_workload_clean());
 }
 
 /// A fresh destination whose console is also written to `dir/NAME.console`, so the
@@ -237,4 +269,155 @@ async fn bad_snapshots_and_mismatched_destinations_are_refused() {
         .err()
         .expect("missing index refused");
     assert!(e.to_string().contains("index.bin"), "{e}");
+}
+
+/// QEMU's background-snapshot: the VM pauses only while its device state is saved and
+/// runs through the whole RAM transfer; the snapshot restores like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_snapshot_keeps_the_vm_running_and_restores_10_0() {
+    let dir = tempfile::Builder::new().prefix("lazy-").tempdir().unwrap();
+    let (spec, src) = running_guest(QemuVersion::V10_0, dir.path()).await;
+    let stops = src.qmp().event_cursor();
+    let report = snapshot(&snapshot_options(
+        &src,
+        &dir.path().join("snap"),
+        SnapshotMode::Background,
+        false,
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("snapshot: {e}\nsource stderr:\n{}", src.stderr().tail(20)));
+    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+    assert_eq!(report.source_after, "running");
+    // One short pause for the device state, never the whole transfer.
+    let events = src.qmp().events_since(stops);
+    let stops_seen = events.iter().filter(|e| e.name == "STOP").count();
+    assert_eq!(stops_seen, 1, "{events:?}");
+    assert!(report.vm_paused_ms < report.total_ms, "{report:?}");
+    assert!(report.stream.device_bytes > 0, "{report:?}");
+    assert_source_runs_on(&src).await;
+    src.kill().await;
+    let snapshot = Snapshot::open(&dir.path().join("snap"), true).expect("open snapshot");
+    let dst = destination(&spec, QemuVersion::V10_0, "restored", dir.path()).await;
+    let report = restore(&snapshot, &opts(&dst)).await;
+    assert!(
+        report.requests > 0,
+        "a running guest faults on missing pages"
+    );
+    assert_restored(&dst, &report).await;
+}
+
+/// Unmounts a tmpfs the test mounted.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("mount")
+            .success();
+        assert!(ok, "mounting a tmpfs at {} (needs root)", at.display());
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A disk that fills up mid-snapshot: a clear error naming the file, the VM never stops
+/// for good (QEMU restarts it when its migration fails), nothing is left on the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_snapshot_and_the_vm_runs_on_10_0() {
+    let dir = tempfile::Builder::new().prefix("lazy-").tempdir().unwrap();
+    let (_, src) = running_guest(QemuVersion::V10_0, dir.path()).await;
+    let small = Tmpfs::mount(&dir.path().join("small"), "8m");
+    let out = small.0.join("snap");
+    let ended = src.qmp().event_cursor();
+    let err = snapshot(&snapshot_options(&src, &out, SnapshotMode::Precopy, false))
+        .await
+        .expect_err("8 MiB cannot hold the guest's pages");
+    let msg = err.to_string();
+    eprintln!("snapshot said: {msg}");
+    assert!(msg.contains("No space left on device"), "{msg}");
+    assert!(msg.contains("pages.bin"), "{msg}");
+    let failed = src
+        .qmp()
+        .wait_for_event_after(
+            ended,
+            |e| migration_event_status(e).is_some_and(|s| s == "failed" || s == "cancelled"),
+            PROGRESS,
+        )
+        .await
+        .expect("the source's migration fails");
+    eprintln!("source: {failed:?}");
+    assert!(!out.exists() && !small.0.join("snap.partial").exists());
+    assert_source_runs_on(&src).await;
+}
+
+/// A snapshot process killed mid-stream: the source's migration fails and its VM runs on;
+/// a second run into the same directory clears the dead run's partial directory and
+/// succeeds, leaving the VM running (a checkpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_snapshot_leaves_the_vm_running_and_a_rerun_succeeds_10_0() {
+    let dir = tempfile::Builder::new().prefix("lazy-").tempdir().unwrap();
+    let (_, src) = running_guest(QemuVersion::V10_0, dir.path()).await;
+    let out = dir.path().join("snap");
+    let partial = dir.path().join("snap.partial");
+    let active = src.qmp().event_cursor();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postcopy-sidecar"))
+        .arg("snapshot")
+        .arg("--qmp")
+        .arg(src.spare_qmp_path())
+        .arg("--out")
+        .arg(&out)
+        .spawn()
+        .expect("start the snapshot");
+    src.qmp()
+        .wait_for_event_after(
+            active,
+            |e| migration_event_status(e).is_some_and(|s| s == "active"),
+            PROGRESS,
+        )
+        .await
+        .expect("the snapshot's migration starts");
+    // Pages are being stored: the page store exists once the opening was received.
+    let deadline = std::time::Instant::now() + PROGRESS;
+    while !partial.join(PAGES_FILE).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no page store appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the snapshot ended early"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ended = src.qmp().event_cursor();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    src.qmp()
+        .wait_for_event_after(
+            ended,
+            |e| migration_event_status(e).is_some_and(|s| s == "failed" || s == "cancelled"),
+            PROGRESS,
+        )
+        .await
+        .expect("the source's migration fails once the sidecar is gone");
+    assert!(!out.exists(), "a dead run never leaves a snapshot behind");
+    assert_source_runs_on(&src).await;
+
+    let report = snapshot(&snapshot_options(&src, &out, SnapshotMode::Precopy, false))
+        .await
+        .unwrap_or_else(|e| panic!("rerun: {e}"));
+    eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+    assert_eq!(report.source_after, "running");
+    assert!(!partial.exists());
+    Snapshot::open(&out, true).expect("the rerun's snapshot opens and verifies");
+    assert_source_runs_on(&src).await;
 }

@@ -20,6 +20,19 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     sync_dir(parent(path))
 }
 
+/// Creates `path` (which must not exist) with `bytes` and syncs it: for files inside a
+/// directory that is itself renamed into place once whole.
+pub fn write_new_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 /// Creates a new temporary file next to `path`, exclusively and without following a link
 /// planted at its name.
 pub fn create_temporary(path: &Path) -> io::Result<(PathBuf, File)> {

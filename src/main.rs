@@ -99,18 +99,27 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Snapshot a running VM for lazy restore: the sidecar receives its postcopy migration
-    /// and stores the device state and every page; the source ends paused.
+    /// Snapshot a running VM for lazy restore: the sidecar receives its migration and
+    /// stores the device state and every page. The VM never enters postcopy, so any failure
+    /// leaves it running; it ends in the run state it had unless --stop-after.
     Snapshot {
         /// The source QEMU's QMP socket.
         #[arg(long)]
         qmp: PathBuf,
-        /// Snapshot directory to create.
+        /// Snapshot directory to create (built as DIR.partial, renamed when whole).
         #[arg(long)]
         out: PathBuf,
-        /// Give up after this many seconds.
+        /// Give up after this many seconds (the VM keeps running).
         #[arg(long, default_value_t = 600.0)]
         timeout: f64,
+        /// precopy: the VM pauses only for the final pass (the snapshot is its state
+        /// then); background: QEMU's background-snapshot, the VM pauses only while device
+        /// state is saved (the snapshot is its state at the start).
+        #[arg(long, default_value = "precopy")]
+        mode: postcopy_sidecar::snapshot::take::SnapshotMode,
+        /// Leave the VM paused at the snapshot's point (to move it, not checkpoint it).
+        #[arg(long)]
+        stop_after: bool,
     },
     /// Restore a snapshot lazily into fresh destination QEMUs (`-incoming defer`): each VM
     /// runs once its device state loads and RAM arrives on demand. Repeat --qmp for clones.
@@ -219,7 +228,19 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Cmd::Snapshot { qmp, out, timeout } => run_snapshot(qmp, out, timeout),
+        Cmd::Snapshot {
+            qmp,
+            out,
+            timeout,
+            mode,
+            stop_after,
+        } => run_snapshot(postcopy_sidecar::snapshot::take::SnapshotOptions {
+            qmp,
+            out,
+            timeout: std::time::Duration::from_secs_f64(timeout),
+            mode,
+            stop_after,
+        }),
         Cmd::Verify {
             qmp,
             digests,
@@ -453,12 +474,7 @@ fn run_verify(qmp: PathBuf, digests: PathBuf, allow_running: bool, json: bool) -
     })
 }
 
-fn run_snapshot(qmp: PathBuf, out: PathBuf, timeout: f64) -> ExitCode {
-    let opts = postcopy_sidecar::snapshot::take::SnapshotOptions {
-        qmp,
-        out,
-        timeout: std::time::Duration::from_secs_f64(timeout),
-    };
+fn run_snapshot(opts: postcopy_sidecar::snapshot::take::SnapshotOptions) -> ExitCode {
     runtime().block_on(async move {
         match postcopy_sidecar::snapshot::take::snapshot(&opts).await {
             Ok(r) => {

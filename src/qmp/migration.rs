@@ -36,7 +36,52 @@ impl qapi::Command for MigrateRaw {
     const ALLOW_OOB: bool = false;
 }
 
+/// `query-migrate-parameters`, read as JSON: the set differs between 7.2 and 10.0.
+#[derive(Debug, Clone, serde::Serialize)]
+struct QueryParametersRaw {}
+
+impl qapi::Command for QueryParametersRaw {
+    type Ok = Value;
+    const NAME: &'static str = "query-migrate-parameters";
+    const ALLOW_OOB: bool = false;
+}
+
+/// `query-migrate-capabilities`, read as JSON.
+#[derive(Debug, Clone, serde::Serialize)]
+struct QueryCapabilitiesRaw {}
+
+impl qapi::Command for QueryCapabilitiesRaw {
+    type Ok = Value;
+    const NAME: &'static str = "query-migrate-capabilities";
+    const ALLOW_OOB: bool = false;
+}
+
 impl Qmp {
+    /// The current state of the named migration capabilities, so a tool that changes them
+    /// for one migration can put them back.
+    pub async fn capabilities(&self, names: &[&str]) -> Result<Vec<(String, bool)>, QmpError> {
+        // Read as JSON: 7.2 lists capabilities (`compress`, `block`) later schemas dropped.
+        let all = self.execute(QueryCapabilitiesRaw {}).await?;
+        let list = all
+            .as_array()
+            .ok_or_else(|| QmpError::Reply(format!("query-migrate-capabilities {all}")))?;
+        let mut out = Vec::new();
+        for name in names {
+            let state = list
+                .iter()
+                .find(|c| c.get("capability").and_then(Value::as_str) == Some(name))
+                .and_then(|c| c.get("state").and_then(Value::as_bool))
+                .ok_or_else(|| QmpError::Unsupported(format!("migration capability {name}")))?;
+            out.push((name.to_string(), state));
+        }
+        Ok(out)
+    }
+
+    /// The migration parameters as QEMU names them.
+    pub async fn parameters(&self) -> Result<Value, QmpError> {
+        self.execute(QueryParametersRaw {}).await
+    }
+
     /// Sets migration capabilities by QEMU name (e.g. `postcopy-ram`).
     pub async fn set_capabilities(&self, caps: &[(&str, bool)]) -> Result<(), QmpError> {
         let mut list = Vec::new();

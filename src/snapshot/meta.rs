@@ -161,7 +161,8 @@ impl SnapshotMeta {
     pub fn save(&self, dir: &Path) -> Result<(), SnapshotError> {
         let path = dir.join(META_FILE);
         let json = serde_json::to_vec_pretty(self).expect("meta serialises");
-        std::fs::write(&path, json).map_err(|e| SnapshotError::io("writing", &path, e))
+        crate::durable::write_atomically(&path, &json)
+            .map_err(|e| SnapshotError::io("writing", &path, e))
     }
 
     /// Total target pages over all blocks (the length of the index).

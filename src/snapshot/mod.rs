@@ -1,6 +1,6 @@
-//! Snapshots for lazy restore: the sidecar plays a postcopy *destination* for a running
-//! source QEMU, switches to postcopy at once so that all device state arrives as the
-//! length-framed package, and keeps what a later restore must replay
+//! Snapshots for lazy restore: the sidecar plays the *destination* of a precopy (or
+//! background-snapshot) migration of a running source, never postcopy, so that a failure
+//! leaves the VM running, and keeps what a later postcopy restore must replay
 //! (protocol-spec/snapshot.md):
 //! - [`meta`]: `meta.json`, the stream facts and file checksums;
 //! - [`store`]: the page store, O(1) by (block, offset), zero pages not stored;

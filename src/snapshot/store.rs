@@ -176,7 +176,8 @@ impl StoreWriter {
         }
         let bytes: Vec<u8> = self.index.iter().flat_map(|h| h.to_le_bytes()).collect();
         let path = self.dir.join(INDEX_FILE);
-        std::fs::write(&path, &bytes).map_err(|e| SnapshotError::io("writing", &path, e))?;
+        crate::durable::write_new_synced(&path, &bytes)
+            .map_err(|e| SnapshotError::io("writing", &path, e))?;
         let pages_path = self.dir.join(PAGES_FILE);
         self.pages
             .sync_all()

@@ -460,6 +460,17 @@ impl StreamDecoder {
         Err(self.poison(self.offset, kind))
     }
 
+    /// How the stream would end if it ended here: `Some` when everything decoded so far
+    /// ends in opaque device state followed by exactly EOF + VMDESCRIPTION. A precopy
+    /// source with a return path keeps its socket open until the destination's SHUT, so a
+    /// consumer that must answer SHUT asks this instead of waiting for the socket's end.
+    pub fn opaque_end(&self) -> Option<OpaqueTail> {
+        if self.failed.is_some() || self.package.is_some() || !matches!(self.mode, Mode::Opaque) {
+            return None;
+        }
+        self.recognise_tail()
+    }
+
     fn poison(&mut self, offset: u64, kind: ErrorKind) -> DecodeError {
         let e = DecodeError {
             channel: Channel::Main,
