@@ -3,9 +3,11 @@
 # a source container from one image runs our Linux guest and its memory workload, a
 # destination container from the other image runs QEMU with -incoming defer and the sidecar
 # (`postcopy-sidecar receive`); `postcopy-sidecar send` in the source container migrates the
-# guest through the sidecar, switching to postcopy after 1 s.
+# guest through the sidecar, asking for postcopy at once (QEMU switches at its first
+# iteration, so no pair can converge in precopy and pass without postcopy).
 #
-# A pair passes when the sidecar's report says completed with the destination running, and
+# A pair passes when the sidecar's report says completed with the destination running, after
+# a switch to postcopy (POSTCOPY_LISTEN and RUN forwarded, pages carried in postcopy), and
 # the destination's console shows the workload progressing after the migration with
 # mismatches=0 and no `WL mismatch`/`WL fatal` line (the source's console must be clean too).
 #
@@ -226,7 +228,7 @@ run_pair() {
 
 	# The source, driven from its own container to the sidecar over the host's loopback.
 	if ! "$DOCKER" exec "$id-src" postcopy-sidecar send --qmp "$dir/src.qmp2" \
-		--to "127.0.0.1:$port" --postcopy-after 1 --timeout "$MIGRATION_SECS" \
+		--to "127.0.0.1:$port" --postcopy-after 0 --timeout "$MIGRATION_SECS" \
 		>"$dir/send.json" 2>"$dir/send.log"; then
 		fail "postcopy-sidecar send failed: $(tr -d '\n' <"$dir/send.json") $(cat "$dir/send.log")"
 	fi
@@ -236,6 +238,9 @@ run_pair() {
 	grep -q '^migration completed' "$dir/receive.out" || fail "the sidecar's report table says otherwise"
 	grep -q '"outcome": "completed"' "$dir/report.json" || fail "report outcome is not completed"
 	grep -q '"running": true' "$dir/report.json" || fail "report says the destination is not running"
+	local postcopy
+	postcopy="$(postcopy_evidence "$dir/report.json")" || fail "the migration did not go through postcopy: $postcopy"
+	say "  postcopy: $postcopy"
 	local t_migrated=$SECONDS
 	sed 's/^/[docker]   /' "$dir/receive.out"
 	say "  source: $(tr -d ' \n' <"$dir/send.json" | sed -e 's/^{//' -e 's/}$//' -e 's/,"/, "/g')"
@@ -255,6 +260,20 @@ run_pair() {
 	done
 	say "PASS $s -> $d in $((SECONDS - t0))s (VMs ready $((t_ready - t0))s," \
 		"migration $((t_migrated - t_ready))s, guest check $((SECONDS - t_migrated))s)"
+}
+
+# Prints what shows the migration went through postcopy (from the sidecar's report), and
+# fails when it did not: a pair that converged in precopy has not tested postcopy.
+postcopy_evidence() {
+	python3 - "$1" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+t, p = r["timeline"], r["postcopy"]
+pages = p["pages"] + p["zero_pages"]
+print(f"listen at {t['listen_ms']} ms, run at {t['run_ms']} ms, {pages} pages in postcopy, "
+      f"{r['requests']['messages']} page requests")
+sys.exit(0 if t["listen_ms"] is not None and t["run_ms"] is not None and pages > 0 else 1)
+PY
 }
 
 # --- all pairs -------------------------------------------------------------------------------
