@@ -912,3 +912,107 @@ fn received_bitmap_rules() {
     assert!(matches!(e.kind, ErrorKind::Truncated(_)));
     assert_eq!(e.offset, bytes.len() as u64);
 }
+
+// ---------------------------------------------------------------------------------------
+// the destination's blocks bound a hostile block list (issue: 2^60-byte block aborted the
+// sidecar in PageTracker::new)
+
+fn limits(blocks: &[(&[u8], u64)]) -> DecoderOptions {
+    DecoderOptions {
+        block_limits: Some(
+            blocks
+                .iter()
+                .map(|(n, l)| {
+                    (
+                        n.to_vec(),
+                        postcopy_sidecar::wire::BlockLimit {
+                            max_length: *l,
+                            page_size: 4096,
+                        },
+                    )
+                })
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+fn opening(blocks: &[(&[u8], u64)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    postcopy_sidecar::wire::compose::put_opening(&mut out, b"pc-q35-10.0", 2, blocks);
+    out
+}
+
+#[test]
+fn a_block_list_larger_than_the_destinations_ram_is_refused_at_its_total() {
+    let e = err_with(
+        &opening(&[(b"pc.ram", 1 << 60)]),
+        limits(&[(b"pc.ram", 1 << 28)]),
+    );
+    assert!(
+        matches!(&e.kind, ErrorKind::BlockTooLarge { block, length, .. } if block == "*" && *length == 1 << 60),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_block_longer_than_the_destinations_is_refused() {
+    let e = err_with(
+        &opening(&[(b"pc.ram", 1 << 29)]),
+        limits(&[(b"pc.ram", 1 << 28), (b"other", 1 << 30)]),
+    );
+    assert!(
+        matches!(&e.kind, ErrorKind::BlockTooLarge { block, limit, .. } if block == "pc.ram" && *limit == 1 << 28),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_block_the_destination_lacks_is_refused() {
+    let e = err_with(
+        &opening(&[(b"stranger", 4096)]),
+        limits(&[(b"pc.ram", 1 << 28)]),
+    );
+    assert_eq!(
+        e.kind,
+        ErrorKind::BlockNotAtDestination("stranger".into()),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_block_list_that_fits_the_destination_decodes() {
+    let bytes = opening(&[(b"pc.ram", 1 << 28)]);
+    let out = check::feed_whole(StreamDecoder::new(limits(&[(b"pc.ram", 1 << 28)])), &bytes);
+    // Only the end is missing: the opening itself passed.
+    assert!(
+        matches!(
+            out.first_error().map(|e| &e.kind),
+            Some(ErrorKind::Truncated(_))
+        ),
+        "{:?}",
+        out.first_error()
+    );
+}
+
+#[test]
+fn a_repeated_configuration_subsection_is_refused() {
+    // header, then CONFIGURATION with target-page-bits twice.
+    let mut b = b"QEVM\0\0\0\x03".to_vec();
+    b.push(0x07);
+    b.extend_from_slice(&4u32.to_be_bytes());
+    b.extend_from_slice(b"pc-1");
+    for _ in 0..2 {
+        b.push(0x05);
+        b.extend_from_slice(&counted(b"configuration/target-page-bits"));
+        b.extend_from_slice(&1u32.to_be_bytes());
+        b.extend_from_slice(&12u32.to_be_bytes());
+    }
+    b.push(0x08);
+    let e = err(&b);
+    assert_eq!(
+        e.kind,
+        ErrorKind::DuplicateConfigSubsection("configuration/target-page-bits".into()),
+        "{e}"
+    );
+}

@@ -2,6 +2,7 @@
 //! configure it, make it listen on a private endpoint, hand the connections to the
 //! carrier ([`super::carry`]), wait for the end, and report.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use crate::guard::{DiscoverError, GuardError, GuardedRam, Phase, discover};
 use crate::qmp::{IncomingAddress, MigrationStatus, Qmp, QmpError};
 use crate::session::{CutPolicy, Session, SessionConfig, TakeoverState};
 use crate::verify::placement::PlacementVerifier;
+use crate::wire::{BlockLimit, DecoderOptions};
 
 /// Where `receive` hands its guarded mapping to the caller once it made it (tests and
 /// embedders read guest RAM through it during the migration).
@@ -264,6 +266,22 @@ pub async fn check_backends(qmp: &Qmp) -> Result<(), ReceiveError> {
     Ok(())
 }
 
+/// The bounds a source's block list must fit: the destination's own blocks.
+pub fn block_limits(blocks: &[crate::qmp::RamBlock]) -> HashMap<Vec<u8>, BlockLimit> {
+    blocks
+        .iter()
+        .map(|b| {
+            (
+                b.name.as_bytes().to_vec(),
+                BlockLimit {
+                    max_length: b.total.max(b.used),
+                    page_size: b.page_size,
+                },
+            )
+        })
+        .collect()
+}
+
 /// Runs one migration through the sidecar and returns its report (also written/printed).
 pub async fn receive(opts: ReceiveOptions) -> Result<Report, ReceiveError> {
     run(None, opts).await
@@ -442,14 +460,22 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     }
     tracing::info!(version = %dest.qemu_version, machine = %dest.machine, "destination attached");
 
+    // The destination's blocks bound every block list a source may announce.
+    let decoder = match (&takeover, &qmp) {
+        (None, Some(q)) => DecoderOptions {
+            block_limits: Some(block_limits(&q.ram_blocks().await?)),
+            ..Default::default()
+        },
+        _ => DecoderOptions::default(),
+    };
     let policy = opts.cut_policy();
     let cfg = SessionConfig {
+        decoder: decoder.clone(),
         on_cut: policy,
         silence: opts.silence,
         away_timeout: opts.away_timeout,
         record_digests: opts.verify || opts.digests.is_some(),
         check_placement: opts.verify,
-        ..Default::default()
     };
     let session = match &takeover {
         Some(state) => Session::takeover(cfg, state, Instant::now()),

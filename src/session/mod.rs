@@ -1161,12 +1161,28 @@ impl Session {
             }
             return;
         };
-        let Some(b) = t.block_index(block) else {
-            self.stats.request(now, up, 0);
-            if up {
-                RpMessage::ReqPagesId { start, len, block }.encode(&mut self.to_source);
+        let checked = match t.block_index(block) {
+            Some(b) => t.check_request(b, start, u64::from(len)).map(|()| b),
+            None => {
+                t.refused_unknown_block();
+                Err(format!(
+                    "block {:?} was never announced",
+                    String::from_utf8_lossy(block)
+                ))
             }
-            return;
+        };
+        let b = match checked {
+            Ok(b) => b,
+            Err(why) => {
+                let n = t.request_figures().refused_messages;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        refused = n,
+                        "refused a page request of the destination: {why}"
+                    );
+                }
+                return;
+            }
         };
         let decisions = t.requested(b, start, u64::from(len), now);
         let forward = decisions

@@ -97,12 +97,23 @@ pub struct RequestFigures {
     pub already_delivered_pages: u64,
     /// Requests still unanswered at the end.
     pub outstanding_pages: u64,
+    /// Request messages refused: outside every block, or of a block the stream never
+    /// announced. No QEMU sends one; none is passed on.
+    pub refused_messages: u64,
+    /// Pages forwarded without being remembered, because [`MAX_PENDING_PAGES`] requests
+    /// were already waiting (no dedup or latency for them; exactly-once is unaffected).
+    pub untracked_pages: u64,
     /// Pages the sidecar's guarded reader needed (not counted above).
     pub guard_pages: u64,
     /// Request messages sent to the source on the guarded reader's behalf (not counted in
     /// `forwarded_messages`).
     pub guard_forwarded_messages: u64,
 }
+
+/// Most unanswered requests remembered at once. A real destination has a few per vCPU
+/// (and per blocked syscall); the cap bounds what a flood of requests can make the sidecar
+/// hold.
+pub const MAX_PENDING_PAGES: u64 = 1 << 16;
 
 /// The takeover state of one migration.
 pub struct PageTracker {
@@ -201,12 +212,13 @@ impl PageTracker {
     ) -> Vec<(u64, RequestDecision)> {
         let tps = self.tps;
         self.requests.messages += 1;
+        let mut pending = self.outstanding_pages();
         let Some(b) = self.blocks.get_mut(block) else {
             return Vec::new();
         };
         let mut out = Vec::new();
         let first = start / tps;
-        let last = (start + len.max(1)).div_ceil(tps);
+        let last = start.saturating_add(len.max(1)).div_ceil(tps);
         for p in first..last {
             self.requests.pages += 1;
             b.figures.requested_pages += 1;
@@ -223,7 +235,15 @@ impl PageTracker {
                         self.requests.deduplicated_pages += 1;
                         RequestDecision::AlreadyRequested
                     }
+                    std::collections::hash_map::Entry::Vacant(_)
+                        if pending >= MAX_PENDING_PAGES =>
+                    {
+                        self.requests.untracked_pages += 1;
+                        self.requests.forwarded_pages += 1;
+                        RequestDecision::Forward
+                    }
                     std::collections::hash_map::Entry::Vacant(v) => {
+                        pending += 1;
                         v.insert((now, Origin::Destination));
                         b.figures.forwarded_pages += 1;
                         self.requests.forwarded_pages += 1;
@@ -234,6 +254,31 @@ impl PageTracker {
             out.push((p * tps, d));
         }
         out
+    }
+
+    /// Checks a request against its block's bounds, with checked arithmetic: a request
+    /// outside every block comes from no QEMU and is not passed on.
+    pub fn check_request(&mut self, block: usize, start: u64, len: u64) -> Result<(), String> {
+        let Some(b) = self.blocks.get(block) else {
+            self.requests.refused_messages += 1;
+            return Err(format!("block index {block} does not exist"));
+        };
+        let length = b.figures.length;
+        match start.checked_add(len.max(1)) {
+            Some(end) if end <= length => Ok(()),
+            _ => {
+                self.requests.refused_messages += 1;
+                Err(format!(
+                    "{len:#x} bytes at {start:#x} are outside block {:?} ({length:#x} bytes)",
+                    b.figures.name
+                ))
+            }
+        }
+    }
+
+    /// Counts a refused request of a block the tracker does not know.
+    pub fn refused_unknown_block(&mut self) {
+        self.requests.refused_messages += 1;
     }
 
     /// Counts one request message sent on to the source.
@@ -374,6 +419,43 @@ mod tests {
         l.announce(b"m", 64 * 4096);
         l.announce(b"pc.bios", 4 * 4096);
         l
+    }
+
+    #[test]
+    fn requests_outside_their_block_are_refused_with_checked_arithmetic() {
+        let mut t = PageTracker::new(&layout(), 4096);
+        assert!(t.check_request(0, 63 * 4096, 4096).is_ok());
+        assert!(t.check_request(0, 64 * 4096, 4096).is_err());
+        assert!(t.check_request(0, 63 * 4096, 8192).is_err());
+        assert!(t.check_request(0, u64::MAX - 10, 4096).is_err());
+        assert!(t.check_request(7, 0, 4096).is_err());
+        assert_eq!(t.request_figures().refused_messages, 4);
+    }
+
+    #[test]
+    fn a_flood_of_requests_is_remembered_only_up_to_the_cap() {
+        let mut l = RamLayout::default();
+        l.announce(b"big", 2 * MAX_PENDING_PAGES * 4096);
+        let mut t = PageTracker::new(&l, 4096);
+        let t0 = Instant::now();
+        for p in 0..MAX_PENDING_PAGES + 10 {
+            assert_eq!(
+                t.requested(0, p * 4096, 4096, t0),
+                vec![(p * 4096, RequestDecision::Forward)]
+            );
+        }
+        let r = t.request_figures();
+        assert_eq!(r.outstanding_pages, MAX_PENDING_PAGES);
+        assert_eq!(r.untracked_pages, 10);
+        // Delivery of an untracked page is still recorded, so it is never sent twice.
+        t.delivered(0, (MAX_PENDING_PAGES + 5) * 4096, false, t0);
+        assert_eq!(
+            t.requested(0, (MAX_PENDING_PAGES + 5) * 4096, 4096, t0),
+            vec![(
+                (MAX_PENDING_PAGES + 5) * 4096,
+                RequestDecision::AlreadyDelivered
+            )]
+        );
     }
 
     #[test]

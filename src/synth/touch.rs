@@ -64,7 +64,7 @@ pub fn run(ram: Arc<SynthRam>, threads: usize, pattern: Pattern, touches: usize)
                             Pattern::Hot { hot_pages, .. } => hot_pages.clamp(1, pages),
                             _ => pages,
                         };
-                        let mut x = seed ^ ((t as u64 + 1) * 0x9e37_79b9_7f4a_7c15) | 1;
+                        let mut x = seed ^ (t as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
                         for _ in 0..touches {
                             let p = (xorshift(&mut x) % span as u64) as usize;
                             std::hint::black_box(ram.touch(p));

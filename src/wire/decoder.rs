@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use super::command::{Command, SECTION_COMMAND, parse_command};
 use super::error::{Channel, DecodeError, ErrorKind, PResult, WireError, fail, show};
 use super::ram::{
-    BlockListFraming, RAM_IDSTR, RAM_SECTION_VERSION, RamChannel, RamContext, RamLayout, RamRecord,
-    parse_ram_record,
+    BlockLimit, BlockListFraming, RAM_IDSTR, RAM_SECTION_VERSION, RamChannel, RamContext,
+    RamLayout, RamRecord, parse_ram_record,
 };
 use super::stream::{
     self, Configuration, SECTION_CONFIGURATION, SECTION_EOF, SECTION_FOOTER, SECTION_SUBSECTION,
@@ -202,6 +202,9 @@ pub struct DecoderOptions {
     /// Page size of each RAM block (from `x-query-ramblock`); only needed when the source
     /// has hugepage-backed blocks (protocol-spec/ram.md#ram-mem-size).
     pub block_page_sizes: HashMap<Vec<u8>, u64>,
+    /// The destination's RAM blocks (from `x-query-ramblock`): a block list that does not
+    /// fit them is refused before anything is sized from it.
+    pub block_limits: Option<HashMap<Vec<u8>, BlockLimit>>,
 }
 
 /// Incremental decoder of the main stream. See the module docs for the calling contract.
@@ -265,6 +268,7 @@ impl StreamDecoder {
             layout: RamLayout::default(),
             framing: BlockListFraming {
                 block_page_sizes: options.block_page_sizes,
+                block_limits: options.block_limits,
                 ..Default::default()
             },
             sections: HashMap::new(),

@@ -135,6 +135,37 @@ pub enum ErrorKind {
     /// The block list does not add up to its announced total (ram.md#ram-mem-size).
     #[error("block list overruns its announced total: {0}")]
     BlockListOverrun(String),
+    /// A block the destination does not have (ram.md#ram-mem-size): QEMU's loader would
+    /// refuse it too, after it had started; the sidecar refuses it before.
+    #[error("RAM block {0:?} does not exist at the destination")]
+    BlockNotAtDestination(String),
+    /// A block longer than the destination's block can ever be, or a total larger than
+    /// all of the destination's RAM (the 2^60-byte block list of a hostile peer).
+    #[error("RAM block {block:?} of {length:#x} bytes exceeds the destination's {limit:#x}")]
+    BlockTooLarge {
+        /// Block name (`*` for the block list's total).
+        block: String,
+        /// Bytes announced.
+        length: u64,
+        /// The destination's limit.
+        limit: u64,
+    },
+    /// A block's page size differs from the destination's block.
+    #[error(
+        "RAM block {block:?} announces page size {found:#x}, the destination's is {expected:#x}"
+    )]
+    BlockPageSizeMismatch {
+        /// Block name.
+        block: String,
+        /// Announced.
+        found: u64,
+        /// The destination's.
+        expected: u64,
+    },
+    /// A configuration subsection repeated: QEMU sends each at most once, and a repeat is
+    /// the start of an endless list.
+    #[error("configuration subsection {0:?} repeated")]
+    DuplicateConfigSubsection(String),
     /// Hugepage blocks are present but the decoder was not told block page sizes.
     #[error(
         "block {0:?} may carry a page size field (hugepage RAM) but its page size is unknown; pass the block page sizes from x-query-ramblock"

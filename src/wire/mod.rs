@@ -28,6 +28,6 @@ pub use decoder::{
 };
 pub use error::{Channel, DecodeError, ErrorKind};
 pub use preempt::PreemptDecoder;
-pub use ram::{BlockEntry, BlockId, PageHeader, RamLayout, RamRecord};
+pub use ram::{BlockEntry, BlockId, BlockLimit, PageHeader, RamLayout, RamRecord};
 pub use return_path::{RpDecoder, RpMessage, RpType};
 pub use stream::{Configuration, SectionHeader, SectionKind};

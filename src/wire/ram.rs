@@ -107,6 +107,70 @@ pub struct BlockListFraming {
     pub mapped_ram: bool,
     /// Per-block page sizes learnt out of band (x-query-ramblock), needed only for hugepages.
     pub block_page_sizes: HashMap<Vec<u8>, u64>,
+    /// The destination's own blocks, when known: a block list must fit them.
+    pub block_limits: Option<HashMap<Vec<u8>, BlockLimit>>,
+}
+
+/// What the destination allows a block of the source's list to be (from `x-query-ramblock`):
+/// the bound that keeps a hostile block list from sizing the sidecar's tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockLimit {
+    /// Most bytes the block can hold (a resizable block may grow up to this).
+    pub max_length: u64,
+    /// The block's page size.
+    pub page_size: u64,
+}
+
+impl BlockListFraming {
+    /// Checks a MEM_SIZE total against the destination's RAM.
+    fn check_total(&self, total: u64) -> Result<(), ErrorKind> {
+        let Some(limits) = &self.block_limits else {
+            return Ok(());
+        };
+        let all = limits
+            .values()
+            .fold(0u64, |a, l| a.saturating_add(l.max_length));
+        if total > all {
+            return Err(ErrorKind::BlockTooLarge {
+                block: "*".into(),
+                length: total,
+                limit: all,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks one block entry against the destination's block of that name.
+    fn check_block(
+        &self,
+        idstr: &[u8],
+        length: u64,
+        page_size: Option<u64>,
+    ) -> Result<(), ErrorKind> {
+        let Some(limits) = &self.block_limits else {
+            return Ok(());
+        };
+        let Some(l) = limits.get(idstr) else {
+            return Err(ErrorKind::BlockNotAtDestination(show(idstr)));
+        };
+        if length > l.max_length {
+            return Err(ErrorKind::BlockTooLarge {
+                block: show(idstr),
+                length,
+                limit: l.max_length,
+            });
+        }
+        if let Some(ps) = page_size
+            && ps != l.page_size
+        {
+            return Err(ErrorKind::BlockPageSizeMismatch {
+                block: show(idstr),
+                found: ps,
+                expected: l.page_size,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// One entry of the MEM_SIZE block list.
@@ -303,6 +367,9 @@ pub fn parse_ram_record<'a>(
             if ctx != RamContext::SectionStart {
                 return fail(input, ErrorKind::MisplacedMemSize);
             }
+            if let Err(kind) = framing.check_total(offset) {
+                return fail(input, kind);
+            }
             // QEMU's loader reads block entries while bytes remain: none for a zero total.
             chan.list_remaining = (offset != 0).then_some(offset);
             Ok((i, RamRecord::MemSize { total: offset }))
@@ -452,6 +519,9 @@ fn parse_block_entry<'a>(
         let (j, v) = bytes(MAPPED_RAM_HEADER_LEN)(i)?;
         i = j;
         mapped_ram_header = Some(v);
+    }
+    if let Err(kind) = framing.check_block(idstr, used_length, page_size) {
+        return fail(input, kind);
     }
     layout.announce(idstr, used_length);
     let left = remaining - used_length;

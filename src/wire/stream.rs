@@ -291,6 +291,12 @@ pub fn parse_configuration(input: &[u8]) -> PResult<'_, Configuration<'_>> {
             }
             other => return fail(i, ErrorKind::UnknownConfigSubsection(show(other))),
         };
+        if subsections
+            .iter()
+            .any(|s| std::mem::discriminant(s) == std::mem::discriminant(&sub))
+        {
+            return fail(i, ErrorKind::DuplicateConfigSubsection(show(name)));
+        }
         subsections.push(sub);
         i = j;
     }
