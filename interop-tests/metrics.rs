@@ -14,7 +14,7 @@ use postcopy_sidecar::lab::{
     LabError, QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode,
 };
 use postcopy_sidecar::source::{SendOptions, send};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BOOT: Duration = Duration::from_secs(180);
 const MIGRATION: Duration = Duration::from_secs(300);
@@ -242,9 +242,18 @@ async fn a_stream_that_does_not_decode_counts_as_a_decode_error_and_a_failure() 
             ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
         },
     ));
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut bytes = b"QEVM\x00\x00\x00\x03".to_vec();
+    // Refused at the door: never the migration, never a decode error of its.
+    let mut early = tokio::net::TcpStream::connect(addr).await.unwrap();
+    early.write_all(b"QEVM\x00\x00\x00\x03\x42").await.unwrap();
+    let mut buf = [0u8; 1];
+    let _ = tokio::time::timeout(MIGRATION, early.read(&mut buf)).await;
+    // Admitted (its opening fits the destination), then bytes that do not decode.
+    let blocks = dst.qmp().ram_blocks().await.unwrap();
+    let list: Vec<(&[u8], u64)> = blocks.iter().map(|b| (b.name.as_bytes(), b.used)).collect();
+    let mut bytes = Vec::new();
+    postcopy_sidecar::wire::compose::put_opening(&mut bytes, b"pc-q35-10.0", 2, &list);
     bytes.push(0x42); // no such section type
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(&bytes).await.unwrap();
     let report = tokio::time::timeout(MIGRATION, sidecar)
         .await
@@ -271,4 +280,14 @@ async fn a_stream_that_does_not_decode_counts_as_a_decode_error_and_a_failure() 
         ),
         1.0
     );
+    assert_eq!(
+        sum(
+            &after,
+            "postcopy_sidecar_refused_connections_total",
+            &[r#"kind="handshake""#]
+        ),
+        1.0,
+        "{after:?}"
+    );
+    assert_eq!(report.refused_connections.total, 1);
 }

@@ -113,22 +113,27 @@ async fn bytes_that_do_not_decode_end_the_migration_with_their_offset() {
         .await,
     );
     let (addr, h) = start_sidecar(&dst).await;
-    // A valid opening, then a section type no QEMU sends.
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut bytes = b"QEVM\x00\x00\x00\x03".to_vec();
-    bytes.extend_from_slice(&[0x08, 0x00, 0x01, 0x00, 0x00]); // OPEN_RETURN_PATH
+    // An opening that fits the destination's RAM blocks (so it is admitted and the
+    // destination connected), then a section type no QEMU sends.
+    let blocks = dst.qmp().ram_blocks().await.unwrap();
+    let list: Vec<(&[u8], u64)> = blocks.iter().map(|b| (b.name.as_bytes(), b.used)).collect();
+    let mut bytes = Vec::new();
+    postcopy_sidecar::wire::compose::put_opening(&mut bytes, b"pc-q35-10.0", 2, &list);
+    let good = bytes.len() as u64;
     bytes.push(0x42);
     bytes.extend_from_slice(&[0u8; 64]);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(&bytes).await.unwrap();
     let report = finished(h).await.expect("a report");
     let e = report.error.clone().expect("an error");
     assert!(
-        e.contains("main stream at offset 13") && e.contains("unknown section type byte 0x42"),
+        e.contains(&format!("main stream at offset {good}"))
+            && e.contains("unknown section type byte 0x42"),
         "{e}"
     );
     assert_eq!(report.outcome, "failed");
-    // Only the 13 decoded bytes reached the destination.
-    assert_eq!(report.bytes.main, 13, "{report:?}");
+    // Only the decoded bytes reached the destination.
+    assert_eq!(report.bytes.main, good, "{report:?}");
 }
 
 /// A source that dies for good: the sidecar holds the destination for its away timeout,

@@ -11,6 +11,7 @@ use postcopy_sidecar::daemon::metrics::Metrics;
 use postcopy_sidecar::daemon::receive::{Incoming, Listen, ReceiveOptions, receive};
 use postcopy_sidecar::inspect;
 use postcopy_sidecar::session::CutPolicy;
+use postcopy_sidecar::session::admission::AllowList;
 use postcopy_sidecar::source::{SendOptions, send};
 
 /// A sidecar for QEMU postcopy live migration.
@@ -343,6 +344,14 @@ struct ReceiveArgs {
     /// the source's resume (`migrate` with `resume: true` to --listen).
     #[arg(long, requires = "state_file")]
     recover: bool,
+    /// Accept connections only from these addresses or prefixes (comma-separated, e.g.
+    /// `192.0.2.10,10.1.0.0/16`); others are refused before a byte is read.
+    #[arg(long, value_parser = AllowList::parse)]
+    allow_from: Option<AllowList>,
+    /// Seconds a new connection has to send its whole opening (header, configuration,
+    /// RAM block list) before it is dropped.
+    #[arg(long, default_value_t = 10.0)]
+    handshake_timeout: f64,
 }
 
 fn parse_cut_policy(s: &str) -> Result<CutPolicy, String> {
@@ -383,6 +392,8 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
         away_timeout: std::time::Duration::from_secs_f64(a.away_timeout.max(1.0)),
         state_file: a.state_file,
         takeover: a.recover,
+        allow_from: a.allow_from,
+        handshake_timeout: std::time::Duration::from_secs_f64(a.handshake_timeout.max(0.1)),
         ..ReceiveOptions::new(a.qmp, a.listen)
     };
     runtime().block_on(async move {

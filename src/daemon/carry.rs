@@ -20,8 +20,9 @@ use tokio::task::JoinSet;
 use super::receive::ReceiveError;
 use super::relay::{self, Feed, PumpReport, Reader, Relay, RelayError, Writer};
 use crate::qmp::{IncomingAddress, MigrationStatus, Qmp};
+use crate::session::admission::{Admission, Joining, OpeningCheck, OpeningVerdict};
 use crate::session::{CutDecision, LinkEvent, TimerAction};
-use crate::wire::Channel;
+use crate::wire::{Channel, DecoderOptions};
 
 /// Where the sidecar reaches the destination QEMU's incoming side.
 #[derive(Debug, Clone)]
@@ -103,11 +104,15 @@ pub struct CarryOptions {
     pub state_file: Option<PathBuf>,
     /// Where link events also go.
     pub link_events: Option<mpsc::UnboundedSender<LinkEvent>>,
+    /// Who may become the source (allow list; the admitted source afterwards).
+    pub admission: Admission,
+    /// The destination's limits, for checking a fresh main connection's opening.
+    pub decoder: DecoderOptions,
+    /// How long a new connection may take to show what it is (its first byte, and for a
+    /// fresh main channel its whole opening): a silent or slow peer is dropped after it.
+    pub handshake_timeout: Duration,
 }
 
-/// How long a new connection may stay silent before it is dropped, while no main
-/// connection is up (a preempt channel is recognised once the main one is).
-const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for a destination connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// QMP calls made while the destination may be blocked on guest memory.
@@ -115,8 +120,9 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A source connection after its first byte (or the lack of one) was seen.
 enum Classified {
-    /// Starts with the file magic: a fresh main channel.
-    FreshMain,
+    /// Starts with the file magic, and its opening fits the destination: a fresh main
+    /// channel, with the bytes read to check it.
+    FreshMain(Vec<u8>),
     /// Starts with a command: a resumed main channel.
     ResumedMain,
     /// Silent while a main connection came up: a preempt channel.
@@ -157,7 +163,7 @@ fn dup<T: std::os::fd::AsFd>(s: &T) -> Option<socket2::Socket> {
 impl Classified {
     fn name(&self) -> &'static str {
         match self {
-            Classified::FreshMain => "fresh main",
+            Classified::FreshMain(_) => "fresh main",
             Classified::ResumedMain => "resumed main",
             Classified::Preempt => "preempt",
             Classified::Refused(_) => "refused",
@@ -175,13 +181,37 @@ async fn classify(
     tokio::select! {
         r = s.peek(&mut b) => match r {
             Ok(0) => Classified::Refused("closed before sending anything".into()),
-            Ok(_) if b[0] == b'Q' => Classified::FreshMain,
+            Ok(_) if b[0] == b'Q' => Classified::FreshMain(Vec::new()),
             Ok(_) if b[0] == crate::wire::command::SECTION_COMMAND => Classified::ResumedMain,
             Ok(_) => Classified::Refused(format!("starts with {:#04x}, not a migration stream", b[0])),
             Err(e) => Classified::Refused(e.to_string()),
         },
         _ = main_up.wait_for(|up| *up) => Classified::Preempt,
         _ = tokio::time::sleep(timeout) => Classified::Refused(format!("silent for {:.0} s", timeout.as_secs_f64())),
+    }
+}
+
+/// Reads a fresh main connection's opening until [`OpeningCheck`] admits or refuses it,
+/// within `deadline`. Nothing is forwarded meanwhile.
+async fn read_opening(
+    s: &mut TcpStream,
+    mut check: OpeningCheck,
+    deadline: tokio::time::Instant,
+) -> Classified {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Err(_) => return Classified::Refused("its opening did not arrive in time".into()),
+            Ok(Err(e)) => return Classified::Refused(format!("reading its opening: {e}")),
+            Ok(Ok(0)) => return Classified::Refused("closed inside its opening".into()),
+            Ok(Ok(n)) => n,
+        };
+        match check.push(&chunk[..n]) {
+            OpeningVerdict::NeedMore => {}
+            OpeningVerdict::Admit => return Classified::FreshMain(check.into_bytes()),
+            OpeningVerdict::Refuse(why) => return Classified::Refused(why),
+        }
     }
 }
 
@@ -287,7 +317,11 @@ pub async fn carry(
         tasks: JoinSet::new(),
     };
     let (main_up_tx, _) = watch::channel(false);
-    let mut classifying: JoinSet<(TcpStream, SocketAddr, Classified)> = JoinSet::new();
+    let mut classifying: JoinSet<(TcpStream, SocketAddr, u64, Classified)> = JoinSet::new();
+    // Accept order, to tell the source's later channels from peers that came before it.
+    let mut accepted_seq: u64 = 0;
+    let mut main_seq: u64 = 0;
+    let mut admission = opts.admission.clone();
     let mut src_socks: Vec<socket2::Socket> = Vec::new();
     let mut dst_socks: Vec<socket2::Socket> = Vec::new();
     let mut endpoint = opts.endpoint.clone();
@@ -316,6 +350,12 @@ pub async fn carry(
                         continue;
                     }
                 };
+                accepted_seq += 1;
+                let seq = accepted_seq;
+                if let Err(why) = opts.admission.at_accept(peer.ip()) {
+                    refuse(&relay, peer, "address", &why);
+                    continue;
+                }
                 if let Err(e) = configure_source(&s, &opts.sockets) {
                     tracing::warn!(%peer, "configuring a source connection: {e}");
                     continue;
@@ -323,34 +363,49 @@ pub async fn carry(
                 tracing::debug!(%peer, main_up = *main_up_tx.borrow(), preempt_up, "accepted a source connection");
                 if *main_up_tx.borrow() && opts.preempt && !preempt_up {
                     // The main channel is up: this is the preempt channel.
-                    classifying.spawn(async move { (s, peer, Classified::Preempt) });
+                    classifying.spawn(async move { (s, peer, seq, Classified::Preempt) });
                 } else if *main_up_tx.borrow() {
-                    tracing::warn!(%peer, "refused a connection: the source's channels are all up");
+                    refuse(&relay, peer, "extra", "the source's channels are all up");
                 } else {
                     let up = main_up_tx.subscribe();
+                    let check = OpeningCheck::new(opts.decoder.clone());
+                    let timeout = opts.handshake_timeout;
                     classifying.spawn(async move {
-                        let c = classify(&s, up, FIRST_BYTE_TIMEOUT).await;
-                        (s, peer, c)
+                        let deadline = tokio::time::Instant::now() + timeout;
+                        let mut s = s;
+                        let c = match classify(&s, up, timeout).await {
+                            Classified::FreshMain(_) => read_opening(&mut s, check, deadline).await,
+                            other => other,
+                        };
+                        (s, peer, seq, c)
                     });
                 }
             }
             Some(done) = classifying.join_next() => {
-                let Ok((s, peer, class)) = done else { continue };
+                let Ok((s, peer, seq, class)) = done else { continue };
                 tracing::debug!(%peer, class = class.name(), main_up = *main_up_tx.borrow(), "classified a source connection");
                 match class {
                     Classified::Refused(why) => {
-                        tracing::warn!(%peer, "refused a connection: {why}");
+                        refuse(&relay, peer, "handshake", &why);
                     }
-                    Classified::FreshMain | Classified::ResumedMain if *main_up_tx.borrow() => {
-                        tracing::warn!(%peer, "refused a second main connection");
+                    Classified::FreshMain(_) | Classified::ResumedMain if *main_up_tx.borrow() => {
+                        refuse(&relay, peer, "extra", "a second main connection");
                     }
-                    Classified::FreshMain if !first_main => {
-                        tracing::warn!(%peer, "refused a fresh migration stream: this migration is in progress");
+                    Classified::FreshMain(_) if !first_main => {
+                        refuse(&relay, peer, "extra", "a fresh migration stream while this migration is in progress");
                     }
                     Classified::ResumedMain if first_main => {
-                        tracing::warn!(%peer, "refused a resume connection: no migration to resume yet");
+                        refuse(&relay, peer, "extra", "a resume connection with no migration to resume yet");
                     }
-                    Classified::FreshMain | Classified::ResumedMain => {
+                    Classified::ResumedMain if admission.joining(peer.ip(), Joining::Resume).is_err() => {
+                        let why = admission.joining(peer.ip(), Joining::Resume).unwrap_err();
+                        refuse(&relay, peer, "not_the_source", &format!("a resume connection: {why}"));
+                    }
+                    Classified::FreshMain(_) | Classified::ResumedMain => {
+                        let opening = match class {
+                            Classified::FreshMain(b) => b,
+                            _ => Vec::new(),
+                        };
                         let epoch = match relay.with(|s| s.source_main_connected(Instant::now())) {
                             Ok(_) => relay.with(|s| s.epoch()),
                             Err(e) => {
@@ -361,8 +416,17 @@ pub async fn carry(
                         for sock in src_socks.drain(..) {
                             cut_socket(&sock);
                         }
+                        admission.admitted(peer.ip());
+                        main_seq = seq;
                         src_socks.extend(dup(&s));
                         let (r, w) = s.into_split();
+                        // The checked opening goes first, then the rest of the connection.
+                        let r: Reader = if opening.is_empty() {
+                            Box::new(r)
+                        } else {
+                            use tokio::io::AsyncReadExt;
+                            Box::new(std::io::Cursor::new(opening).chain(r))
+                        };
                         relay.source.install(epoch, Box::new(w)).await;
                         let mut destination = None;
                         if first_main || need_destination {
@@ -391,7 +455,7 @@ pub async fn carry(
                             pumps.main = Some(tx);
                         }
                         if let Some(tx) = &pumps.main {
-                            let _ = tx.send(Feed { source: Box::new(r), epoch, destination }).await;
+                            let _ = tx.send(Feed { source: r, epoch, destination }).await;
                         }
                         if first_main {
                             tracing::info!(%peer, "source connected");
@@ -404,7 +468,15 @@ pub async fn carry(
                     }
                     Classified::Preempt => {
                         if !opts.preempt || preempt_up {
-                            tracing::warn!(%peer, "refused an extra connection");
+                            refuse(&relay, peer, "extra", "an extra connection");
+                            continue;
+                        }
+                        if seq < main_seq {
+                            refuse(&relay, peer, "extra", "silent since before the source's main channel");
+                            continue;
+                        }
+                        if let Err(why) = admission.joining(peer.ip(), Joining::Preempt) {
+                            refuse(&relay, peer, "not_the_source", &format!("a preempt connection: {why}"));
                             continue;
                         }
                         if let Err(e) = relay.with(|s| s.source_preempt_connected()) {
@@ -559,9 +631,7 @@ pub async fn carry(
         }
         for ev in relay.with(|s| s.take_events()) {
             log_event(&ev, listener);
-            if let Some(tx) = &opts.link_events {
-                let _ = tx.send(ev.clone());
-            }
+            // Metrics first: whoever watches the events may read them at once.
             if let Some(m) = &relay.metrics {
                 match &ev {
                     LinkEvent::Cut {
@@ -570,6 +640,9 @@ pub async fn carry(
                     LinkEvent::Recovered(r) => m.recovered(r),
                     LinkEvent::ResumeStarted { .. } => {}
                 }
+            }
+            if let Some(tx) = &opts.link_events {
+                let _ = tx.send(ev);
             }
         }
         if let Some(m) = &relay.metrics {
@@ -608,6 +681,16 @@ pub async fn carry(
         {}
     }
     result
+}
+
+/// Drops a connection that may not join: logged with its reason, counted in metrics and
+/// in the report. The sidecar keeps listening.
+fn refuse(relay: &Relay, peer: SocketAddr, kind: &'static str, why: &str) {
+    tracing::warn!(%peer, kind, "refused a connection: {why}");
+    if let Some(m) = &relay.metrics {
+        m.refused(kind);
+    }
+    relay.with(|s| s.connection_refused(peer.to_string(), kind, why.to_string()));
 }
 
 fn log_event(ev: &LinkEvent, listener: &TcpListener) {

@@ -177,6 +177,16 @@ pub struct Metrics {
     pub recoveries: Family<RecoveryLabels, Counter>,
     /// Cut → postcopy running again, seconds.
     pub recovery_seconds: Histogram,
+    /// Connections refused at the sidecar's port, by kind.
+    pub refused_connections: Family<RefusedLabels, Counter>,
+}
+
+/// Labels of the refused-connection counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `address` (not in --allow-from), `handshake` (silent, not a migration, or an
+    /// opening that does not fit the destination), `extra`, `not_the_source`.
+    pub kind: &'static str,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -281,8 +291,15 @@ impl Metrics {
             "From a cut of the source link to postcopy running again",
             recovery_seconds.clone(),
         );
+        let refused_connections = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "refused_connections",
+            "Connections refused at the sidecar's port before reaching the destination, by kind",
+            refused_connections.clone(),
+        );
         Metrics {
             registry,
+            refused_connections,
             source_link_up,
             source_silent_seconds,
             source_away_seconds,
@@ -383,6 +400,13 @@ impl Metrics {
         self.source_link_up.set(i64::from(v.state == "up"));
         self.source_silent_seconds.set(v.silent_for_s);
         self.source_away_seconds.set(v.away_for_s.unwrap_or(0.0));
+    }
+
+    /// Counts a connection refused at the sidecar's port.
+    pub fn refused(&self, kind: &'static str) {
+        self.refused_connections
+            .get_or_create(&RefusedLabels { kind })
+            .inc();
     }
 
     /// Counts a cut of the source link.

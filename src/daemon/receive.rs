@@ -16,6 +16,7 @@ use super::relay::{Relay, RelayError};
 use super::report::{DestinationInfo, Report, VerifyFigures};
 use crate::guard::{DiscoverError, GuardError, GuardedRam, Phase, discover};
 use crate::qmp::{IncomingAddress, MigrationStatus, Qmp, QmpError};
+use crate::session::admission::{Admission, AllowList};
 use crate::session::{CutPolicy, Session, SessionConfig, TakeoverState};
 use crate::verify::placement::PlacementVerifier;
 use crate::wire::{BlockLimit, DecoderOptions};
@@ -128,7 +129,14 @@ pub struct ReceiveOptions {
     /// Receives every cut and recovery of the source link as it happens (a supervisor or a
     /// test watching the link).
     pub link_events: Option<tokio::sync::mpsc::UnboundedSender<crate::session::LinkEvent>>,
+    /// Only these addresses may connect (`--allow-from`); anyone, if unset.
+    pub allow_from: Option<AllowList>,
+    /// How long a new connection may take to show it is the source (its opening).
+    pub handshake_timeout: Duration,
 }
+
+/// Default for [`ReceiveOptions::handshake_timeout`]: QEMU sends its opening at once.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long `receive` waits by default for QMP and (following a manager) for the
 /// destination to listen.
@@ -160,6 +168,8 @@ impl ReceiveOptions {
             state_file: None,
             takeover: false,
             link_events: None,
+            allow_from: None,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         }
     }
 
@@ -582,6 +592,9 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
             takeover: takeover.is_some(),
             state_file: opts.state_file.clone(),
             link_events: opts.link_events.clone(),
+            admission: Admission::new(opts.allow_from.clone()),
+            decoder,
+            handshake_timeout: opts.handshake_timeout,
         },
         relay.clone(),
         reports,

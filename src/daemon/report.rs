@@ -90,6 +90,8 @@ pub struct Report {
     pub recoveries: Vec<Recovery>,
     /// The source link at the end (e.g. still away, if the migration ended there).
     pub link: Option<LinkView>,
+    /// Connections refused at the sidecar's port (hostile, stray or misdirected peers).
+    pub refused_connections: crate::session::stats::RefusedConnections,
 }
 
 impl Report {
@@ -142,6 +144,7 @@ impl Report {
             verify: None,
             recoveries: session.recoveries().to_vec(),
             link: Some(session.link_view(now)),
+            refused_connections: stats.refused.clone(),
         }
     }
 

@@ -18,6 +18,7 @@
 //! the source resends precisely the pages that were lost in flight
 //! (protocol-spec/postcopy-sequence.md#sequence-hold).
 
+pub mod admission;
 mod delta;
 mod link;
 pub mod sim;
@@ -334,6 +335,11 @@ impl Session {
     /// Live counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// A connection at the sidecar's port was not let in (the carrier's admission).
+    pub fn connection_refused(&mut self, peer: String, kind: &str, reason: String) {
+        self.stats.refused.add(peer, kind, reason);
     }
 
     /// The takeover state, once the block table is known.

@@ -59,6 +59,49 @@ pub struct Stats {
     pub served: u64,
     /// Times of recent requests, for a faults/s rate.
     pub recent_requests: std::collections::VecDeque<Instant>,
+    /// Connections that were not let in.
+    pub refused: RefusedConnections,
+}
+
+/// Connections refused at the sidecar's port: the count by kind, and the first few
+/// with peer and reason (a flood must not grow the report without bound).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct RefusedConnections {
+    /// All refused connections.
+    pub total: u64,
+    /// By kind: `address`, `handshake`, `extra`, `not_the_source`.
+    pub by_kind: BTreeMap<String, u64>,
+    /// The first [`RefusedConnections::KEPT`], in order.
+    pub first: Vec<RefusedConnection>,
+}
+
+/// One refused connection.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RefusedConnection {
+    /// Peer address.
+    pub peer: String,
+    /// Kind of refusal.
+    pub kind: String,
+    /// Why, in words.
+    pub reason: String,
+}
+
+impl RefusedConnections {
+    /// How many refusals the report lists one by one.
+    pub const KEPT: usize = 32;
+
+    /// Records one refusal.
+    pub fn add(&mut self, peer: String, kind: &str, reason: String) {
+        self.total += 1;
+        *self.by_kind.entry(kind.to_string()).or_default() += 1;
+        if self.first.len() < Self::KEPT {
+            self.first.push(RefusedConnection {
+                peer,
+                kind: kind.to_string(),
+                reason,
+            });
+        }
+    }
 }
 
 impl Default for Stats {
@@ -77,6 +120,7 @@ impl Default for Stats {
             requests_forwarded: 0,
             served: 0,
             recent_requests: std::collections::VecDeque::new(),
+            refused: RefusedConnections::default(),
         }
     }
 }
