@@ -397,14 +397,16 @@ pub async fn carry(
                     Classified::ResumedMain if first_main => {
                         refuse(&relay, peer, "extra", "a resume connection with no migration to resume yet");
                     }
-                    Classified::ResumedMain if admission.joining(peer.ip(), Joining::Resume).is_err() => {
-                        let why = admission.joining(peer.ip(), Joining::Resume).unwrap_err();
-                        refuse(&relay, peer, "not_the_source", &format!("a resume connection: {why}"));
-                    }
                     Classified::FreshMain(_) | Classified::ResumedMain => {
                         let opening = match class {
                             Classified::FreshMain(b) => b,
-                            _ => Vec::new(),
+                            _ => {
+                                if let Err(why) = admission.joining(peer.ip(), Joining::Resume) {
+                                    refuse(&relay, peer, "not_the_source", &format!("a resume connection: {why}"));
+                                    continue;
+                                }
+                                Vec::new()
+                            }
                         };
                         let epoch = match relay.with(|s| s.source_main_connected(Instant::now())) {
                             Ok(_) => relay.with(|s| s.epoch()),

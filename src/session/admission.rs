@@ -162,12 +162,6 @@ impl Admission {
         }
     }
 
-    /// A policy for a migration whose source is already known (a takeover knows none).
-    pub fn with_source(mut self, source: Option<IpAddr>) -> Self {
-        self.source = source;
-        self
-    }
-
     /// Checked at accept, before a byte is read: `Err` names why the peer is refused.
     pub fn at_accept(&self, peer: IpAddr) -> Result<(), String> {
         if let Some(a) = &self.allow
@@ -192,11 +186,6 @@ impl Admission {
     /// Records the admitted source's address.
     pub fn admitted(&mut self, peer: IpAddr) {
         self.source.get_or_insert(peer);
-    }
-
-    /// The admitted source, if any.
-    pub fn source(&self) -> Option<IpAddr> {
-        self.source
     }
 }
 
