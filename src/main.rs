@@ -8,10 +8,12 @@ use clap::{Parser, Subcommand};
 use std::sync::Arc;
 
 use postcopy_sidecar::daemon::metrics::Metrics;
+use postcopy_sidecar::daemon::receive::TlsOptions;
 use postcopy_sidecar::daemon::receive::{Incoming, Listen, ReceiveOptions, receive};
+use postcopy_sidecar::daemon::tls::SourceTls;
 use postcopy_sidecar::inspect;
 use postcopy_sidecar::session::CutPolicy;
-use postcopy_sidecar::session::admission::AllowList;
+use postcopy_sidecar::session::admission::{AllowList, DistinguishedName};
 use postcopy_sidecar::source::{SendOptions, send};
 
 /// A sidecar for QEMU postcopy live migration.
@@ -52,7 +54,7 @@ enum Cmd {
         json: bool,
     },
     /// Carry an incoming migration to the destination QEMU, taking over its page requests.
-    Receive(ReceiveArgs),
+    Receive(Box<ReceiveArgs>),
     /// Boot a small local VM and migrate it with postcopy through the sidecar (the main job
     /// on its embedded default; run scripts/setup.sh first, or use scripts/demo.sh).
     Demo {
@@ -171,7 +173,7 @@ fn main() -> ExitCode {
             preempt,
             json,
         } => run_inspect(stream, return_path, preempt, json),
-        Cmd::Receive(args) => run_receive(args),
+        Cmd::Receive(args) => run_receive(*args),
         Cmd::Demo {
             ram_mib,
             workload_mib,
@@ -352,6 +354,28 @@ struct ReceiveArgs {
     /// RAM block list) before it is dropped.
     #[arg(long, default_value_t = 10.0)]
     handshake_timeout: f64,
+    /// Require TLS from the source, with server credentials in this directory in QEMU's
+    /// `tls-creds-x509` layout (ca-cert.pem, server-cert.pem, server-key.pem, optional
+    /// ca-crl.pem). The source's client certificate must be signed by ca-cert.pem.
+    #[arg(long)]
+    tls_creds: Option<PathBuf>,
+    /// Only a source whose certificate carries one of these names (repeatable; RFC 4514
+    /// like QEMU's tls-authz: `CN=src.example.org,O=Example,C=GB`, any attribute order).
+    #[arg(long, requires = "tls_creds", value_parser = DistinguishedName::parse)]
+    tls_allow_name: Vec<DistinguishedName>,
+    /// Accept a source without a client certificate (QEMU's verify-peer=off). Off by
+    /// default: without it anyone who trusts the server certificate could connect.
+    #[arg(long, requires = "tls_creds")]
+    tls_no_verify_peer: bool,
+    /// The host's QEMU TLS credentials (libvirt's migrate_tls_x509_cert_dir), used when
+    /// the destination QEMU itself expects TLS (libvirt's --tls): the sidecar connects to
+    /// it with client-cert.pem/client-key.pem from here.
+    #[arg(long, default_value = postcopy_sidecar::daemon::tls::LIBVIRT_QEMU_CREDS)]
+    destination_tls_creds: PathBuf,
+    /// The name the destination's certificate must carry (default: the first name in
+    /// server-cert.pem of --destination-tls-creds, the certificate a local QEMU presents).
+    #[arg(long)]
+    destination_tls_name: Option<String>,
 }
 
 fn parse_cut_policy(s: &str) -> Result<CutPolicy, String> {
@@ -371,6 +395,16 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    let source = match &a.tls_creds {
+        None => None,
+        Some(dir) => match SourceTls::load(dir, !a.tls_no_verify_peer, a.tls_allow_name.clone()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let opts = ReceiveOptions {
         incoming: if a.follow_incoming {
             Incoming::Follow
@@ -394,6 +428,11 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
         takeover: a.recover,
         allow_from: a.allow_from,
         handshake_timeout: std::time::Duration::from_secs_f64(a.handshake_timeout.max(0.1)),
+        tls: TlsOptions {
+            source,
+            host_creds: a.destination_tls_creds,
+            destination_name: a.destination_tls_name,
+        },
         ..ReceiveOptions::new(a.qmp, a.listen)
     };
     runtime().block_on(async move {

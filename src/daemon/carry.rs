@@ -19,8 +19,11 @@ use tokio::task::JoinSet;
 
 use super::receive::ReceiveError;
 use super::relay::{self, Feed, PumpReport, Reader, Relay, RelayError, Writer};
+use super::tls::{DestinationTls, EofAsEnd, SourceTls};
 use crate::qmp::{IncomingAddress, MigrationStatus, Qmp};
-use crate::session::admission::{Admission, Joining, OpeningCheck, OpeningVerdict};
+use crate::session::admission::{
+    Admission, DistinguishedName, Joining, OpeningCheck, OpeningVerdict, PeerId,
+};
 use crate::session::{CutDecision, LinkEvent, TimerAction};
 use crate::wire::{Channel, DecoderOptions};
 
@@ -108,9 +111,14 @@ pub struct CarryOptions {
     pub admission: Admission,
     /// The destination's limits, for checking a fresh main connection's opening.
     pub decoder: DecoderOptions,
-    /// How long a new connection may take to show what it is (its first byte, and for a
-    /// fresh main channel its whole opening): a silent or slow peer is dropped after it.
+    /// How long a new connection may take to show what it is (its TLS handshake, its
+    /// first byte, and for a fresh main channel its whole opening): a silent or slow peer
+    /// is dropped after it.
     pub handshake_timeout: Duration,
+    /// TLS towards the source: every connection must complete it before a byte is read.
+    pub source_tls: Option<SourceTls>,
+    /// TLS towards a destination that expects it (libvirt's `--tls`).
+    pub destination_tls: Option<DestinationTls>,
 }
 
 /// How long to wait for a destination connection.
@@ -123,8 +131,8 @@ enum Classified {
     /// Starts with the file magic, and its opening fits the destination: a fresh main
     /// channel, with the bytes read to check it.
     FreshMain(Vec<u8>),
-    /// Starts with a command: a resumed main channel.
-    ResumedMain,
+    /// Starts with a command: a resumed main channel, with the bytes read to see it.
+    ResumedMain(Vec<u8>),
     /// Silent while a main connection came up: a preempt channel.
     Preempt,
     /// Anything else, or silent too long.
@@ -164,41 +172,155 @@ impl Classified {
     fn name(&self) -> &'static str {
         match self {
             Classified::FreshMain(_) => "fresh main",
-            Classified::ResumedMain => "resumed main",
+            Classified::ResumedMain(_) => "resumed main",
             Classified::Preempt => "preempt",
             Classified::Refused(_) => "refused",
         }
     }
 }
 
-/// Waits for a connection's first byte, or for a main connection to come up.
-async fn classify(
-    s: &TcpStream,
-    mut main_up: watch::Receiver<bool>,
+/// A source connection, in the clear or inside the sidecar's TLS session.
+enum SourceStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl SourceStream {
+    /// The halves the pumps use; a TLS reader ends like TCP when QEMU closes without
+    /// `close_notify`.
+    fn into_split(self) -> (Reader, Writer) {
+        match self {
+            SourceStream::Plain(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            SourceStream::Tls(s) => {
+                let (r, w) = tokio::io::split(*s);
+                (Box::new(EofAsEnd(r)), Box::new(w))
+            }
+        }
+    }
+
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        match self {
+            SourceStream::Plain(s) => s.read(buf).await,
+            SourceStream::Tls(s) => match s.read(buf).await {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
+                other => other,
+            },
+        }
+    }
+}
+
+/// A connection the classifier is done with.
+struct Judged {
+    stream: Option<SourceStream>,
+    peer: SocketAddr,
+    seq: u64,
+    name: Option<DistinguishedName>,
+    class: Classified,
+    /// Which step refused it (a metrics kind), when it was refused.
+    refused_at: &'static str,
+}
+
+/// How to judge a new connection.
+struct Judging {
+    /// The TLS server, when the source must speak TLS.
+    tls: Option<SourceTls>,
+    /// The main channel is up: the connection is the preempt channel (after TLS).
+    expect_preempt: bool,
+    main_up: watch::Receiver<bool>,
+    check: OpeningCheck,
     timeout: Duration,
+}
+
+/// Takes a new connection through TLS (when configured), then tells what it is: the
+/// preempt channel expected now, or whatever its first bytes (or their absence) say. All
+/// within `timeout`; nothing is forwarded meanwhile.
+async fn judge(s: TcpStream, peer: SocketAddr, seq: u64, how: Judging) -> Judged {
+    let Judging {
+        tls,
+        expect_preempt,
+        main_up,
+        check,
+        timeout,
+    } = how;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let refused = |why: String, at: &'static str, name| Judged {
+        stream: None,
+        peer,
+        seq,
+        name,
+        class: Classified::Refused(why),
+        refused_at: at,
+    };
+    let (mut stream, name) = match tls {
+        None => (SourceStream::Plain(s), None),
+        Some(t) => match tokio::time::timeout_at(deadline, t.accept(s)).await {
+            Err(_) => {
+                return refused(
+                    "its TLS handshake did not finish in time".into(),
+                    "tls",
+                    None,
+                );
+            }
+            Ok(Err(why)) => return refused(why, "tls", None),
+            Ok(Ok((s, name))) => (SourceStream::Tls(Box::new(s)), name),
+        },
+    };
+    let class = if expect_preempt {
+        Classified::Preempt
+    } else {
+        match classify(&mut stream, main_up, deadline).await {
+            Classified::FreshMain(first) => read_opening(&mut stream, check, first, deadline).await,
+            other => other,
+        }
+    };
+    Judged {
+        stream: Some(stream),
+        peer,
+        seq,
+        name,
+        refused_at: "handshake",
+        class,
+    }
+}
+
+/// Waits for a connection's first bytes, or for a main connection to come up.
+async fn classify(
+    s: &mut SourceStream,
+    mut main_up: watch::Receiver<bool>,
+    deadline: tokio::time::Instant,
 ) -> Classified {
-    let mut b = [0u8; 1];
+    let mut b = vec![0u8; 16 * 1024];
     tokio::select! {
-        r = s.peek(&mut b) => match r {
+        r = s.read(&mut b) => match r {
             Ok(0) => Classified::Refused("closed before sending anything".into()),
-            Ok(_) if b[0] == b'Q' => Classified::FreshMain(Vec::new()),
-            Ok(_) if b[0] == crate::wire::command::SECTION_COMMAND => Classified::ResumedMain,
+            Ok(n) if b[0] == b'Q' => Classified::FreshMain(b[..n].to_vec()),
+            Ok(n) if b[0] == crate::wire::command::SECTION_COMMAND => Classified::ResumedMain(b[..n].to_vec()),
             Ok(_) => Classified::Refused(format!("starts with {:#04x}, not a migration stream", b[0])),
             Err(e) => Classified::Refused(e.to_string()),
         },
         _ = main_up.wait_for(|up| *up) => Classified::Preempt,
-        _ = tokio::time::sleep(timeout) => Classified::Refused(format!("silent for {:.0} s", timeout.as_secs_f64())),
+        _ = tokio::time::sleep_until(deadline) => Classified::Refused("silent since it connected".into()),
     }
 }
 
-/// Reads a fresh main connection's opening until [`OpeningCheck`] admits or refuses it,
-/// within `deadline`. Nothing is forwarded meanwhile.
+/// Reads a fresh main connection's opening (after the `first` bytes already read) until
+/// [`OpeningCheck`] admits or refuses it, within `deadline`. Nothing is forwarded
+/// meanwhile.
 async fn read_opening(
-    s: &mut TcpStream,
+    s: &mut SourceStream,
     mut check: OpeningCheck,
+    first: Vec<u8>,
     deadline: tokio::time::Instant,
 ) -> Classified {
-    use tokio::io::AsyncReadExt;
+    match check.push(&first) {
+        OpeningVerdict::NeedMore => {}
+        OpeningVerdict::Admit => return Classified::FreshMain(check.into_bytes()),
+        OpeningVerdict::Refuse(why) => return Classified::Refused(why),
+    }
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
         let n = match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
@@ -215,9 +337,32 @@ async fn read_opening(
     }
 }
 
+/// The halves of a destination connection, through the sidecar's own TLS session when
+/// the destination expects one.
+async fn destination_halves<S>(
+    s: S,
+    tls: Option<&DestinationTls>,
+) -> std::io::Result<(Reader, Writer)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    match tls {
+        None => {
+            let (r, w) = tokio::io::split(s);
+            Ok((Box::new(r), Box::new(w)))
+        }
+        Some(t) => {
+            let s = t.connect(s).await?;
+            let (r, w) = tokio::io::split(s);
+            Ok((Box::new(EofAsEnd(r)), Box::new(w)))
+        }
+    }
+}
+
 async fn connect_destination(
     endpoint: &Endpoint,
     sndbuf: usize,
+    tls: Option<&DestinationTls>,
 ) -> Result<(Reader, Writer, socket2::Socket), ReceiveError> {
     let what = format!("connecting to the destination at {endpoint}");
     let io = |source| ReceiveError::Io {
@@ -233,8 +378,14 @@ async fn connect_destination(
                     sock.set_send_buffer_size(sndbuf)?;
                 }
                 let d = sock.try_clone()?;
-                let (r, w) = s.into_split();
-                Ok::<_, std::io::Error>((Box::new(r) as Reader, Box::new(w) as Writer, d))
+                let (r, w) = match tls {
+                    None => {
+                        let (r, w) = s.into_split();
+                        (Box::new(r) as Reader, Box::new(w) as Writer)
+                    }
+                    Some(_) => destination_halves(s, tls).await?,
+                };
+                Ok::<_, std::io::Error>((r, w, d))
             }
             Endpoint::Tcp(a) => {
                 let s = TcpStream::connect(a).await?;
@@ -244,8 +395,14 @@ async fn connect_destination(
                     sock.set_send_buffer_size(sndbuf)?;
                 }
                 let d = sock.try_clone()?;
-                let (r, w) = s.into_split();
-                Ok((Box::new(r) as Reader, Box::new(w) as Writer, d))
+                let (r, w) = match tls {
+                    None => {
+                        let (r, w) = s.into_split();
+                        (Box::new(r) as Reader, Box::new(w) as Writer)
+                    }
+                    Some(_) => destination_halves(s, tls).await?,
+                };
+                Ok((r, w, d))
             }
         }
     };
@@ -276,7 +433,8 @@ async fn reconnect_destination(
     opts: &CarryOptions,
     qmp: Option<&Qmp>,
 ) -> Result<(Reader, Writer, socket2::Socket), ReceiveError> {
-    let first = connect_destination(endpoint, opts.sockets.dst_sndbuf).await;
+    let tls = opts.destination_tls.as_ref();
+    let first = connect_destination(endpoint, opts.sockets.dst_sndbuf, tls).await;
     let (Err(e), Recover::Follow, Some(qmp)) = (&first, &opts.recover, qmp) else {
         return first;
     };
@@ -290,7 +448,7 @@ async fn reconnect_destination(
             return first;
         }
     }
-    connect_destination(endpoint, opts.sockets.dst_sndbuf).await
+    connect_destination(endpoint, opts.sockets.dst_sndbuf, tls).await
 }
 
 /// The pumps' channels.
@@ -317,7 +475,7 @@ pub async fn carry(
         tasks: JoinSet::new(),
     };
     let (main_up_tx, _) = watch::channel(false);
-    let mut classifying: JoinSet<(TcpStream, SocketAddr, u64, Classified)> = JoinSet::new();
+    let mut classifying: JoinSet<(Judged, Option<socket2::Socket>)> = JoinSet::new();
     // Accept order, to tell the source's later channels from peers that came before it.
     let mut accepted_seq: u64 = 0;
     let mut main_seq: u64 = 0;
@@ -361,53 +519,54 @@ pub async fn carry(
                     continue;
                 }
                 tracing::debug!(%peer, main_up = *main_up_tx.borrow(), preempt_up, "accepted a source connection");
-                if *main_up_tx.borrow() && opts.preempt && !preempt_up {
-                    // The main channel is up: this is the preempt channel.
-                    classifying.spawn(async move { (s, peer, seq, Classified::Preempt) });
-                } else if *main_up_tx.borrow() {
+                let main_up = *main_up_tx.borrow();
+                if main_up && (preempt_up || !opts.preempt) {
                     refuse(&relay, peer, "extra", "the source's channels are all up");
-                } else {
-                    let up = main_up_tx.subscribe();
-                    let check = OpeningCheck::new(opts.decoder.clone());
-                    let timeout = opts.handshake_timeout;
-                    classifying.spawn(async move {
-                        let deadline = tokio::time::Instant::now() + timeout;
-                        let mut s = s;
-                        let c = match classify(&s, up, timeout).await {
-                            Classified::FreshMain(_) => read_opening(&mut s, check, deadline).await,
-                            other => other,
-                        };
-                        (s, peer, seq, c)
-                    });
+                    continue;
                 }
+                // With the main channel up, this is the preempt channel (once its TLS
+                // handshake, if any, is done).
+                let sock = dup(&s);
+                let judging = judge(s, peer, seq, Judging {
+                    tls: opts.source_tls.clone(),
+                    expect_preempt: main_up,
+                    main_up: main_up_tx.subscribe(),
+                    check: OpeningCheck::new(opts.decoder.clone()),
+                    timeout: opts.handshake_timeout,
+                });
+                classifying.spawn(async move { (judging.await, sock) });
             }
             Some(done) = classifying.join_next() => {
-                let Ok((s, peer, seq, class)) = done else { continue };
+                let Ok((judged, sock)) = done else { continue };
+                let Judged { stream, peer, seq, name, class, refused_at } = judged;
+                let who = PeerId { ip: peer.ip(), name };
                 tracing::debug!(%peer, class = class.name(), main_up = *main_up_tx.borrow(), "classified a source connection");
-                match class {
-                    Classified::Refused(why) => {
-                        refuse(&relay, peer, "handshake", &why);
+                let (class, s) = match (class, stream) {
+                    (Classified::Refused(why), _) => {
+                        refuse(&relay, peer, refused_at, &why);
+                        continue;
                     }
-                    Classified::FreshMain(_) | Classified::ResumedMain if *main_up_tx.borrow() => {
+                    (_, None) => continue,
+                    (class, Some(s)) => (class, s),
+                };
+                match class {
+                    Classified::Refused(_) => unreachable!("handled above"),
+                    Classified::FreshMain(_) | Classified::ResumedMain(_) if *main_up_tx.borrow() => {
                         refuse(&relay, peer, "extra", "a second main connection");
                     }
                     Classified::FreshMain(_) if !first_main => {
                         refuse(&relay, peer, "extra", "a fresh migration stream while this migration is in progress");
                     }
-                    Classified::ResumedMain if first_main => {
+                    Classified::ResumedMain(_) if first_main => {
                         refuse(&relay, peer, "extra", "a resume connection with no migration to resume yet");
                     }
-                    Classified::FreshMain(_) | Classified::ResumedMain => {
-                        let opening = match class {
-                            Classified::FreshMain(b) => b,
-                            _ => {
-                                if let Err(why) = admission.joining(peer.ip(), Joining::Resume) {
-                                    refuse(&relay, peer, "not_the_source", &format!("a resume connection: {why}"));
-                                    continue;
-                                }
-                                Vec::new()
-                            }
-                        };
+                    Classified::FreshMain(opening) | Classified::ResumedMain(opening) => {
+                        let joining = if first_main { Joining::FreshMain } else { Joining::Resume };
+                        if let Err(why) = admission.joining(&who, joining) {
+                            let what = if first_main { "a main connection" } else { "a resume connection" };
+                            refuse(&relay, peer, "not_the_source", &format!("{what}: {why}"));
+                            continue;
+                        }
                         let epoch = match relay.with(|s| s.source_main_connected(Instant::now())) {
                             Ok(_) => relay.with(|s| s.epoch()),
                             Err(e) => {
@@ -418,9 +577,8 @@ pub async fn carry(
                         for sock in src_socks.drain(..) {
                             cut_socket(&sock);
                         }
-                        admission.admitted(peer.ip());
                         main_seq = seq;
-                        src_socks.extend(dup(&s));
+                        src_socks.extend(sock);
                         let (r, w) = s.into_split();
                         // The checked opening goes first, then the rest of the connection.
                         let r: Reader = if opening.is_empty() {
@@ -429,11 +587,11 @@ pub async fn carry(
                             use tokio::io::AsyncReadExt;
                             Box::new(std::io::Cursor::new(opening).chain(r))
                         };
-                        relay.source.install(epoch, Box::new(w)).await;
+                        relay.source.install(epoch, w).await;
                         let mut destination = None;
                         if first_main || need_destination {
                             let (dr, dw, dsock) = if first_main {
-                                connect_destination(&endpoint, opts.sockets.dst_sndbuf).await?
+                                connect_destination(&endpoint, opts.sockets.dst_sndbuf, opts.destination_tls.as_ref()).await?
                             } else {
                                 reconnect_destination(&mut endpoint, &opts, qmp).await?
                             };
@@ -460,7 +618,8 @@ pub async fn carry(
                             let _ = tx.send(Feed { source: r, epoch, destination }).await;
                         }
                         if first_main {
-                            tracing::info!(%peer, "source connected");
+                            tracing::info!(source = %who, "source connected");
+                            admission.admitted(who);
                         } else {
                             tracing::info!(%peer, epoch, "source resumed: answering its recovery handshake");
                         }
@@ -477,7 +636,7 @@ pub async fn carry(
                             refuse(&relay, peer, "extra", "silent since before the source's main channel");
                             continue;
                         }
-                        if let Err(why) = admission.joining(peer.ip(), Joining::Preempt) {
+                        if let Err(why) = admission.joining(&who, Joining::Preempt) {
                             refuse(&relay, peer, "not_the_source", &format!("a preempt connection: {why}"));
                             continue;
                         }
@@ -486,13 +645,13 @@ pub async fn carry(
                             continue;
                         }
                         let epoch = relay.with(|s| s.epoch());
-                        src_socks.extend(dup(&s));
+                        src_socks.extend(sock);
                         let (r, w) = s.into_split();
                         // The source never reads its preempt channel; keep the half open.
                         std::mem::forget(w);
                         let mut destination = None;
                         if !dst_preempt_open {
-                            let (dr, dw, dsock) = connect_destination(&endpoint, opts.sockets.dst_sndbuf).await?;
+                            let (dr, dw, dsock) = connect_destination(&endpoint, opts.sockets.dst_sndbuf, opts.destination_tls.as_ref()).await?;
                             dst_socks.push(dsock);
                             destination = Some(dw);
                             dst_preempt_open = true;
@@ -505,7 +664,7 @@ pub async fn carry(
                             pumps.preempt = Some(tx);
                         }
                         if let Some(tx) = &pumps.preempt {
-                            let _ = tx.send(Feed { source: Box::new(r), epoch, destination }).await;
+                            let _ = tx.send(Feed { source: r, epoch, destination }).await;
                         }
                         preempt_up = true;
                         tracing::info!(%peer, "preempt channel connected");

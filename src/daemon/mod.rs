@@ -8,3 +8,4 @@ pub mod metrics;
 pub mod receive;
 pub mod relay;
 pub mod report;
+pub mod tls;

@@ -133,6 +133,33 @@ pub struct ReceiveOptions {
     pub allow_from: Option<AllowList>,
     /// How long a new connection may take to show it is the source (its opening).
     pub handshake_timeout: Duration,
+    /// TLS on both sides.
+    pub tls: TlsOptions,
+}
+
+/// TLS settings (protocol-spec/tls.md).
+#[derive(Debug, Clone)]
+pub struct TlsOptions {
+    /// The sidecar's server credentials towards the source (`--tls-creds`). Unset, and the
+    /// destination expects TLS, the host's QEMU credentials in `host_creds` are used, as
+    /// the destination QEMU itself would have.
+    pub source: Option<super::tls::SourceTls>,
+    /// The host's QEMU credentials directory (libvirt's `migrate_tls_x509_cert_dir`), used
+    /// when the destination QEMU expects TLS (its `tls-creds` parameter is set).
+    pub host_creds: PathBuf,
+    /// The name the destination's certificate must carry; by default the first name in
+    /// `host_creds/server-cert.pem`.
+    pub destination_name: Option<String>,
+}
+
+impl Default for TlsOptions {
+    fn default() -> Self {
+        TlsOptions {
+            source: None,
+            host_creds: super::tls::LIBVIRT_QEMU_CREDS.into(),
+            destination_name: None,
+        }
+    }
 }
 
 /// Default for [`ReceiveOptions::handshake_timeout`]: QEMU sends its opening at once.
@@ -170,6 +197,7 @@ impl ReceiveOptions {
             link_events: None,
             allow_from: None,
             handshake_timeout: HANDSHAKE_TIMEOUT,
+            tls: TlsOptions::default(),
         }
     }
 
@@ -211,6 +239,9 @@ pub enum ReceiveError {
     /// The options contradict each other or the destination's setup.
     #[error("{0}")]
     Setup(String),
+    /// TLS credentials that cannot be used.
+    #[error("{0}")]
+    Tls(#[from] super::tls::TlsError),
     /// The destination's RAM could not be found or opened.
     #[error("{0}")]
     Discover(#[from] DiscoverError),
@@ -367,6 +398,44 @@ pub(crate) fn endpoint_of(addr: &IncomingAddress) -> Result<Endpoint, ReceiveErr
             Ok(Endpoint::Tcp(SocketAddr::new(ip, *port)))
         }
     }
+}
+
+/// Decides TLS on each side: towards the source as configured, towards the destination
+/// when it expects TLS (its `tls-creds` parameter is set, as libvirt's `--tls` does). Then
+/// the source speaks TLS too, so without `--tls-creds` the sidecar answers it with the
+/// host's QEMU server credentials, like the destination would have.
+async fn tls_ends(
+    tls: &TlsOptions,
+    qmp: Option<&Qmp>,
+) -> Result<
+    (
+        Option<super::tls::SourceTls>,
+        Option<super::tls::DestinationTls>,
+    ),
+    ReceiveError,
+> {
+    let expects = match qmp {
+        Some(q) => {
+            let p = tokio::time::timeout(Duration::from_secs(10), q.parameters())
+                .await
+                .map_err(|_| QmpError::Timeout("query-migrate-parameters".into()))??;
+            p.get("tls-creds")
+                .and_then(|v| v.as_str())
+                .is_some_and(|c| !c.is_empty())
+        }
+        None => false,
+    };
+    if !expects {
+        return Ok((tls.source.clone(), None));
+    }
+    let dir = &tls.host_creds;
+    tracing::info!(creds = %dir.display(), "the destination expects TLS: the sidecar connects with the host's QEMU client credentials");
+    let dest = super::tls::DestinationTls::load(dir, tls.destination_name.as_deref())?;
+    let source = match &tls.source {
+        Some(s) => s.clone(),
+        None => super::tls::SourceTls::load(dir, true, Vec::new())?,
+    };
+    Ok((Some(source), Some(dest)))
 }
 
 /// Binds the sidecar's listener; explains the clash when the destination took the port.
@@ -573,6 +642,7 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     }
     tracing::info!(%listen, %endpoint, on_cut = policy.name(), "waiting for the source");
 
+    let (source_tls, destination_tls) = tls_ends(&opts.tls, qmp.as_ref()).await?;
     let live = opts.live.then(|| LiveView::start(relay.clone()));
     let carried = carry::carry(
         &listener,
@@ -595,6 +665,8 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
             admission: Admission::new(opts.allow_from.clone()),
             decoder,
             handshake_timeout: opts.handshake_timeout,
+            source_tls,
+            destination_tls,
         },
         relay.clone(),
         reports,

@@ -135,6 +135,98 @@ impl OpeningCheck {
     }
 }
 
+/// A certificate subject: its attributes in certificate order. Names are compared as
+/// sets of attribute/value pairs, so an authorisation entry matches whichever order it was
+/// written in (QEMU's `tls-authz` identities are RFC 4514 strings, most specific first, as
+/// GnuTLS prints them; OpenSSL prints the other way round).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistinguishedName(Vec<(String, String)>);
+
+impl DistinguishedName {
+    /// A name from its attributes in certificate order (`C`, `O`, ..., `CN`).
+    pub fn from_pairs(pairs: Vec<(String, String)>) -> Self {
+        DistinguishedName(
+            pairs
+                .into_iter()
+                .map(|(t, v)| (t.to_ascii_uppercase(), v))
+                .collect(),
+        )
+    }
+
+    /// Parses `CN=client,O=Example\, Inc.,C=GB` (commas inside a value escaped with `\`;
+    /// spaces around separators ignored).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut cur = String::new();
+        let mut chars = s.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some(n) => cur.push(n),
+                    None => return Err(format!("{s:?} ends with a lone backslash")),
+                },
+                ',' => parts.push(std::mem::take(&mut cur)),
+                c => cur.push(c),
+            }
+        }
+        parts.push(cur);
+        let mut pairs = Vec::new();
+        for p in parts {
+            let (t, v) = p
+                .split_once('=')
+                .ok_or_else(|| format!("{p:?} in {s:?} is not TYPE=value"))?;
+            let (t, v) = (t.trim(), v.trim());
+            if t.is_empty() || v.is_empty() {
+                return Err(format!("{p:?} in {s:?} has an empty type or value"));
+            }
+            pairs.push((t.to_string(), v.to_string()));
+        }
+        // Written most specific first (RFC 4514); kept in certificate order.
+        pairs.reverse();
+        Ok(DistinguishedName::from_pairs(pairs))
+    }
+
+    /// Whether both names hold the same attributes, in any order.
+    pub fn matches(&self, other: &DistinguishedName) -> bool {
+        let mut a = self.0.clone();
+        let mut b = other.0.clone();
+        a.sort();
+        b.sort();
+        a == b
+    }
+}
+
+impl std::fmt::Display for DistinguishedName {
+    /// RFC 4514 order, as GnuTLS and QEMU's `tls-authz` write it (`CN=...,O=...,C=...`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (t, v)) in self.0.iter().rev().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{t}={}", v.replace(',', "\\,"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Who a connection is: its address and, with TLS, its certificate's subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerId {
+    /// The peer's address.
+    pub ip: IpAddr,
+    /// The client certificate's subject, when TLS verified one.
+    pub name: Option<DistinguishedName>,
+}
+
+impl std::fmt::Display for PeerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(n) => write!(f, "{} ({n})", self.ip),
+            None => write!(f, "{}", self.ip),
+        }
+    }
+}
+
 /// Which kind of connection is asking to join the migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Joining {
@@ -150,7 +242,7 @@ pub enum Joining {
 #[derive(Debug, Clone, Default)]
 pub struct Admission {
     allow: Option<AllowList>,
-    source: Option<IpAddr>,
+    source: Option<PeerId>,
 }
 
 impl Admission {
@@ -174,17 +266,19 @@ impl Admission {
 
     /// Checked when a connection has shown what it is: after the fresh main channel,
     /// every further channel must come from the same source.
-    pub fn joining(&self, peer: IpAddr, what: Joining) -> Result<(), String> {
-        self.at_accept(peer)?;
-        match (what, self.source) {
+    /// every further channel must come from the same source: the same address and, with
+    /// TLS, the same certificate name.
+    pub fn joining(&self, peer: &PeerId, what: Joining) -> Result<(), String> {
+        self.at_accept(peer.ip)?;
+        match (what, &self.source) {
             (Joining::FreshMain, _) | (_, None) => Ok(()),
-            (_, Some(s)) if s == peer => Ok(()),
-            (_, Some(s)) => Err(format!("it comes from {peer}, the source is {s}")),
+            (_, Some(s)) if s.ip == peer.ip && s.name == peer.name => Ok(()),
+            (_, Some(s)) => Err(format!("it is {peer}, the source is {s}")),
         }
     }
 
-    /// Records the admitted source's address.
-    pub fn admitted(&mut self, peer: IpAddr) {
+    /// Records who the admitted source is.
+    pub fn admitted(&mut self, peer: PeerId) {
         self.source.get_or_insert(peer);
     }
 }
@@ -286,15 +380,40 @@ mod tests {
     #[test]
     fn only_the_admitted_source_adds_channels() {
         let mut p = Admission::new(None);
-        let src: IpAddr = "127.0.0.1".parse().unwrap();
-        let other: IpAddr = "127.0.0.2".parse().unwrap();
-        assert!(p.joining(other, Joining::Preempt).is_ok(), "no source yet");
-        p.admitted(src);
-        assert!(p.joining(src, Joining::Preempt).is_ok());
-        assert!(p.joining(src, Joining::Resume).is_ok());
-        assert!(p.joining(other, Joining::Preempt).is_err());
-        assert!(p.joining(other, Joining::Resume).is_err());
+        let id = |ip: &str, name: Option<&str>| PeerId {
+            ip: ip.parse().unwrap(),
+            name: name.map(|n| DistinguishedName::parse(n).unwrap()),
+        };
+        let src = id("127.0.0.1", Some("CN=src,O=Lab"));
+        let other = id("127.0.0.2", Some("CN=src,O=Lab"));
+        let other_cert = id("127.0.0.1", Some("CN=intruder,O=Lab"));
+        assert!(p.joining(&other, Joining::Preempt).is_ok(), "no source yet");
+        p.admitted(src.clone());
+        assert!(p.joining(&src, Joining::Preempt).is_ok());
+        assert!(p.joining(&src, Joining::Resume).is_ok());
+        assert!(p.joining(&other, Joining::Preempt).is_err());
+        assert!(p.joining(&other, Joining::Resume).is_err());
+        let e = p.joining(&other_cert, Joining::Resume).unwrap_err();
+        assert!(e.contains("CN=intruder"), "{e}");
         let strict = Admission::new(Some(AllowList::parse("127.0.0.1").unwrap()));
-        assert!(strict.at_accept(other).is_err());
+        assert!(strict.at_accept(other.ip).is_err());
+    }
+
+    #[test]
+    fn names_match_in_either_order_and_print_like_gnutls() {
+        let cert_order = DistinguishedName::from_pairs(vec![
+            ("C".into(), "GB".into()),
+            ("O".into(), "Example, Inc.".into()),
+            ("cn".into(), "src.example".into()),
+        ]);
+        let rfc4514 = DistinguishedName::parse("CN=src.example,O=Example\\, Inc.,C=GB").unwrap();
+        let reversed = DistinguishedName::parse("C=GB, O=Example\\, Inc., CN=src.example").unwrap();
+        assert!(cert_order.matches(&rfc4514));
+        assert!(cert_order.matches(&reversed));
+        assert_eq!(rfc4514.to_string(), "CN=src.example,O=Example\\, Inc.,C=GB");
+        assert_eq!(cert_order.to_string(), rfc4514.to_string());
+        assert!(!cert_order.matches(&DistinguishedName::parse("CN=src.example,C=GB").unwrap()));
+        assert!(DistinguishedName::parse("CN").is_err());
+        assert!(DistinguishedName::parse("CN=a\\").is_err());
     }
 }
