@@ -8,14 +8,39 @@
 //! page placement; latency = placement of the page − first request for it.
 //!
 //! `cargo bench --bench migration` (env: BENCH_ROUNDS, default 3; BENCH_PREEMPT=1 for the
-//! postcopy-preempt channel). Needs `scripts/setup.sh`.
+//! postcopy-preempt channel; BENCH_TLS=1 for TLS on both paths: the source's migration is
+//! TLS, ended either by the destination QEMU or by the sidecar). Needs `scripts/setup.sh`.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use postcopy_sidecar::daemon::receive::{Listen, ReceiveOptions, receive_on};
+use postcopy_sidecar::daemon::receive::{Listen, ReceiveOptions, TlsOptions, receive_on};
+use postcopy_sidecar::daemon::tls::SourceTls;
 use postcopy_sidecar::lab::{QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode};
 use postcopy_sidecar::source::{SendOptions, send};
+
+#[path = "../interop-tests/support/certs.rs"]
+mod certs;
+
+/// TLS credentials for a run: the source's client directory, the server directory the
+/// destination QEMU (direct) or the sidecar uses.
+struct Tls {
+    client: tempfile::TempDir,
+    server: tempfile::TempDir,
+}
+
+const TLS_NAME: &str = "bench.test";
+
+impl Tls {
+    fn new() -> Tls {
+        let ca = certs::Ca::new("Bench CA");
+        let client = tempfile::tempdir().unwrap();
+        let server = tempfile::tempdir().unwrap();
+        ca.write_dir(client.path(), None, Some(&ca.client("bench-source")));
+        ca.write_dir(server.path(), Some(&ca.server("bench", &[TLS_NAME])), None);
+        Tls { client, server }
+    }
+}
 
 #[derive(Debug, Default, Clone)]
 struct Sample {
@@ -73,7 +98,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     pct(&mut v, 0.5)
 }
 
-async fn once(through_sidecar: bool, preempt: bool) -> Sample {
+async fn once(through_sidecar: bool, preempt: bool, tls: Option<&Tls>) -> Sample {
     let dir = tempfile::tempdir().unwrap();
     let spec = VmSpec::new(QemuBinary::find(QemuVersion::V10_0).expect("run scripts/setup.sh"))
         .name("bench")
@@ -94,7 +119,26 @@ async fn once(through_sidecar: bool, preempt: bool) -> Sample {
         .arg("postcopy_place_page")
         .arg("-trace")
         .arg("postcopy_place_page_zero");
-    let src = Vm::spawn(&spec, dir.path()).await.unwrap();
+    let (sspec, dspec) = match tls {
+        None => (spec.clone(), dspec),
+        Some(t) => (
+            spec.clone().arg("-object").arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                t.client.path().display()
+            )),
+            dspec.arg("-object").arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=server",
+                t.server.path().display()
+            )),
+        ),
+    };
+    let src = Vm::spawn(&sspec, dir.path()).await.unwrap();
+    if tls.is_some() {
+        src.qmp()
+            .set_parameters(serde_json::json!({"tls-creds": "tls0", "tls-hostname": TLS_NAME}))
+            .await
+            .unwrap();
+    }
     src.wait_workload_ready(Duration::from_secs(300))
         .await
         .unwrap();
@@ -109,6 +153,11 @@ async fn once(through_sidecar: bool, preempt: bool) -> Sample {
             listener,
             ReceiveOptions {
                 preempt,
+                tls: TlsOptions {
+                    source: tls
+                        .map(|t| SourceTls::load(t.server.path(), true, Vec::new()).unwrap()),
+                    ..TlsOptions::default()
+                },
                 ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
             },
         )))
@@ -125,6 +174,11 @@ async fn once(through_sidecar: bool, preempt: bool) -> Sample {
             caps.push(("postcopy-preempt", true));
         }
         q.set_capabilities(&caps).await.unwrap();
+        if tls.is_some() {
+            q.set_parameters(serde_json::json!({"tls-creds": "tls0"}))
+                .await
+                .unwrap();
+        }
         q.migrate_incoming(&format!("tcp:{addr}")).await.unwrap();
         None
     };
@@ -187,16 +241,20 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
     let preempt = std::env::var("BENCH_PREEMPT").is_ok_and(|v| v == "1");
+    let tls = std::env::var("BENCH_TLS")
+        .is_ok_and(|v| v == "1")
+        .then(Tls::new);
     let (mut direct, mut sidecar) = (Vec::new(), Vec::new());
     for i in 0..rounds {
         // Alternate so drift on a busy machine hits both paths alike.
-        direct.push(once(false, preempt).await);
-        sidecar.push(once(true, preempt).await);
+        direct.push(once(false, preempt, tls.as_ref()).await);
+        sidecar.push(once(true, preempt, tls.as_ref()).await);
         eprintln!("round {}/{rounds} done", i + 1);
     }
     println!(
-        "postcopy{} of a 512 MiB guest rewriting a 16 MiB hot set in 192 MiB; medians of {rounds} rounds; fault latency pooled over rounds",
-        if preempt { " with preempt" } else { "" }
+        "postcopy{}{} of a 512 MiB guest rewriting a 16 MiB hot set in 192 MiB; medians of {rounds} rounds; fault latency pooled over rounds",
+        if preempt { " with preempt" } else { "" },
+        if tls.is_some() { " over TLS" } else { "" }
     );
     println!(
         "{:<10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8}",
