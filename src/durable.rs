@@ -10,8 +10,18 @@ use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` atomically and durably (mode 0600).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomically_with_mode(path, bytes, 0o600)
+}
+
+/// [`write_atomically`] with another mode, for files others must read or run (an
+/// installed hook, a unit).
+pub fn write_atomically_with_mode(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let (tmp, mut f) = create_temporary(path)?;
-    let written = f.write_all(bytes).and_then(|_| f.sync_all());
+    let written = f
+        .write_all(bytes)
+        .and_then(|_| f.set_permissions(std::fs::Permissions::from_mode(mode)))
+        .and_then(|_| f.sync_all());
     drop(f);
     if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);
