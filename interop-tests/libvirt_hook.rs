@@ -162,6 +162,48 @@ fn hook_follows_a_real_domains_lifecycle() {
         !a.sidecar_run_dir().join("lc").exists(),
         "release cleans up"
     );
+
+    // A domain whose XML names the sidecar's monitor outside the hook's run directory:
+    // the start hook refuses it (libvirt does not start it) and touches nothing there.
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let own = a.sidecar_run_dir().join("lc/qemu/qmp.sock");
+    let xml = std::fs::read_to_string(&with_monitor).unwrap();
+    assert!(xml.contains(own.to_str().unwrap()), "{xml}");
+    let foreign = dir.path().join("lx.xml");
+    std::fs::write(
+        &foreign,
+        xml.replace(
+            own.to_str().unwrap(),
+            elsewhere.join("qmp.sock").to_str().unwrap(),
+        )
+        .replace("<name>lc</name>", "<name>lx</name>"),
+    )
+    .unwrap();
+    let o = a.virsh(&["create", foreign.to_str().unwrap()]);
+    assert!(
+        !o.status.success(),
+        "a foreign monitor path must fail the start"
+    );
+    assert!(
+        stderr(&o).contains(&format!(
+            "domain 'lx' names the sidecar's monitor socket {}",
+            elsewhere.join("qmp.sock").display()
+        )),
+        "virsh said: {}",
+        stderr(&o)
+    );
+    assert!(!a.running().contains(&"lx".to_string()));
+    let meta = std::fs::metadata(&elsewhere).unwrap();
+    assert_eq!(
+        (
+            meta.uid(),
+            meta.mode() & 0o777,
+            std::fs::read_dir(&elsewhere).unwrap().count()
+        ),
+        (0, 0o755, 0),
+        "the foreign directory is left as it was"
+    );
 }
 
 /// Real `virsh migrate` attempts that the hooks must stop, with the documented message,
@@ -716,7 +758,9 @@ fn virsh_postcopy_resume_recovers_a_cut_through_the_hooks_sidecar() {
 }
 
 /// The shipped systemd unit, as installed, passes `systemd-analyze verify` without a
-/// warning about it. (This machine runs no systemd, so the unit itself does not run here.)
+/// warning about it, alone and with the guarded-reads drop-in, and `systemd-analyze
+/// security` rates its exposure at most 2.0 (2.5 with the drop-in's capabilities). (This
+/// machine runs no systemd, so the unit itself does not run here.)
 #[test]
 fn systemd_unit_passes_systemd_analyze_verify() {
     let dir = test_dir("lv-unit-");
@@ -742,4 +786,57 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         .filter(|l| l.contains("postcopy-sidecar"))
         .collect();
     assert!(about_it.is_empty(), "warnings: {about_it:?}");
+
+    let exposure = |unit_path: &Path| -> f64 {
+        let o = std::process::Command::new("systemd-analyze")
+            .env("SYSTEMD_UNIT_PATH", format!("{}:", unit_path.display()))
+            .args(["security", "--offline=yes", "postcopy-sidecar@t1.service"])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "systemd-analyze security: {}{out}",
+            stderr(&o)
+        );
+        let line = out
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or_else(|| panic!("no exposure level in:\n{out}"));
+        line.split(": ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let base = exposure(dir.path());
+    assert!(base <= 2.0, "exposure {base}");
+    let drop_in = dir.path().join("postcopy-sidecar@t1.service.d");
+    std::fs::create_dir(&drop_in).unwrap();
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/systemd/postcopy-sidecar@.service.d/guarded-reads.conf"
+        ),
+        drop_in.join("guarded-reads.conf"),
+    )
+    .unwrap();
+    let o = std::process::Command::new("systemd-analyze")
+        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.path().display()))
+        .args(["verify", "postcopy-sidecar@t1.service"])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "verify with the drop-in: {}",
+        stderr(&o)
+    );
+    let guarded = exposure(dir.path());
+    assert!(
+        guarded > base && guarded <= 2.5,
+        "exposure {guarded} (base {base})"
+    );
 }

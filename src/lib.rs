@@ -20,6 +20,7 @@ pub mod figures;
 pub mod guard;
 pub mod inspect;
 pub mod lab;
+pub mod owned_dir;
 pub mod qmp;
 pub mod restore;
 pub mod session;

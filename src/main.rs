@@ -277,6 +277,11 @@ struct ReceiveArgs {
     /// The destination QEMU's QMP socket (QEMU started with -incoming defer).
     #[arg(long)]
     qmp: PathBuf,
+    /// The uid the destination QEMU runs as: the process behind --qmp must run as it
+    /// (SO_PEERCRED), else the sidecar refuses. Default: the owner of the socket's
+    /// directory, or the sidecar's own uid.
+    #[arg(long)]
+    qmp_uid: Option<u32>,
     /// Address the source migrates to, e.g. 0.0.0.0:4444; with --follow-incoming an
     /// address alone (e.g. 192.0.2.7) takes the port the destination listens on.
     #[arg(long)]
@@ -433,6 +438,7 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
             host_creds: a.destination_tls_creds,
             destination_name: a.destination_tls_name,
         },
+        qmp_uid: a.qmp_uid,
         ..ReceiveOptions::new(a.qmp, a.listen)
     };
     runtime().block_on(async move {
@@ -580,10 +586,11 @@ fn run_restore(args: RestoreArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The reports' directory: the sidecar's own, 0700 when it makes it.
     if let Some(d) = &report_dir
-        && let Err(e) = std::fs::create_dir_all(d)
+        && let Err(e) = postcopy_sidecar::owned_dir::ensure(d, 0o700)
     {
-        eprintln!("error: creating {}: {e}", d.display());
+        eprintln!("error: {e}");
         return ExitCode::from(1);
     }
     let opts = qmp

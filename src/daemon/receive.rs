@@ -15,7 +15,7 @@ use super::live::LiveView;
 use super::relay::{Relay, RelayError};
 use super::report::{DestinationInfo, Report, VerifyFigures};
 use crate::guard::{DiscoverError, GuardError, GuardedRam, Phase, discover};
-use crate::qmp::{IncomingAddress, MigrationStatus, Qmp, QmpError};
+use crate::qmp::{IncomingAddress, MigrationStatus, PeerPolicy, Qmp, QmpError};
 use crate::session::admission::{Admission, AllowList};
 use crate::session::{CutPolicy, Session, SessionConfig, TakeoverState};
 use crate::verify::placement::PlacementVerifier;
@@ -79,6 +79,9 @@ pub enum Incoming {
 pub struct ReceiveOptions {
     /// The destination QEMU's QMP socket.
     pub qmp: PathBuf,
+    /// The uid QEMU runs as: only a process of that uid may answer on [`Self::qmp`]
+    /// (`SO_PEERCRED`). `None`: the owner of the socket's directory, or the sidecar's uid.
+    pub qmp_uid: Option<u32>,
     /// Where the source connects.
     pub listen: Listen,
     /// Who makes the destination listen.
@@ -175,6 +178,7 @@ impl ReceiveOptions {
     pub fn new(qmp: impl Into<PathBuf>, listen: Listen) -> ReceiveOptions {
         ReceiveOptions {
             qmp: qmp.into(),
+            qmp_uid: None,
             listen,
             incoming: Incoming::Private,
             attach_timeout: ATTACH_TIMEOUT,
@@ -199,6 +203,11 @@ impl ReceiveOptions {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             tls: TlsOptions::default(),
         }
+    }
+
+    /// Who may answer on the destination's QMP socket.
+    pub fn peer_policy(&self) -> PeerPolicy {
+        self.qmp_uid.map_or(PeerPolicy::DirOwner, PeerPolicy::Uid)
     }
 
     /// The cut policy in force.
@@ -277,6 +286,9 @@ pub enum ReceiveError {
     /// The source went away in postcopy and did not come back in time.
     #[error("{0}")]
     SourceGone(String),
+    /// A directory for the ready, state, report or digest file is not the sidecar's own.
+    #[error("{0}")]
+    Dir(#[from] crate::owned_dir::DirError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ReceiveError {
@@ -339,10 +351,10 @@ pub async fn receive_on(
 
 /// Connects to QMP, retrying while the socket does not exist or refuses (QEMU not started
 /// yet) until `timeout`; other errors end at once.
-async fn attach(path: &Path, timeout: Duration) -> Result<Qmp, ReceiveError> {
+async fn attach(path: &Path, peer: PeerPolicy, timeout: Duration) -> Result<Qmp, ReceiveError> {
     let deadline = Instant::now() + timeout;
     loop {
-        match Qmp::connect(path).await {
+        match Qmp::connect_checked(path, peer).await {
             Ok(q) => return Ok(q),
             Err(QmpError::Connect { source, .. })
                 if matches!(
@@ -491,10 +503,17 @@ const TAKEOVER_QMP: Duration = Duration::from_secs(3);
 /// takeover (which can do without it).
 async fn attach_for(opts: &ReceiveOptions) -> Result<Option<Qmp>, ReceiveError> {
     if !opts.takeover {
-        return attach(&opts.qmp, opts.attach_timeout).await.map(Some);
+        return attach(&opts.qmp, opts.peer_policy(), opts.attach_timeout)
+            .await
+            .map(Some);
     }
     // One attempt: the destination runs already.
-    match tokio::time::timeout(TAKEOVER_QMP, Qmp::connect(&opts.qmp)).await {
+    match tokio::time::timeout(
+        TAKEOVER_QMP,
+        Qmp::connect_checked(&opts.qmp, opts.peer_policy()),
+    )
+    .await
+    {
         Ok(Ok(q)) => Ok(Some(q)),
         outcome => {
             let why = match outcome {
@@ -525,6 +544,19 @@ async fn destination_info(qmp: Option<&Qmp>) -> Result<DestinationInfo, ReceiveE
 }
 
 async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Report, ReceiveError> {
+    // Before anything else: a file of ours must not land in a directory another user can
+    // plant links or files in.
+    for file in [
+        &opts.ready_file,
+        &opts.state_file,
+        &opts.report,
+        &opts.digests,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        crate::owned_dir::check_parent_of(file)?;
+    }
     let takeover = if opts.takeover {
         Some(read_takeover(&opts)?)
     } else {

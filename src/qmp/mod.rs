@@ -85,6 +85,91 @@ pub enum QmpError {
     /// The QMP session ended (QEMU quit or closed the socket).
     #[error("QMP session closed while waiting for {0}")]
     Closed(String),
+    /// The process behind the socket is not who should be there: a socket planted by
+    /// another user, which must not steer the migration.
+    #[error(
+        "QMP socket {path}: the process behind it runs as uid {found}, not as {expected} \
+         (QEMU's uid): refusing to talk to it"
+    )]
+    Peer {
+        /// Socket path.
+        path: String,
+        /// The peer's uid (`SO_PEERCRED`); `None` when the kernel did not tell.
+        found: PeerUid,
+        /// Who may be there.
+        expected: PeerPolicy,
+    },
+}
+
+/// A peer's uid as `SO_PEERCRED` gave it, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerUid(pub Option<u32>);
+
+impl std::fmt::Display for PeerUid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(u) => write!(f, "{u}"),
+            None => f.write_str("(unknown)"),
+        }
+    }
+}
+
+/// Whose process may answer on the destination's QMP socket. Checked with `SO_PEERCRED`
+/// (the uid of the process that made the listening socket) before a byte is exchanged, so
+/// a socket another user planted at the path cannot steer the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerPolicy {
+    /// Exactly this uid: QEMU's, as the hook knows it from the domain's DAC label
+    /// (`--qmp-uid`).
+    Uid(u32),
+    /// The owner of the directory holding the socket (who alone may put a socket there
+    /// unless the directory is shared), or this process's own uid.
+    DirOwner,
+}
+
+impl std::fmt::Display for PeerPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerPolicy::Uid(u) => write!(f, "uid {u}"),
+            PeerPolicy::DirOwner => f.write_str("the owner of the socket's directory or ours"),
+        }
+    }
+}
+
+impl PeerPolicy {
+    /// The uids this policy accepts for the socket at `path`.
+    pub fn accepted(&self, path: &Path) -> io::Result<Vec<u32>> {
+        use std::os::unix::fs::MetadataExt;
+        match *self {
+            PeerPolicy::Uid(u) => Ok(vec![u]),
+            PeerPolicy::DirOwner => {
+                let dir = match path.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                let owner = std::fs::metadata(dir)?.uid();
+                Ok(vec![owner, crate::owned_dir::own_uid()])
+            }
+        }
+    }
+
+    /// Checks the uid at the other end of `sock` (connected to `path`).
+    pub fn check(&self, sock: &UnixStream, path: &Path) -> Result<(), QmpError> {
+        let label = || path.display().to_string();
+        let accepted = self.accepted(path).map_err(|source| QmpError::Connect {
+            path: label(),
+            source,
+        })?;
+        let found = sock.peer_cred().ok().map(|c| c.uid());
+        match found {
+            Some(u) if accepted.contains(&u) => Ok(()),
+            _ => Err(QmpError::Peer {
+                path: label(),
+                found: PeerUid(found),
+                expected: *self,
+            }),
+        }
+    }
 }
 
 /// An event exactly as QEMU sent it, including those the 9.1 schema cannot type.
@@ -289,6 +374,20 @@ impl Qmp {
                 path: path.display().to_string(),
                 source,
             })?;
+        Qmp::from_stream(sock, &path.display().to_string()).await
+    }
+
+    /// Like [`Qmp::connect`], but first checks with `SO_PEERCRED` that the process behind
+    /// the socket is one `policy` accepts: for the destination QEMU the sidecar carries a
+    /// migration into.
+    pub async fn connect_checked(path: &Path, policy: PeerPolicy) -> Result<Qmp, QmpError> {
+        let sock = UnixStream::connect(path)
+            .await
+            .map_err(|source| QmpError::Connect {
+                path: path.display().to_string(),
+                source,
+            })?;
+        policy.check(&sock, path)?;
         Qmp::from_stream(sock, &path.display().to_string()).await
     }
 

@@ -190,3 +190,98 @@ async fn qemu_errors_are_typed_with_the_command_name() {
         .unwrap_err();
     assert!(matches!(e, QmpError::Unsupported(_)), "{e}");
 }
+
+/// A unix socket listening at `path`, made by a child process running as `uid` (the
+/// tests run as root), so the socket's `SO_PEERCRED` names that uid. The child stays
+/// until its stdin closes.
+fn listener_as(uid: u32, path: &std::path::Path) -> std::process::Child {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(
+            "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\n\
+             s.listen(4)\nprint('listening',flush=True)\nsys.stdin.read()\n",
+        )
+        .arg(path)
+        .uid(uid)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("/usr/bin/python3 (python3 package)");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(
+        line.trim(),
+        "listening",
+        "the fake QMP listener did not start"
+    );
+    child
+}
+
+fn stop(mut child: std::process::Child) {
+    drop(child.stdin.take());
+    let _ = child.wait();
+}
+
+#[tokio::test]
+async fn a_qmp_socket_planted_by_another_user_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    // A directory anyone may put a socket in (like /tmp), owned by root.
+    let shared = d.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = shared.join("qmp.sock");
+    let fake = listener_as(65534, &path);
+    // Default policy: the directory's owner (root) or our own uid; nobody planted it.
+    let e = Qmp::connect_checked(&path, PeerPolicy::DirOwner)
+        .await
+        .err()
+        .expect("a planted socket must be refused");
+    assert!(
+        matches!(
+            e,
+            QmpError::Peer {
+                found: PeerUid(Some(65534)),
+                expected: PeerPolicy::DirOwner,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("runs as uid 65534"), "{e}");
+    // Told that QEMU runs as uid 65534 (--qmp-uid), the same socket passes the check.
+    let sock = tokio::net::UnixStream::connect(&path).await.unwrap();
+    PeerPolicy::Uid(65534).check(&sock, &path).unwrap();
+    stop(fake);
+}
+
+#[tokio::test]
+async fn a_qmp_socket_of_another_uid_than_qemus_is_refused_even_from_root() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("qmp.sock");
+    // Made by this (root) process; QEMU is said to run as libvirt's uid.
+    let _listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let e = Qmp::connect_checked(&path, PeerPolicy::Uid(64055))
+        .await
+        .err()
+        .expect("a socket of the wrong uid must be refused");
+    assert!(
+        matches!(
+            e,
+            QmpError::Peer {
+                found: PeerUid(Some(0)),
+                expected: PeerPolicy::Uid(64055),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // The default policy accepts it: root owns the directory.
+    let sock = tokio::net::UnixStream::connect(&path).await.unwrap();
+    PeerPolicy::DirOwner.check(&sock, &path).unwrap();
+}

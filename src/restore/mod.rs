@@ -202,7 +202,7 @@ pub async fn restore(snapshot: &Snapshot, opts: &RestoreOptions) -> RestoreRepor
     }
     if let Some(p) = &opts.report {
         let json = serde_json::to_vec_pretty(&report).expect("report serialises");
-        if let Err(e) = std::fs::write(p, json) {
+        if let Err(e) = crate::durable::write_atomically(p, &json) {
             tracing::warn!(path = %p.display(), error = %e, "could not write the report");
         }
     }

@@ -188,7 +188,8 @@ impl PageDigests {
                 .map(|b| (b.name.clone(), b.length))
                 .collect(),
         };
-        let f = std::fs::File::create(path).map_err(io)?;
+        // Whole or absent, like every file the sidecar leaves (crate::durable).
+        let (tmp, f) = crate::durable::create_temporary(path).map_err(io)?;
         let mut w = std::io::BufWriter::new(f);
         serde_json::to_writer(&mut w, &header).map_err(|e| io(e.into()))?;
         w.write_all(b"\n").map_err(io)?;
@@ -199,7 +200,14 @@ impl PageDigests {
                 w.write_all(&h.to_le_bytes()).map_err(io)?;
             }
         }
-        w.flush().map_err(io)
+        let f = match w.into_inner() {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(io(e.into_error()));
+            }
+        };
+        crate::durable::commit_temporary(&tmp, f, path).map_err(io)
     }
 
     /// Reads a digest file written by [`PageDigests::save`].

@@ -21,9 +21,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::config::{Config, ConfigError, Launcher, parse_listen};
-use super::launch::{Sidecar, SidecarArgs, spawn_direct, start_unit, systemd_running};
+use super::launch::{
+    Sidecar, SidecarArgs, spawn_direct, start_unit, systemd_private_dir, systemd_running,
+};
 use super::xml::{DomainXml, MemoryError, XmlError};
 use crate::daemon::report::Report;
+use crate::owned_dir::DirError;
 
 /// How long a `migrate begin` record stays valid for the `start` that follows it: a
 /// migration whose preparation failed must not make a later plain start launch a sidecar.
@@ -77,6 +80,24 @@ pub enum HookError {
     /// A name we cannot turn into a file name.
     #[error("domain name {0:?} cannot name a directory")]
     BadName(String),
+    /// The domain XML names a monitor socket for the sidecar somewhere else than the
+    /// hook's own run directory: the hook never makes, chowns or removes anything there.
+    #[error(
+        "domain '{domain}' names the sidecar's monitor socket {found}, but this host's is \
+         {expected} (run_dir and the domain name): refusing to prepare or use it; remove the \
+         postcopy-sidecar <qemu:arg> elements from the domain (virsh edit {domain})"
+    )]
+    ForeignMonitor {
+        /// Domain.
+        domain: String,
+        /// The path in the XML.
+        found: String,
+        /// The only path the hook accepts.
+        expected: String,
+    },
+    /// A directory the hook keeps its files in (or QEMU's monitor directory) is unsafe.
+    #[error("{0}")]
+    Dir(#[from] DirError),
     /// The socket path would not fit a unix socket address.
     #[error("the monitor socket path {0} is longer than 107 bytes: choose a shorter run_dir")]
     SocketPath(String),
@@ -118,6 +139,10 @@ pub struct State {
     pub report: Option<PathBuf>,
     /// Set once the `started` hook saw the sidecar ready.
     pub ready: bool,
+    /// The sidecar's private directory (its ready and takeover files), when the hook
+    /// launched one.
+    #[serde(default)]
+    pub sidecar_dir: Option<PathBuf>,
 }
 
 /// Where one domain's files live.
@@ -132,13 +157,28 @@ pub struct DomainPaths {
     /// `RUN/DOMAIN/qemu`: QEMU's uid and gid, mode 0770, for the monitor socket and the
     /// sidecar's ready file.
     pub qemu_dir: PathBuf,
-    /// `RUN/DOMAIN/qemu/qmp.sock`.
+    /// `RUN/DOMAIN/qemu/qmp.sock`: the only monitor path the hook prepares or hands the
+    /// sidecar, whatever a domain XML says.
     pub qmp: PathBuf,
-    /// `RUN/DOMAIN/qemu/takeover.json`: written by the sidecar once the migration reached
-    /// postcopy, for a restarted one (`receive --recover`).
-    pub takeover: PathBuf,
-    /// `RUN/DOMAIN/qemu/ready`.
-    pub ready: PathBuf,
+    /// `RUN/DOMAIN/sidecar`: the directly launched sidecar's own directory (root's, mode
+    /// 0700), for its ready and takeover files. A systemd unit gets its own instead
+    /// ([`systemd_private_dir`]).
+    pub sidecar_dir: PathBuf,
+}
+
+/// Mode of the hook's run directory and of each domain's directory: root's, traversable
+/// (QEMU and a unit's user reach the monitor directory below), listable by nobody else.
+const RUN_DIR_MODE: u32 = 0o711;
+
+/// The sidecar's ready file in its private directory.
+pub fn ready_file(sidecar_dir: &Path) -> PathBuf {
+    sidecar_dir.join("ready")
+}
+
+/// The sidecar's takeover file in its private directory: written once the migration
+/// reached postcopy, for a restarted sidecar (`receive --recover`).
+pub fn takeover_file(sidecar_dir: &Path) -> PathBuf {
+    sidecar_dir.join("takeover.json")
 }
 
 impl DomainPaths {
@@ -153,8 +193,7 @@ impl DomainPaths {
             state: dir.join("state.json"),
             env: dir.join("sidecar.env"),
             qmp: qemu_dir.join("qmp.sock"),
-            takeover: qemu_dir.join("takeover.json"),
-            ready: qemu_dir.join("ready"),
+            sidecar_dir: dir.join("sidecar"),
             qemu_dir,
             dir,
         })
@@ -165,13 +204,20 @@ impl DomainPaths {
         serde_json::from_str(&text).ok()
     }
 
+    /// Makes (or checks) the run directory and the domain's: the hook's own, not links,
+    /// writable by nobody else.
+    fn ensure_dirs(&self) -> Result<(), HookError> {
+        if let Some(run) = self.dir.parent() {
+            crate::owned_dir::ensure(run, RUN_DIR_MODE)?;
+        }
+        crate::owned_dir::ensure(&self.dir, RUN_DIR_MODE)?;
+        Ok(())
+    }
+
     fn save(&self, s: &State) -> Result<(), HookError> {
-        std::fs::create_dir_all(&self.dir)
-            .map_err(io(format!("creating {}", self.dir.display())))?;
-        let tmp = self.state.with_extension("tmp");
+        self.ensure_dirs()?;
         let body = serde_json::to_vec_pretty(s).expect("state serialises");
-        std::fs::write(&tmp, body)
-            .and_then(|_| std::fs::rename(&tmp, &self.state))
+        crate::durable::write_atomically(&self.state, &body)
             .map_err(io(format!("writing {}", self.state.display())))
     }
 }
@@ -216,18 +262,19 @@ fn report_path(dir: &Path, domain: &str) -> PathBuf {
     p
 }
 
-/// Writes a failure report for a migration the sidecar could not report itself.
+/// Writes a failure report for a migration the sidecar could not report itself. Whatever
+/// is at `path` already (the sidecar's own report, or a link planted there) is kept.
 fn write_failure_report(path: &Path, error: String) -> Result<(), HookError> {
-    if path.exists() {
-        return Ok(());
-    }
     let r = Report {
         outcome: "failed".into(),
         error: Some(error),
         ..Default::default()
     };
     let json = serde_json::to_vec_pretty(&r).expect("report serialises");
-    std::fs::write(path, json).map_err(io(format!("writing {}", path.display())))
+    match crate::durable::write_atomically_new(path, &json) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        other => other.map_err(io(format!("writing {}", path.display()))),
+    }
 }
 
 /// What the hook needs besides the event: its configuration and its own binary.
@@ -250,11 +297,11 @@ impl Hook {
             ev.sub,
             ev.extra
         );
-        let _ = std::fs::create_dir_all(&self.config.run_dir);
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.config.run_dir.join("hook.log"))
+        if crate::owned_dir::ensure(&self.config.run_dir, RUN_DIR_MODE).is_err() {
+            return;
+        }
+        if let Ok(mut f) =
+            crate::durable::open_append_no_follow(&self.config.run_dir.join("hook.log"))
         {
             let _ = f.write_all(line.as_bytes());
         }
@@ -327,25 +374,31 @@ impl Hook {
 
     fn start(&self, ev: &Event, xml_text: &str) -> Result<(), HookError> {
         let xml = DomainXml::parse(xml_text)?;
-        let Some(qmp) = xml.monitor_path() else {
+        let Some(found) = xml.monitor_path() else {
             return Ok(());
         };
+        // The monitor's path comes from the run directory and the domain's name alone; a
+        // path from the XML is only compared with it, never prepared or used.
+        let paths = DomainPaths::new(&self.config.run_dir, &ev.domain)?;
+        if found != paths.qmp {
+            return Err(HookError::ForeignMonitor {
+                domain: ev.domain.clone(),
+                found: found.display().to_string(),
+                expected: paths.qmp.display().to_string(),
+            });
+        }
         // Whatever launches (or not), QEMU must be able to create its monitor socket.
-        let qemu_dir = qmp
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("/"));
-        make_qemu_dir(&qemu_dir, xml.dac_label())?;
-        let _ = std::fs::remove_file(&qmp);
+        paths.ensure_dirs()?;
+        let qmp_uid = make_qemu_dir(&paths.qemu_dir, xml.dac_label())?;
+        let _ = std::fs::remove_file(&paths.qmp);
         let Some(listen) = self.carried(&xml, &ev.domain) else {
             return Ok(());
         };
-        let paths = DomainPaths::new(&self.config.run_dir, &ev.domain)?;
         let Some(mut state) = paths.load() else {
             return Ok(());
         };
         let fresh = now_secs().saturating_sub(state.incoming_since) < INCOMING_VALID.as_secs();
-        if state.sidecar.is_some() || !fresh || qmp != paths.qmp {
+        if state.sidecar.is_some() || !fresh {
             // Not the start of the incoming migration `migrate begin` recorded.
             return Ok(());
         }
@@ -355,25 +408,39 @@ impl Hook {
                 self.config_path.display().to_string(),
             ));
         };
-        let _ = std::fs::remove_file(&paths.ready);
-        std::fs::create_dir_all(&self.config.report_dir)
-            .map_err(io(format!("creating {}", self.config.report_dir.display())))?;
-        let report = report_path(&self.config.report_dir, &ev.domain);
-        let args = SidecarArgs {
-            listen,
-            qmp: paths.qmp.clone(),
-            ready: paths.ready.clone(),
-            report: report.clone(),
-            attach_timeout: self.config.attach_timeout,
-            state_file: paths.takeover.clone(),
-            on_cut: self.config.on_cut.clone(),
-            silence: self.config.silence,
-            away_timeout: self.config.away_timeout,
-        };
         let systemd = match self.config.launcher {
             Launcher::Auto => systemd_running(),
             Launcher::Direct => false,
             Launcher::Systemd => true,
+        };
+        // The sidecar's files go to a directory of its own, 0700: the unit's (systemd
+        // makes it for the unit's user) or, launched directly (as root), one the hook
+        // makes. Its report directory: the unit's StateDirectory=, or the hook's own.
+        let sidecar_dir = if systemd {
+            systemd_private_dir(&ev.domain)
+        } else {
+            crate::owned_dir::ensure(&paths.sidecar_dir, 0o700)?;
+            crate::owned_dir::ensure(&self.config.report_dir, 0o700)?;
+            paths.sidecar_dir.clone()
+        };
+        let ready = ready_file(&sidecar_dir);
+        let _ = std::fs::remove_file(&ready);
+        if systemd {
+            std::fs::create_dir_all(&self.config.report_dir)
+                .map_err(io(format!("creating {}", self.config.report_dir.display())))?;
+        }
+        let report = report_path(&self.config.report_dir, &ev.domain);
+        let args = SidecarArgs {
+            listen,
+            qmp: paths.qmp.clone(),
+            qmp_uid,
+            ready,
+            report: report.clone(),
+            attach_timeout: self.config.attach_timeout,
+            state_file: takeover_file(&sidecar_dir),
+            on_cut: self.config.on_cut.clone(),
+            silence: self.config.silence,
+            away_timeout: self.config.away_timeout,
         };
         let sidecar = if systemd {
             start_unit(
@@ -402,6 +469,7 @@ impl Hook {
         );
         state.sidecar = Some(sidecar);
         state.report = Some(report);
+        state.sidecar_dir = Some(sidecar_dir);
         paths.save(&state)
     }
 
@@ -418,7 +486,8 @@ impl Hook {
         if state.ready {
             return Ok(());
         }
-        match wait_ready(&paths.ready, &sidecar, self.config.ready_timeout()) {
+        let ready = ready_file(state.sidecar_dir.as_ref().unwrap_or(&paths.sidecar_dir));
+        match wait_ready(&ready, &sidecar, self.config.ready_timeout()) {
             Ok(listen) => {
                 self.log(ev, &format!("sidecar ready, listening on {listen}"));
                 state.ready = true;
@@ -444,7 +513,8 @@ impl Hook {
         let Ok(paths) = DomainPaths::new(&self.config.run_dir, &ev.domain) else {
             return Ok(());
         };
-        if let Some(state) = paths.load() {
+        let state = paths.load();
+        if let Some(state) = state.clone() {
             self.retire(
                 &state,
                 &format!("the domain went away (libvirt: {} {})", ev.op, ev.sub),
@@ -458,10 +528,19 @@ impl Hook {
         }
         // The domain object is gone: its monitor directory and the hook's record go too
         // (libvirt lets no other domain of that name exist meanwhile).
-        if ev.op == "release" && paths.dir.exists() {
-            std::fs::remove_dir_all(&paths.dir)
-                .map_err(io(format!("removing {}", paths.dir.display())))?;
-            self.log(ev, "cleaned up");
+        if ev.op == "release" {
+            // A unit's private directory outlives the unit (for a `receive --recover`).
+            if let Some(d) = state.and_then(|s| s.sidecar_dir)
+                && !d.starts_with(&paths.dir)
+                && d.exists()
+            {
+                std::fs::remove_dir_all(&d).map_err(io(format!("removing {}", d.display())))?;
+            }
+            if paths.dir.exists() {
+                std::fs::remove_dir_all(&paths.dir)
+                    .map_err(io(format!("removing {}", paths.dir.display())))?;
+                self.log(ev, "cleaned up");
+            }
         }
         Ok(())
     }
@@ -489,18 +568,41 @@ impl Hook {
     }
 }
 
-/// Creates QEMU's monitor directory, owned by QEMU's uid and gid (`dac`) with mode 0770, so
-/// QEMU can create its socket and the sidecar (root, or a member of QEMU's group) can
-/// reach it and write its ready file.
-fn make_qemu_dir(dir: &Path, dac: Option<(u32, u32)>) -> Result<(), HookError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+/// Creates QEMU's monitor directory in the domain's (checked) directory, owned by QEMU's
+/// uid and gid (`dac`) with mode 0770, so QEMU can create its socket and the sidecar (root,
+/// or a member of QEMU's group) can reach it. Returns its owner: the uid the process
+/// behind the socket must have (`--qmp-uid`).
+fn make_qemu_dir(dir: &Path, dac: Option<(u32, u32)>) -> Result<u32, HookError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(io(format!("creating {}", dir.display()))(e));
+        }
+        _ => {}
+    }
+    // Its parent is the hook's own: only a link made by root could be here, but a
+    // directory is what is chowned, never what a link points to.
+    let meta =
+        std::fs::symlink_metadata(dir).map_err(io(format!("examining {}", dir.display())))?;
+    if meta.file_type().is_symlink() {
+        return Err(DirError::Symlink {
+            path: dir.to_path_buf(),
+        }
+        .into());
+    }
+    if !meta.is_dir() {
+        return Err(DirError::NotADirectory {
+            path: dir.to_path_buf(),
+        }
+        .into());
+    }
     if let Some((uid, gid)) = dac {
-        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+        std::os::unix::fs::lchown(dir, Some(uid), Some(gid))
             .map_err(io(format!("chown {uid}:{gid} {}", dir.display())))?;
     }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o770))
-        .map_err(io(format!("chmod 0770 {}", dir.display())))
+        .map_err(io(format!("chmod 0770 {}", dir.display())))?;
+    Ok(dac.map_or(meta.uid(), |(uid, _)| uid))
 }
 
 /// Waits until the sidecar writes its ready file (returns its listen address), it dies,
@@ -630,6 +732,231 @@ mod tests {
         h.handle(&ev("vm", "migrate", "begin"), &edited, &mut again)
             .unwrap();
         assert!(again.is_empty());
+    }
+
+    /// MEMFD with the sidecar's monitor at `path` and QEMU's DAC label, as libvirt hands
+    /// it to the `start` hook.
+    fn started_xml(path: &Path) -> String {
+        let x = DomainXml::parse(MEMFD).unwrap().with_monitor(path);
+        x.replace(
+            "</domain>",
+            "<seclabel type='dynamic' model='dac' relabel='yes'>\
+             <label>+64055:+107</label></seclabel></domain>",
+        )
+    }
+
+    #[test]
+    fn a_monitor_path_outside_the_run_directory_is_refused_and_left_untouched() {
+        let d = tempfile::tempdir().unwrap();
+        let h = hook(d.path(), "domains = [\"vm\"]\nlisten = \"192.0.2.7\"\n");
+        h.handle(&ev("vm", "migrate", "begin"), MEMFD, &mut Vec::new())
+            .unwrap();
+        // An XML naming a socket elsewhere: e.g. in a directory the hook would chown to
+        // QEMU, or a file the hook would remove as a stale socket.
+        let elsewhere = d.path().join("etc");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let victim = elsewhere.join("qmp.sock");
+        std::fs::write(&victim, b"keep").unwrap();
+        let e = h
+            .handle(
+                &ev("vm", "start", "begin"),
+                &started_xml(&victim),
+                &mut Vec::new(),
+            )
+            .unwrap_err();
+        let HookError::ForeignMonitor {
+            domain,
+            found,
+            expected,
+        } = &e
+        else {
+            panic!("expected ForeignMonitor, got {e}");
+        };
+        assert_eq!(domain, "vm");
+        assert_eq!(found, &victim.display().to_string());
+        let paths = DomainPaths::new(&d.path().join("run"), "vm").unwrap();
+        assert_eq!(expected, &paths.qmp.display().to_string());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(&elsewhere).unwrap().uid(),
+            0,
+            "not chowned"
+        );
+        assert!(!paths.qemu_dir.exists(), "nothing prepared");
+        // A monitor under another domain's name in the same run directory is foreign too.
+        let other = DomainPaths::new(&d.path().join("run"), "other").unwrap();
+        let e = h
+            .handle(
+                &ev("vm", "start", "begin"),
+                &started_xml(&other.qmp),
+                &mut Vec::new(),
+            )
+            .unwrap_err();
+        assert!(matches!(e, HookError::ForeignMonitor { .. }), "{e}");
+        assert!(!other.dir.exists());
+        // Its own path passes: QEMU's directory, QEMU's uid.
+        h.handle(
+            &ev("vm", "start", "begin"),
+            &started_xml(&paths.qmp),
+            &mut Vec::new(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let m = std::fs::metadata(&paths.qemu_dir).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (64055, 107, 0o770));
+    }
+
+    #[test]
+    fn an_unsafe_run_directory_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let h = hook(d.path(), "domains = [\"vm\"]\nlisten = \"192.0.2.7\"\n");
+        let run = d.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        let migrate = || {
+            h.handle(&ev("vm", "migrate", "begin"), MEMFD, &mut Vec::new())
+                .unwrap_err()
+        };
+        // World-writable: anyone could plant the domain's directory.
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = migrate();
+        assert!(
+            matches!(e, HookError::Dir(DirError::Writable { mode: 0o777, .. })),
+            "{e}"
+        );
+        // Another user's.
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&run, Some(65534), None).expect("chown (tests run as root)");
+        let e = migrate();
+        assert!(
+            matches!(
+                e,
+                HookError::Dir(DirError::ForeignOwner { found: 65534, .. })
+            ),
+            "{e}"
+        );
+        // A link to somewhere else.
+        std::fs::remove_dir(&run).unwrap();
+        let real = d.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, &run).unwrap();
+        let e = migrate();
+        assert!(matches!(e, HookError::Dir(DirError::Symlink { .. })), "{e}");
+        assert_eq!(
+            std::fs::read_dir(&real).unwrap().count(),
+            0,
+            "nothing written"
+        );
+        // A domain directory another user owns, in a sound run directory.
+        std::fs::remove_file(&run).unwrap();
+        std::fs::create_dir(&run).unwrap();
+        std::fs::create_dir(run.join("vm")).unwrap();
+        std::os::unix::fs::chown(run.join("vm"), Some(65534), None).unwrap();
+        let e = migrate();
+        assert!(
+            matches!(
+                e,
+                HookError::Dir(DirError::ForeignOwner { found: 65534, .. })
+            ),
+            "{e}"
+        );
+        assert!(!run.join("vm/state.json").exists());
+    }
+
+    #[test]
+    fn links_at_the_state_and_report_names_are_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let h = hook(d.path(), "domains = [\"vm\"]\nlisten = \"192.0.2.7\"\n");
+        let paths = DomainPaths::new(&d.path().join("run"), "vm").unwrap();
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        std::os::unix::fs::symlink(&victim, &paths.state).unwrap();
+        h.handle(&ev("vm", "migrate", "begin"), MEMFD, &mut Vec::new())
+            .unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        let meta = std::fs::symlink_metadata(&paths.state).unwrap();
+        assert!(
+            meta.is_file(),
+            "the link was replaced by the hook's own record"
+        );
+        assert!(paths.load().unwrap().incoming_since > 0);
+        // A failure report never writes through a link planted at the report's name.
+        let report = d.path().join("vm-20270101T000000Z.json");
+        std::os::unix::fs::symlink(&victim, &report).unwrap();
+        write_failure_report(&report, "x".into()).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(
+            std::fs::symlink_metadata(&report)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
+
+    #[test]
+    fn a_direct_sidecar_gets_a_private_directory_and_qemus_uid() {
+        let d = tempfile::tempdir().unwrap();
+        let mut h = hook(d.path(), "domains = [\"vm\"]\nlisten = \"192.0.2.7\"\n");
+        // A stand-in that records its arguments.
+        let args = d.path().join("args");
+        h.binary = fake_binary(
+            d.path(),
+            &format!("printf '%s\\n' \"$@\" > {}\n", args.display()),
+        );
+        let paths = DomainPaths::new(&d.path().join("run"), "vm").unwrap();
+        h.handle(&ev("vm", "migrate", "begin"), MEMFD, &mut Vec::new())
+            .unwrap();
+        h.handle(
+            &ev("vm", "start", "begin"),
+            &started_xml(&paths.qmp),
+            &mut Vec::new(),
+        )
+        .unwrap();
+        use std::os::unix::fs::MetadataExt;
+        for (dir, mode) in [
+            (&paths.sidecar_dir, 0o700),
+            (&d.path().join("reports"), 0o700),
+        ] {
+            let m = std::fs::symlink_metadata(dir).unwrap();
+            assert_eq!((m.uid(), m.mode() & 0o777), (0, mode), "{}", dir.display());
+        }
+        let state = paths.load().unwrap();
+        assert_eq!(
+            state.sidecar_dir.as_deref(),
+            Some(paths.sidecar_dir.as_path())
+        );
+        let sidecar = state.sidecar.unwrap();
+        let argv = wait_for_file(&args, &sidecar);
+        let after = |flag: &str| {
+            let i = argv.iter().position(|a| a == flag).unwrap();
+            argv[i + 1].clone()
+        };
+        assert_eq!(after("--qmp"), paths.qmp.display().to_string());
+        assert_eq!(after("--qmp-uid"), "64055");
+        assert_eq!(
+            after("--ready-file"),
+            ready_file(&paths.sidecar_dir).display().to_string()
+        );
+        assert_eq!(
+            after("--state-file"),
+            takeover_file(&paths.sidecar_dir).display().to_string()
+        );
+    }
+
+    /// The lines of `file` once the (short-lived) fake sidecar that writes it has exited.
+    fn wait_for_file(file: &Path, sidecar: &Sidecar) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sidecar.alive() {
+            assert!(Instant::now() < deadline, "the fake sidecar did not exit");
+            // Not our child (spawned detached): poll its /proc entry.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     /// An executable shell script in `dir` with `body`.

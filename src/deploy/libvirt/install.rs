@@ -100,11 +100,16 @@ pub fn hook_file(binary: &Path, config: &Path) -> String {
 /// The unit file for `binary` and the configuration's directories.
 pub fn unit_file(binary: &Path, config: &Config) -> String {
     let report = config.report_dir.to_string_lossy();
-    // systemd creates a StateDirectory= for the unit's (dynamic) user on every start; any
-    // other report directory must be made writable for it by hand.
+    // systemd creates a StateDirectory= for the unit's (dynamic) user on every start, 0700;
+    // the sidecar refuses a report directory that is not its own, which another report
+    // directory cannot be for a dynamic user.
     let rule = match report.strip_prefix("/var/lib/") {
-        Some(rel) => format!("StateDirectory={rel}"),
-        None => format!("# make {report} writable for the unit's user\nReadWritePaths={report}"),
+        Some(rel) => format!("StateDirectory={rel}\nStateDirectoryMode=0700"),
+        None => format!(
+            "# {report} is not under /var/lib: the unit's dynamic user cannot own it, and the\n\
+             # sidecar refuses to write its report there. Set report_dir under /var/lib/.\n\
+             ReadWritePaths={report}"
+        ),
     };
     let quote = |s: &str| {
         if s.contains(char::is_whitespace) {
@@ -120,14 +125,10 @@ pub fn unit_file(binary: &Path, config: &Config) -> String {
 }
 
 fn write_file(path: &Path, body: &str, mode: u32) -> Result<(), InstallError> {
-    use std::os::unix::fs::PermissionsExt;
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
     }
-    let tmp = path.with_extension("postcopy-sidecar-tmp");
-    std::fs::write(&tmp, body)
-        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
-        .and_then(|_| std::fs::rename(&tmp, path))
+    crate::durable::write_atomically_with_mode(path, body.as_bytes(), mode)
         .map_err(io(format!("writing {}", path.display())))
 }
 
@@ -217,7 +218,12 @@ mod tests {
         let unit = std::fs::read_to_string(&l.unit).unwrap();
         assert!(unit.contains("ExecStart=\"/opt/p s/postcopy-sidecar\" receive --follow-incoming"));
         assert!(unit.contains("EnvironmentFile=/run/postcopy-sidecar/%I/sidecar.env\n"));
-        assert!(unit.contains("StateDirectory=postcopy-sidecar/reports\n"));
+        assert!(
+            unit.contains("StateDirectory=postcopy-sidecar/reports\nStateDirectoryMode=0700\n")
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&l.hook), mode(&l.unit)), (0o755, 0o644));
         for placeholder in ["@BINARY@", "@RUN_DIR@", "@REPORT_DIR_RULE@"] {
             assert!(
                 !unit.contains(placeholder),

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 /// How long a stopped sidecar gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// Where systemd makes each unit's private directory (`RuntimeDirectory=` of the unit,
+/// owned by its dynamic user, mode 0700): the sidecar's ready and takeover files.
+pub const SYSTEMD_PRIVATE_ROOT: &str = "/run/postcopy-sidecar-private";
+
 /// What `receive` is started with.
 #[derive(Debug, Clone)]
 pub struct SidecarArgs {
@@ -17,6 +21,8 @@ pub struct SidecarArgs {
     pub listen: String,
     /// `--qmp`.
     pub qmp: PathBuf,
+    /// `--qmp-uid`: QEMU's uid, the only one that may answer on `qmp`.
+    pub qmp_uid: u32,
     /// `--ready-file`.
     pub ready: PathBuf,
     /// `--report`.
@@ -43,6 +49,8 @@ impl SidecarArgs {
         v.push(self.listen.clone().into());
         v.push("--qmp".into());
         v.push(self.qmp.clone().into());
+        v.push("--qmp-uid".into());
+        v.push(self.qmp_uid.to_string().into());
         v.push("--ready-file".into());
         v.push(self.ready.clone().into());
         v.push("--report".into());
@@ -75,10 +83,11 @@ impl SidecarArgs {
             o
         };
         format!(
-            "LISTEN={}\nQMP={}\nREADY={}\nREPORT={}\nATTACH_TIMEOUT={}\nSTATE_FILE={}\n\
-             ON_CUT={}\nSILENCE={}\nAWAY_TIMEOUT={}\nRUST_LOG={}\nNO_COLOR=1\n",
+            "LISTEN={}\nQMP={}\nQMP_UID={}\nREADY={}\nREPORT={}\nATTACH_TIMEOUT={}\n\
+             STATE_FILE={}\nON_CUT={}\nSILENCE={}\nAWAY_TIMEOUT={}\nRUST_LOG={}\nNO_COLOR=1\n",
             q(&self.listen),
             q(&self.qmp.to_string_lossy()),
+            self.qmp_uid,
             q(&self.ready.to_string_lossy()),
             q(&self.report.to_string_lossy()),
             self.attach_timeout,
@@ -113,6 +122,17 @@ pub enum Sidecar {
 
 /// The unit name for `domain`, escaped as `systemd-escape` does.
 pub fn unit_name(domain: &str) -> String {
+    format!("postcopy-sidecar@{}.service", unit_instance(domain))
+}
+
+/// The private directory systemd makes for `domain`'s unit (`%i` is the escaped
+/// instance name, which holds no `/` and no space).
+pub fn systemd_private_dir(domain: &str) -> PathBuf {
+    Path::new(SYSTEMD_PRIVATE_ROOT).join(unit_instance(domain))
+}
+
+/// `domain` escaped as `systemd-escape` does: the unit's instance name.
+fn unit_instance(domain: &str) -> String {
     let mut s = String::new();
     for (i, b) in domain.bytes().enumerate() {
         match b {
@@ -124,7 +144,7 @@ pub fn unit_name(domain: &str) -> String {
             b => s.push_str(&format!("\\x{b:02x}")),
         }
     }
-    format!("postcopy-sidecar@{s}.service")
+    s
 }
 
 /// Whether systemd runs this host (`sd_booted()`).
@@ -149,10 +169,7 @@ pub fn spawn_direct(
     log_filter: &str,
 ) -> std::io::Result<Sidecar> {
     use std::os::unix::process::CommandExt;
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
+    let out = crate::durable::open_append_no_follow(log)?;
     let child = Command::new(binary)
         .args(args.argv())
         .env("RUST_LOG", log_filter)
@@ -178,7 +195,7 @@ pub fn spawn_direct(
 
 /// Writes the unit's environment file and starts the unit.
 pub fn start_unit(domain: &str, env_path: &Path, env: &str) -> std::io::Result<Sidecar> {
-    std::fs::write(env_path, env)?;
+    crate::durable::write_atomically(env_path, env.as_bytes())?;
     let unit = unit_name(domain);
     let out = systemctl(&["start", &unit])?;
     if !out.status.success() {
@@ -281,6 +298,10 @@ mod tests {
         assert_eq!(unit_name("t1"), "postcopy-sidecar@t1.service");
         assert_eq!(unit_name("my-vm.a"), "postcopy-sidecar@my\\x2dvm.a.service");
         assert_eq!(unit_name(".x y"), "postcopy-sidecar@\\x2ex\\x20y.service");
+        assert_eq!(
+            systemd_private_dir("a b/c"),
+            Path::new("/run/postcopy-sidecar-private/a\\x20b-c")
+        );
     }
 
     #[test]
@@ -288,6 +309,7 @@ mod tests {
         let a = SidecarArgs {
             listen: "192.0.2.7".into(),
             qmp: "/run/p/a \"b\"/qemu/qmp.sock".into(),
+            qmp_uid: 64055,
             ready: "/run/p/x/qemu/ready".into(),
             report: "/var/lib/p/$x.json".into(),
             attach_timeout: 60.0,
@@ -315,6 +337,7 @@ mod tests {
         );
         assert!(env.contains("REPORT=\"/var/lib/p/\\$x.json\"\n"), "{env}");
         assert!(env.contains("ATTACH_TIMEOUT=60\n"), "{env}");
+        assert!(env.contains("QMP_UID=64055\n"), "{env}");
     }
 
     #[test]
