@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use postcopy_sidecar::daemon::metrics::{Metrics, serve};
+use postcopy_sidecar::daemon::metrics::Metrics;
+use postcopy_sidecar::daemon::metrics_endpoint::{EndpointLimits, serve};
 use postcopy_sidecar::daemon::receive::{Listen, ReceiveOptions, receive_on};
 use postcopy_sidecar::lab::{
     LabError, QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode,
@@ -95,9 +96,13 @@ async fn scrapes_during_a_real_migration_agree_with_the_final_report() {
     );
 
     let metrics = Arc::new(Metrics::new());
-    let (maddr, server) = serve("127.0.0.1:0".parse().unwrap(), metrics.clone())
-        .await
-        .expect("metrics endpoint");
+    let server = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        metrics.clone(),
+        EndpointLimits::default(),
+    )
+    .expect("metrics endpoint");
+    let maddr = server.addr();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let cursor = dst.qmp().event_cursor();
@@ -230,9 +235,13 @@ async fn a_stream_that_does_not_decode_counts_as_a_decode_error_and_a_failure() 
         .await,
     );
     let metrics = Arc::new(Metrics::new());
-    let (maddr, server) = serve("127.0.0.1:0".parse().unwrap(), metrics.clone())
-        .await
-        .unwrap();
+    let server = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        metrics.clone(),
+        EndpointLimits::default(),
+    )
+    .unwrap();
+    let maddr = server.addr();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let sidecar = tokio::spawn(receive_on(

@@ -444,10 +444,11 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
     runtime().block_on(async move {
         let mut server = None;
         if let (Some(addr), Some(m)) = (a.metrics, &opts.metrics) {
-            match postcopy_sidecar::daemon::metrics::serve(addr, m.clone()).await {
-                Ok((bound, task)) => {
-                    tracing::info!(%bound, "serving metrics");
-                    server = Some(task);
+            use postcopy_sidecar::daemon::metrics_endpoint::{EndpointLimits, serve};
+            match serve(addr, m.clone(), EndpointLimits::default()) {
+                Ok(endpoint) => {
+                    tracing::info!(bound = %endpoint.addr(), "serving metrics");
+                    server = Some(endpoint);
                 }
                 Err(e) => {
                     eprintln!("error: serving metrics on {addr}: {e}");
@@ -488,9 +489,9 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
             }
         };
         // Said first, then lingered: the last scrape sees the outcome, people see it at once.
-        if let Some(task) = server {
+        if let Some(endpoint) = server {
             tokio::time::sleep(std::time::Duration::from_secs_f64(a.metrics_linger)).await;
-            task.abort();
+            endpoint.abort();
         }
         code
     })

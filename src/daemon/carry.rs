@@ -495,16 +495,24 @@ pub async fn carry(
     let mut main_done = false;
     let mut rp_done = false;
     let mut destination_closed = false;
+    let mut accept_backoff = super::backoff::AcceptBackoff::new(
+        "source port",
+        Duration::from_millis(5),
+        Duration::from_millis(200),
+    );
     let result: Result<(), ReceiveError> = loop {
         let timeout = relay.with(|s| s.poll_timeout());
         let waiting_first = first_main && pumps.main.is_none();
         tokio::select! {
             accepted = listener.accept() => {
                 let (s, peer) = match accepted {
-                    Ok(a) => a,
+                    Ok(a) => {
+                        accept_backoff.accepted();
+                        a
+                    }
                     Err(e) => {
-                        tracing::warn!("accepting a source connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // This pause holds the whole loop: 200 ms at most (silence rules are ≥ 1 s).
+                        tokio::time::sleep(accept_backoff.failed(&e)).await;
                         continue;
                     }
                 };

@@ -2,10 +2,9 @@
 //! format that Prometheus scrapes: bytes and pages by channel and phase, page requests by
 //! what the sidecar did with them, requests in flight, fault-service latency, migrations
 //! by outcome, and decode errors by kind. Updated on the data path next to the counters
-//! of the report, so a scrape and the final report agree.
+//! of the report, so a scrape and the final report agree. Served by
+//! [`super::metrics_endpoint`].
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -179,6 +178,22 @@ pub struct Metrics {
     pub recovery_seconds: Histogram,
     /// Connections refused at the sidecar's port, by kind.
     pub refused_connections: Family<RefusedLabels, Counter>,
+    /// Connections to this metrics endpoint closed at once: it had its maximum open.
+    pub endpoint_refused: Counter,
+    /// Connections to this metrics endpoint closed by one of its time limits, by limit.
+    pub endpoint_timed_out: Family<EndpointLimitLabels, Counter>,
+    /// Connections to this metrics endpoint open now.
+    pub endpoint_open: Gauge,
+    /// Failed accepts of the metrics endpoint (out of file descriptors and the like).
+    pub endpoint_accept_errors: Counter,
+}
+
+/// Labels of the metrics endpoint's time-out counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLimitLabels {
+    /// `header` (no complete request in time), `idle` (nothing moved), `deadline`
+    /// (the connection's whole lifetime).
+    pub limit: &'static str,
 }
 
 /// Labels of the refused-connection counter.
@@ -297,9 +312,37 @@ impl Metrics {
             "Connections refused at the sidecar's port before reaching the destination, by kind",
             refused_connections.clone(),
         );
+        let endpoint_refused = Counter::default();
+        registry.register(
+            "metrics_connections_refused",
+            "Connections to this metrics endpoint closed at once because it had its maximum open",
+            endpoint_refused.clone(),
+        );
+        let endpoint_timed_out = Family::<EndpointLimitLabels, Counter>::default();
+        registry.register(
+            "metrics_connections_timed_out",
+            "Connections to this metrics endpoint closed by a time limit, by limit",
+            endpoint_timed_out.clone(),
+        );
+        let endpoint_open = Gauge::default();
+        registry.register(
+            "metrics_connections_open",
+            "Connections to this metrics endpoint open now",
+            endpoint_open.clone(),
+        );
+        let endpoint_accept_errors = Counter::default();
+        registry.register(
+            "metrics_accept_errors",
+            "Failed accepts of this metrics endpoint (e.g. out of file descriptors)",
+            endpoint_accept_errors.clone(),
+        );
         Metrics {
             registry,
             refused_connections,
+            endpoint_refused,
+            endpoint_timed_out,
+            endpoint_open,
+            endpoint_accept_errors,
             source_link_up,
             source_silent_seconds,
             source_away_seconds,
@@ -402,6 +445,13 @@ impl Metrics {
         self.source_away_seconds.set(v.away_for_s.unwrap_or(0.0));
     }
 
+    /// Counts a connection to the metrics endpoint closed by one of its time limits.
+    pub fn endpoint_timed_out(&self, limit: &'static str) {
+        self.endpoint_timed_out
+            .get_or_create(&EndpointLimitLabels { limit })
+            .inc();
+    }
+
     /// Counts a connection refused at the sidecar's port.
     pub fn refused(&self, kind: &'static str) {
         self.refused_connections
@@ -475,39 +525,4 @@ fn phase(postcopy: bool) -> PhaseLabel {
     } else {
         PhaseLabel::Precopy
     }
-}
-
-/// Serves `GET /metrics` (any path, in fact) on `addr` until the returned task is aborted.
-pub async fn serve(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((sock, _)) = listener.accept().await else {
-                continue;
-            };
-            let m = metrics.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_req| {
-                    let body = m.encode();
-                    async move {
-                        hyper::Response::builder()
-                            .header(
-                                hyper::header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )
-                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                    }
-                });
-                let io = hyper_util::rt::TokioIo::new(sock);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            });
-        }
-    });
-    Ok((bound, task))
 }
