@@ -19,7 +19,7 @@ use tokio::net::UnixStream;
 
 use crate::figures::LatencyFigures;
 use crate::qmp::{Qmp, QmpError};
-use crate::snapshot::meta::{OPENING_FILE, PACKAGE_FILE, SnapshotMeta};
+use crate::snapshot::meta::{OPENING_FILE, PACKAGE_FILE, SnapshotMeta, read_checked};
 use crate::snapshot::{PageStore, SnapshotError};
 use crate::wire::compose::{put_discards, put_package};
 use crate::wire::{Command, DecodeError};
@@ -46,14 +46,8 @@ impl Snapshot {
     /// without it, each page is checked as it is read for sending.
     pub fn open(dir: &Path, verify_pages: bool) -> Result<Snapshot, SnapshotError> {
         let meta = SnapshotMeta::load(dir)?;
-        let read = |name: &'static str| {
-            let p = dir.join(name);
-            std::fs::read(&p).map_err(|e| SnapshotError::io("reading", &p, e))
-        };
-        let opening = read(OPENING_FILE)?;
-        meta.opening.check(OPENING_FILE, &opening)?;
-        let package = read(PACKAGE_FILE)?;
-        meta.package.check(PACKAGE_FILE, &package)?;
+        let opening = read_checked(dir, OPENING_FILE, &meta.opening)?;
+        let package = read_checked(dir, PACKAGE_FILE, &meta.package)?;
         let store = PageStore::open(dir, &meta)?;
         if verify_pages {
             store.verify_all()?;
@@ -381,4 +375,224 @@ pub async fn restore_clones(
         }));
     }
     reports
+}
+
+/// A snapshot directory is untrusted input: every bound of `meta.json` and of the files it
+/// describes is refused with a typed error naming the file and field, and a file changed
+/// under an open snapshot gives an error, not a crash.
+#[cfg(test)]
+mod open_tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+    use crate::snapshot::meta::{INDEX_FILE, META_FILE, PAGES_FILE};
+
+    fn snapshot() -> (tempfile::TempDir, SnapshotMeta) {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = crate::synth::snapshot::write(dir.path(), 8, 7).unwrap();
+        (dir, meta)
+    }
+
+    /// Re-saves `meta` after `edit`, with a correct checksum: only the bounds can refuse it.
+    fn resave(dir: &Path, meta: &SnapshotMeta, edit: impl FnOnce(&mut SnapshotMeta)) {
+        let mut m = meta.clone();
+        edit(&mut m);
+        m.save(dir).unwrap();
+    }
+
+    fn open_err(dir: &Path) -> SnapshotError {
+        match Snapshot::open(dir, true) {
+            Ok(_) => panic!("a bad snapshot was opened"),
+            Err(e) => e,
+        }
+    }
+
+    fn assert_bad_field(e: SnapshotError, want: &str) {
+        match &e {
+            SnapshotError::BadField { field, path, .. } => {
+                assert_eq!(field, want, "{e}");
+                assert!(path.ends_with(META_FILE), "{e}");
+            }
+            other => panic!("expected a refusal of {want}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_whole_snapshot_opens_and_every_page_verifies() {
+        let (dir, _) = snapshot();
+        let s = Snapshot::open(dir.path(), true).unwrap();
+        assert_eq!(s.store.verify_all().unwrap(), 8);
+    }
+
+    #[test]
+    fn meta_edited_by_hand_fails_its_checksum() {
+        let (dir, _) = snapshot();
+        let path = dir.path().join(META_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let edited = text.replacen("\"data_pages\": 8", "\"data_pages\": 7", 1);
+        assert_ne!(text, edited);
+        std::fs::write(&path, edited).unwrap();
+        match open_err(dir.path()) {
+            SnapshotError::MetaChecksum { path, .. } => assert!(path.ends_with(META_FILE)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_truncated_meta_json_is_refused() {
+        let (dir, _) = snapshot();
+        let path = dir.path().join(META_FILE);
+        let text = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &text[..text.len() / 2]).unwrap();
+        assert!(matches!(
+            open_err(dir.path()),
+            SnapshotError::BadMeta { .. }
+        ));
+    }
+
+    #[test]
+    fn an_older_format_is_refused_by_name() {
+        let (dir, meta) = snapshot();
+        resave(dir.path(), &meta, |m| m.format = 1);
+        match open_err(dir.path()) {
+            SnapshotError::BadMeta { reason, .. } => {
+                assert!(reason.contains("format 1"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn page_sizes_qemu_never_uses_are_refused() {
+        for tps in [0, 512, 2048, 3 << 12, 2 << 30, 1 << 63] {
+            let (dir, meta) = snapshot();
+            resave(dir.path(), &meta, |m| m.stream.target_page_size = tps);
+            assert_bad_field(open_err(dir.path()), "stream.target_page_size");
+        }
+    }
+
+    #[test]
+    fn huge_lengths_and_offsets_are_refused_without_overflow() {
+        let huge = u64::MAX - 4095; // page aligned, so only the bound can refuse it
+        let (dir, meta) = snapshot();
+        resave(dir.path(), &meta, |m| m.blocks[0].length = huge);
+        assert_bad_field(open_err(dir.path()), "blocks[0].length");
+        let (dir, meta) = snapshot();
+        resave(dir.path(), &meta, |m| m.blocks[0].store_offset = huge);
+        assert_bad_field(open_err(dir.path()), "blocks[0].store_offset");
+        let (dir, meta) = snapshot();
+        resave(dir.path(), &meta, |m| m.index.len = u64::MAX);
+        assert_bad_field(open_err(dir.path()), "index.len");
+        let (dir, meta) = snapshot();
+        resave(dir.path(), &meta, |m| m.package.len = u64::MAX);
+        assert_bad_field(open_err(dir.path()), "package.len");
+        let (dir, meta) = snapshot();
+        resave(dir.path(), &meta, |m| m.blocks[0].data_pages = u64::MAX);
+        assert_bad_field(open_err(dir.path()), "blocks[0].data_pages");
+    }
+
+    #[test]
+    fn overlapping_or_duplicate_blocks_are_refused() {
+        let (dir, meta) = snapshot();
+        resave(dir.path(), &meta, |m| {
+            let mut b = m.blocks[0].clone();
+            b.name = "rom".into();
+            b.length = 4096;
+            b.data_pages = 0;
+            m.blocks.push(b); // same store offset as block 0
+        });
+        assert_bad_field(open_err(dir.path()), "blocks[1].store_offset");
+        let (dir, meta) = snapshot();
+        resave(dir.path(), &meta, |m| {
+            let mut b = m.blocks[0].clone();
+            b.store_offset = 1 << 30;
+            m.blocks.push(b);
+        });
+        assert_bad_field(open_err(dir.path()), "blocks[1].name");
+    }
+
+    #[test]
+    fn truncated_or_grown_files_are_refused_naming_them() {
+        for (file, grow) in [
+            (OPENING_FILE, false),
+            (PACKAGE_FILE, true),
+            (INDEX_FILE, false),
+            (INDEX_FILE, true),
+            (PAGES_FILE, false),
+        ] {
+            let (dir, _) = snapshot();
+            let path = dir.path().join(file);
+            let len = std::fs::metadata(&path).unwrap().len();
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.set_len(if grow { len + 1 } else { len - 1 }).unwrap();
+            match open_err(dir.path()) {
+                SnapshotError::Truncated {
+                    file: named,
+                    expected,
+                    found,
+                } => {
+                    assert_eq!((named, expected), (file, len));
+                    assert_eq!(found, if grow { len + 1 } else { len - 1 });
+                }
+                other => panic!("{file}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn files_truncated_under_an_open_snapshot_give_errors_not_a_crash() {
+        let (dir, _) = snapshot();
+        let s = Snapshot::open(dir.path(), false).unwrap();
+        // The index was read and checked at open: truncating it changes nothing.
+        std::fs::File::create(dir.path().join(INDEX_FILE)).unwrap();
+        let mut page = vec![0u8; 4096];
+        s.store.read(0, 1, &mut page).unwrap();
+        // A page rewritten under the open store is caught by its checksum.
+        let pages = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(PAGES_FILE))
+            .unwrap();
+        pages.write_all_at(&[0xee; 16], 4096 * 2).unwrap();
+        assert!(matches!(
+            s.store.read(0, 2, &mut page),
+            Err(SnapshotError::PageChecksum { offset: 0x2000, .. })
+        ));
+        // The pages file truncated under the open store: a typed error, not a SIGBUS.
+        pages.set_len(4096).unwrap();
+        match s.store.read(0, 5, &mut page) {
+            Err(SnapshotError::Truncated {
+                file, found: 4096, ..
+            }) => assert_eq!(file, PAGES_FILE),
+            other => panic!("{other:?}"),
+        }
+        // And a page outside the store is an error too.
+        assert!(matches!(
+            s.store.read(0, 8, &mut page),
+            Err(SnapshotError::PageOutOfRange { block: 0, page: 8 })
+        ));
+    }
+
+    #[test]
+    fn meta_json_is_written_atomically_with_its_checksum() {
+        let (dir, meta) = snapshot();
+        let loaded = SnapshotMeta::load(dir.path()).unwrap();
+        assert_eq!(loaded.checksum, meta.computed_checksum());
+        assert!(loaded.checksum.starts_with("xxh3:"));
+        // Only meta.json and the data files: no temporary left behind.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                INDEX_FILE,
+                META_FILE,
+                OPENING_FILE,
+                PACKAGE_FILE,
+                PAGES_FILE
+            ]
+        );
+    }
 }

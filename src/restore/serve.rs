@@ -277,7 +277,7 @@ mod tests {
         }
         let (blocks, index, pages_len) = w.finish().unwrap();
         let meta = SnapshotMeta {
-            format: 1,
+            format: crate::snapshot::meta::FORMAT_VERSION,
             created_unix: 0,
             source: SourceInfo::default(),
             stream: StreamFacts {
@@ -291,6 +291,7 @@ mod tests {
             package: FileDigest::of(b""),
             index,
             pages_len,
+            checksum: String::new(),
         };
         let s = PageStore::open(dir.path(), &meta).unwrap();
         (dir, Arc::new(s))

@@ -21,6 +21,7 @@
 pub mod admission;
 mod delta;
 mod link;
+pub mod script;
 pub mod sim;
 pub mod stats;
 pub mod tracker;

@@ -480,3 +480,21 @@ fn back_to_back_cuts_still_close_the_first_cuts_section_once() {
         .count();
     assert_eq!(injects, 1);
 }
+
+/// Found by the `session_logic` fuzzer: a read that ends exactly at the package's last
+/// byte leaves the decoder inside the package (its end is reported on the next read), yet
+/// the destination ran the package's RUN: a cut there is a postcopy cut and must be held,
+/// not fail the migration.
+#[test]
+fn a_cut_right_after_the_packages_last_byte_is_held() {
+    let mut w = Wire::new(CutPolicy::Hold);
+    let start = w.src.start(2);
+    let mut ping4 = Vec::new();
+    Command::Ping(4).encode(&mut ping4);
+    w.carry(&start[..start.len() - ping4.len()], 4096);
+    assert_eq!(w.s.phase(), PostcopyPhase::Running);
+    assert_eq!(w.cut(), CutDecision::Hold);
+    w.resume(100);
+    w.run_to_end(10, 777);
+    w.assert_complete();
+}

@@ -42,6 +42,42 @@ pub enum SnapshotError {
         /// What is wrong.
         reason: String,
     },
+    /// A field of `meta.json` is out of bounds or inconsistent with another.
+    #[error("snapshot metadata {path}: field {field}: {reason}")]
+    BadField {
+        /// The file.
+        path: PathBuf,
+        /// The field, as a JSON path (`blocks[2].length`).
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `meta.json` differs from its own checksum: damaged or edited by hand.
+    #[error("snapshot metadata {path} fails its checksum ({found}, recorded {expected})")]
+    MetaChecksum {
+        /// The file.
+        path: PathBuf,
+        /// Recorded checksum.
+        expected: String,
+        /// Checksum of the content found.
+        found: String,
+    },
+    /// A file is larger than a reader holds in memory.
+    #[error("snapshot file {path} is larger than {limit} bytes")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The limit.
+        limit: u64,
+    },
+    /// A page outside the store was asked for (a caller's bug, reported, not a panic).
+    #[error("page {page} of block #{block} is outside the snapshot")]
+    PageOutOfRange {
+        /// Block index.
+        block: usize,
+        /// Page number in the block.
+        page: u64,
+    },
     /// A file is shorter or longer than the metadata says.
     #[error(
         "snapshot file {file} is truncated or altered: {found} bytes where {expected} were recorded"

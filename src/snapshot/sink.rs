@@ -410,7 +410,7 @@ impl Sink {
         };
         write(OPENING_FILE, &opening)?;
         write(PACKAGE_FILE, &package)?;
-        let meta = SnapshotMeta {
+        let mut meta = SnapshotMeta {
             format: FORMAT_VERSION,
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -428,6 +428,7 @@ impl Sink {
             package: FileDigest::of(&package),
             index,
             pages_len,
+            checksum: String::new(),
         };
         meta.save(&self.dir)?;
         Ok(meta)

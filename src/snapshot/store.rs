@@ -7,19 +7,37 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::SnapshotError;
-use super::meta::{BlockMeta, FileDigest, INDEX_FILE, PAGES_FILE, SnapshotMeta};
+use super::meta::{BlockMeta, FileDigest, INDEX_FILE, META_FILE, PAGES_FILE, SnapshotMeta};
 
 /// Blocks start on 2 MiB boundaries in `pages.bin`, so a hugepage-backed block could be
 /// mapped straight from the file later.
 pub const BLOCK_ALIGN: u64 = 2 << 20;
 
 /// xxh3-64 of a page of zeroes of `page_size` bytes: the index value of a zero page.
+/// Computed once per page size and streamed, so a 1 GiB page costs no 1 GiB buffer.
 pub fn zero_page_hash(page_size: u64) -> u64 {
-    xxh3_64(&vec![0u8; page_size as usize])
+    static CACHE: [OnceLock<u64>; 64] = [const { OnceLock::new() }; 64];
+    let compute = || {
+        let zeroes = [0u8; 64 << 10];
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut left = page_size;
+        while left > 0 {
+            let n = left.min(zeroes.len() as u64);
+            h.update(&zeroes[..n as usize]);
+            left -= n;
+        }
+        h.digest()
+    };
+    if page_size.is_power_of_two() {
+        *CACHE[page_size.trailing_zeros() as usize].get_or_init(compute)
+    } else {
+        compute()
+    }
 }
 
 /// What the index says about one page.
@@ -193,40 +211,32 @@ impl StoreWriter {
 
 /// A page store opened for reading. Cheap to share behind an `Arc`: reads are positional
 /// and need no lock.
+///
+/// Nothing of the directory is mapped: a file truncated or rewritten under a running
+/// restore gives a typed error on the next read (or is not seen at all), never a SIGBUS
+/// that would kill every restore and clone of the process.
 pub struct PageStore {
     dir: PathBuf,
     pages: File,
+    pages_len: u64,
     page_size: u64,
     zero_hash: u64,
     blocks: Vec<BlockMeta>,
-    first_slot: Vec<usize>,
-    /// `index.bin` mapped, not read: opening costs the same at 1 GiB and at 1 TiB apart
-    /// from the digest check, and clones share the page cache's copy.
-    index: memmap2::Mmap,
+    first_slot: Vec<u64>,
+    /// `index.bin`, read and checked against its digest at open: what is used is what was
+    /// checked, whatever happens to the file afterwards (8 bytes per page: 2 MiB per GiB of
+    /// 4 KiB-page RAM, shared by every restore of the snapshot).
+    index: Box<[u8]>,
 }
 
 impl PageStore {
-    /// Opens the store of a snapshot whose `meta.json` was loaded; checks the index's
-    /// digest and the pages file's length (a truncated snapshot is refused here).
+    /// Opens the store of a snapshot whose `meta.json` was loaded: checks the metadata's
+    /// bounds, reads the index (refused unless its length and digest are the recorded
+    /// ones) and checks the pages file's length (a truncated snapshot is refused here).
     pub fn open(dir: &Path, meta: &SnapshotMeta) -> Result<PageStore, SnapshotError> {
-        let index_path = dir.join(INDEX_FILE);
-        let file =
-            File::open(&index_path).map_err(|e| SnapshotError::io("opening", &index_path, e))?;
-        // SAFETY: a snapshot is written once and never changed afterwards; nothing of ours
-        // writes or truncates `index.bin` while it is mapped (documented for operators in
-        // protocol-spec/snapshot.md).
-        let raw = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| SnapshotError::io("mapping", &index_path, e))?;
-        meta.index.check(INDEX_FILE, &raw)?;
+        meta.validate(&dir.join(META_FILE))?;
+        let index = super::meta::read_checked(dir, INDEX_FILE, &meta.index)?;
         let page_size = meta.stream.target_page_size;
-        if raw.len() as u64 != meta.total_pages() * 8 {
-            return Err(SnapshotError::Truncated {
-                file: INDEX_FILE,
-                expected: meta.total_pages() * 8,
-                found: raw.len() as u64,
-            });
-        }
-        let index = raw;
         let pages_path = dir.join(PAGES_FILE);
         let pages =
             File::open(&pages_path).map_err(|e| SnapshotError::io("opening", &pages_path, e))?;
@@ -234,33 +244,28 @@ impl PageStore {
             .metadata()
             .map_err(|e| SnapshotError::io("reading the size of", &pages_path, e))?
             .len();
-        let needed = meta
-            .blocks
-            .iter()
-            .map(|b| b.store_offset + b.length)
-            .max()
-            .unwrap_or(0);
-        if len != meta.pages_len || len < needed {
+        if len != meta.pages_len {
             return Err(SnapshotError::Truncated {
                 file: PAGES_FILE,
-                expected: meta.pages_len.max(needed),
+                expected: meta.pages_len,
                 found: len,
             });
         }
-        let mut first_slot = Vec::new();
-        let mut slots = 0usize;
+        let mut first_slot = Vec::with_capacity(meta.blocks.len());
+        let mut slots = 0u64;
         for b in &meta.blocks {
             first_slot.push(slots);
-            slots += (b.length / page_size) as usize;
+            slots += b.length / page_size; // bounded by validate
         }
         Ok(PageStore {
             dir: dir.to_path_buf(),
             pages,
+            pages_len: len,
             page_size,
             zero_hash: zero_page_hash(page_size),
             blocks: meta.blocks.clone(),
             first_slot,
-            index,
+            index: index.into_boxed_slice(),
         })
     }
 
@@ -274,14 +279,22 @@ impl PageStore {
         &self.blocks
     }
 
-    /// Pages in block `block`.
+    /// Pages in block `block` (in range).
     pub fn block_pages(&self, block: usize) -> u64 {
         self.blocks[block].length / self.page_size
     }
 
-    /// The index entry of page `page` of `block` (both in range).
+    fn check_range(&self, block: usize, page: u64) -> Result<(), SnapshotError> {
+        match self.blocks.get(block) {
+            Some(b) if page < b.length / self.page_size => Ok(()),
+            _ => Err(SnapshotError::PageOutOfRange { block, page }),
+        }
+    }
+
+    /// The index entry of page `page` of `block` (both in range: the page server checks
+    /// every request against the blocks first).
     pub fn kind(&self, block: usize, page: u64) -> PageKind {
-        let at = (self.first_slot[block] + page as usize) * 8;
+        let at = ((self.first_slot[block] + page) * 8) as usize;
         let entry: [u8; 8] = self.index[at..at + 8].try_into().expect("8 bytes");
         let h = u64::from_le_bytes(entry);
         if h == self.zero_hash {
@@ -291,9 +304,18 @@ impl PageStore {
         }
     }
 
-    /// Reads a data page into `out` (one page long) and checks it against the index, so a
-    /// damaged page is never sent.
+    /// Reads a page into `out` (one page long) and checks it against the index, so a
+    /// damaged page is never sent. A page outside the store, or a pages file shortened
+    /// since it was opened, is a typed error.
     pub fn read(&self, block: usize, page: u64, out: &mut [u8]) -> Result<(), SnapshotError> {
+        self.check_range(block, page)?;
+        if out.len() as u64 != self.page_size {
+            return Err(SnapshotError::Unsupported(format!(
+                "a read of {} bytes from a store of {}-byte pages",
+                out.len(),
+                self.page_size
+            )));
+        }
         let b = &self.blocks[block];
         let offset = page * self.page_size;
         match self.kind(block, page) {
@@ -302,11 +324,18 @@ impl PageStore {
                 Ok(())
             }
             PageKind::Data(want) => {
-                self.pages
-                    .read_exact_at(out, b.store_offset + offset)
-                    .map_err(|e| {
-                        SnapshotError::io("reading a page from", &self.dir.join(PAGES_FILE), e)
-                    })?;
+                let path = self.dir.join(PAGES_FILE);
+                if let Err(e) = self.pages.read_exact_at(out, b.store_offset + offset) {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        let found = self.pages.metadata().map(|m| m.len()).unwrap_or(0);
+                        return Err(SnapshotError::Truncated {
+                            file: PAGES_FILE,
+                            expected: self.pages_len,
+                            found,
+                        });
+                    }
+                    return Err(SnapshotError::io("reading a page from", &path, e));
+                }
                 if xxh3_64(out) != want {
                     return Err(SnapshotError::PageChecksum {
                         block: b.name.clone(),
@@ -320,11 +349,12 @@ impl PageStore {
 
     /// Reads and checks every data page; returns how many were checked.
     pub fn verify_all(&self) -> Result<u64, SnapshotError> {
-        let mut buf = vec![0u8; self.page_size as usize];
+        let mut buf = Vec::new();
         let mut n = 0;
         for block in 0..self.blocks.len() {
             for page in 0..self.block_pages(block) {
                 if let PageKind::Data(_) = self.kind(block, page) {
+                    buf.resize(self.page_size as usize, 0);
                     self.read(block, page, &mut buf)?;
                     n += 1;
                 }
@@ -341,7 +371,7 @@ mod tests {
 
     fn meta_for(blocks: Vec<BlockMeta>, index: FileDigest, pages_len: u64) -> SnapshotMeta {
         SnapshotMeta {
-            format: 1,
+            format: crate::snapshot::meta::FORMAT_VERSION,
             created_unix: 0,
             source: SourceInfo::default(),
             stream: StreamFacts {
@@ -355,6 +385,7 @@ mod tests {
             package: FileDigest::of(b""),
             index,
             pages_len,
+            checksum: String::new(),
         }
     }
 

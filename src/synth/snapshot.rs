@@ -36,7 +36,7 @@ pub fn write(dir: &Path, pages: usize, seed: u64) -> Result<SnapshotMeta, Snapsh
         let path = dir.join(name);
         std::fs::write(&path, bytes).map_err(|e| SnapshotError::io("writing", &path, e))?;
     }
-    let meta = SnapshotMeta {
+    let mut meta = SnapshotMeta {
         format: FORMAT_VERSION,
         created_unix: 0,
         source: SourceInfo {
@@ -54,6 +54,7 @@ pub fn write(dir: &Path, pages: usize, seed: u64) -> Result<SnapshotMeta, Snapsh
         package: FileDigest::of(&package),
         index,
         pages_len,
+        checksum: String::new(),
     };
     meta.save(dir)?;
     Ok(meta)

@@ -340,7 +340,9 @@ impl StreamDecoder {
     /// Whether this stream could continue on a new connection after a cut now (see
     /// [`Self::resume_after_cut`]).
     pub fn can_resume(&self) -> Result<(), ResumeRefusal> {
-        if self.package.is_some() {
+        // A package whose last byte was decoded is whole at the destination (its RUN ran)
+        // even if the read ended before the decoder reported its end.
+        if self.package.is_some_and(|p| p.end != self.offset) {
             return Err(ResumeRefusal::InPackage);
         }
         if self.phase < PostcopyPhase::Running {
@@ -359,6 +361,9 @@ impl StreamDecoder {
     /// they are simply not part of the continued stream.
     pub fn resume_after_cut(&mut self) -> Result<(), ResumeRefusal> {
         self.can_resume()?;
+        // Only a whole package can remain; the resumed stream's offsets restart at 0, so
+        // its end would never be reached.
+        self.package = None;
         // Mid-section, or past an EOF the source will send again after a resume that
         // finds nothing left to send.
         self.mode = Mode::Records;
