@@ -14,6 +14,8 @@
 //! They need `scripts/setup.sh` (libvirt, QEMU, the guest kernel and initramfs, systemd's
 //! `systemd-analyze`); without it they fail, never skip.
 
+#[path = "support/certs.rs"]
+mod certs;
 #[path = "support/libvirt.rs"]
 mod libvirt;
 
@@ -370,12 +372,28 @@ fn wl_lines(p: &Path) -> Vec<WlLine> {
 }
 
 fn linux_pair(prefix: &str, hook_config: &str) -> LinuxPair {
+    linux_pair_with(prefix, |_| (hook_config.to_string(), String::new()))
+}
+
+/// Like [`linux_pair`]; `setup` gets the test directory before anything starts and
+/// returns the hook's configuration and text for both hosts' qemu.conf.
+fn linux_pair_with(prefix: &str, setup: impl FnOnce(&Path) -> (String, String)) -> LinuxPair {
     let t0 = Instant::now();
     let img = GuestImage::find().unwrap_or_else(|e| panic!("{e}"));
     let dir = test_dir(prefix);
+    let (hook_config, qemu_conf) = setup(dir.path());
     let mut a = LibvirtHost::prepare(&dir.path().join("a"), "a", HOST_A, QemuUser::Root);
     let mut b = LibvirtHost::prepare(&dir.path().join("b"), "b", HOST_B, QemuUser::Root);
-    b.install_sidecar_hook(hook_config, false);
+    for h in [&a, &b] {
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(h.sysconf.join("libvirt/qemu.conf"))
+            .unwrap()
+            .write_all(qemu_conf.as_bytes())
+            .unwrap();
+    }
+    b.install_sidecar_hook(&hook_config, false);
     let calls_a = a.record_hook_calls();
     let calls_b = b.record_hook_calls();
     a.start();
@@ -588,6 +606,70 @@ fn virsh_postcopy_goes_through_the_hooks_sidecar_two_libvirtds_on_one_machine() 
         migration.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// `virsh migrate --tls --postcopy`: libvirt gives both QEMUs its TLS credentials
+/// (`migrate_tls_x509_cert_dir`), so the source's migration is TLS and the destination QEMU
+/// expects TLS. The hook's sidecar ends the source's session with the host's server
+/// credentials and reaches QEMU with the host's client credentials; the report says
+/// completed with postcopy pages, and the guest is intact on the destination.
+#[test]
+fn virsh_migrate_tls_postcopy_goes_through_the_hooks_sidecar() {
+    let p = linux_pair_with("lv-tls-", |dir| {
+        let creds = dir.join("pki-qemu");
+        let ca = certs::Ca::new("Lab CA");
+        // libvirt names the migration URI's host as the source's tls-hostname.
+        ca.write_dir(
+            &creds,
+            Some(&ca.server("host-b", &["127.0.0.2", "127.0.0.1"])),
+            Some(&ca.client("host-a")),
+        );
+        (
+            format!(
+                "listen = \"127.0.0.2\"\ntls_creds = \"{}\"\n",
+                creds.display()
+            ),
+            format!("migrate_tls_x509_cert_dir = \"{}\"\n", creds.display()),
+        )
+    });
+    let port = free_port();
+    let o = p.a.virsh(&[
+        "migrate",
+        "--live",
+        "--postcopy",
+        "--postcopy-after-precopy",
+        "--tls",
+        "t1",
+        &p.b.uri,
+        "--migrateuri",
+        &format!("tcp://127.0.0.2:{port}"),
+        "--listen-address",
+        "127.0.0.1",
+        "--xml",
+        p.dest_xml.to_str().unwrap(),
+        "--bandwidth",
+        "50",
+        "--verbose",
+    ]);
+    assert!(
+        o.status.success(),
+        "virsh migrate --tls: {}\nsidecar logs: {}",
+        stderr(&o),
+        sidecar_logs(&p.b)
+    );
+    let logs = sidecar_logs(&p.b);
+    assert!(
+        logs.contains("the destination expects TLS"),
+        "the sidecar used TLS towards QEMU: {logs}"
+    );
+    assert_eq!(p.b.virsh_ok(&["domstate", "t1"]).trim(), "running");
+    let report = p.report();
+    assert_eq!(report["outcome"], "completed", "{:?}", report["error"]);
+    assert!(
+        report["postcopy"]["pages"].as_u64().unwrap() > 0,
+        "the migration went through postcopy"
+    );
+    p.assert_guest_healthy();
 }
 
 /// The source's link to the sidecar is cut in postcopy: both QEMUs pause (the hook's

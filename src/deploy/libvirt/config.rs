@@ -57,6 +57,9 @@ pub struct Config {
     pub silence: f64,
     /// Seconds the sidecar waits for a source that went away in postcopy.
     pub away_timeout: f64,
+    /// The host's QEMU TLS credentials (libvirt's `migrate_tls_x509_cert_dir`): with
+    /// `virsh migrate --tls` the sidecar answers the source and reaches QEMU with them.
+    pub tls_creds: PathBuf,
 }
 
 impl Default for Config {
@@ -74,6 +77,7 @@ impl Default for Config {
             on_cut: "pass-through".into(),
             silence: 10.0,
             away_timeout: 600.0,
+            tls_creds: PathBuf::from(crate::daemon::tls::LIBVIRT_QEMU_CREDS),
         }
     }
 }

@@ -441,6 +441,7 @@ impl Hook {
             on_cut: self.config.on_cut.clone(),
             silence: self.config.silence,
             away_timeout: self.config.away_timeout,
+            tls_creds: self.config.tls_creds.clone(),
         };
         let sidecar = if systemd {
             start_unit(

@@ -37,6 +37,8 @@ pub struct SidecarArgs {
     pub silence: f64,
     /// `--away-timeout`, seconds.
     pub away_timeout: f64,
+    /// `--destination-tls-creds`: used when the destination expects TLS.
+    pub tls_creds: PathBuf,
 }
 
 impl SidecarArgs {
@@ -65,6 +67,8 @@ impl SidecarArgs {
         v.push(self.silence.to_string().into());
         v.push("--away-timeout".into());
         v.push(self.away_timeout.to_string().into());
+        v.push("--destination-tls-creds".into());
+        v.push(self.tls_creds.clone().into());
         v
     }
 
@@ -84,7 +88,7 @@ impl SidecarArgs {
         };
         format!(
             "LISTEN={}\nQMP={}\nQMP_UID={}\nREADY={}\nREPORT={}\nATTACH_TIMEOUT={}\n\
-             STATE_FILE={}\nON_CUT={}\nSILENCE={}\nAWAY_TIMEOUT={}\nRUST_LOG={}\nNO_COLOR=1\n",
+             STATE_FILE={}\nON_CUT={}\nSILENCE={}\nAWAY_TIMEOUT={}\nTLS_CREDS={}\nRUST_LOG={}\nNO_COLOR=1\n",
             q(&self.listen),
             q(&self.qmp.to_string_lossy()),
             self.qmp_uid,
@@ -95,6 +99,7 @@ impl SidecarArgs {
             q(&self.on_cut),
             self.silence,
             self.away_timeout,
+            q(&self.tls_creds.to_string_lossy()),
             q(log_filter)
         )
     }
@@ -317,6 +322,7 @@ mod tests {
             on_cut: "pass-through".into(),
             silence: 10.0,
             away_timeout: 600.0,
+            tls_creds: "/etc/pki/qemu".into(),
         };
         let env = a.env_file("info");
         assert!(env.contains("ON_CUT=\"pass-through\"\n"), "{env}");
