@@ -142,9 +142,11 @@ impl Relay {
         if bytes.is_empty() {
             return;
         }
+        // Flushed too: a TLS writer may keep the tail of a write in its session buffer
+        // when the socket was full, and the source would wait for it forever.
         if let Some((e, writer)) = w.as_mut()
             && *e == epoch
-            && writer.write_all(&bytes).await.is_err()
+            && (writer.write_all(&bytes).await.is_err() || writer.flush().await.is_err())
         {
             // The source's reading pump sees the same broken socket and reports it.
             *w = None;
@@ -223,7 +225,12 @@ async fn apply_pieces(
                 .map_err(io_err(ch, "writing to the destination"))?,
         }
     }
-    Ok(())
+    // A TLS writer may keep the tail of a write in its session buffer when the socket
+    // was full (tokio-rustls returns the bytes taken, not the bytes sent): without a
+    // flush the stream's last records could wait there forever. A no-op on plain sockets.
+    dst.flush()
+        .await
+        .map_err(io_err(ch, "writing to the destination"))
 }
 
 /// A source connection handed to a pump, with a new destination connection when the
@@ -462,4 +469,71 @@ pub async fn watch_preempt_reverse(mut from_dst: Reader) -> Result<(), RelayErro
         return Err(RelayError::UnexpectedPreemptData(n));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    /// A TLS client writer and server reader over an in-memory pipe far smaller than what
+    /// is written, so the last write finds the pipe full.
+    async fn tls_pair() -> (Writer, Reader) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["dst.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(cert.der().to_vec()))
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (a, b) = tokio::io::duplex(4096);
+        let connect = tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(ServerName::try_from("dst.test").unwrap(), a);
+        let accept = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(b);
+        let (c, s) = tokio::join!(connect, accept);
+        (Box::new(c.unwrap()), Box::new(s.unwrap()))
+    }
+
+    #[tokio::test]
+    async fn every_forwarded_byte_leaves_a_tls_writer() {
+        let (mut w, mut r) = tls_pair().await;
+        const N: usize = 256 * 1024;
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; N];
+            r.read_exact(&mut got).await.map(|_| got)
+        });
+        let data: Vec<u8> = (0..N).map(|i| (i % 251) as u8).collect();
+        let mut buf = BytesMut::from(&data[..]);
+        apply_pieces(&mut w, &mut buf, vec![Piece::Forward(N)], Channel::Main)
+            .await
+            .unwrap();
+        // Nothing else is written: what apply_pieces left buffered would never arrive.
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .expect("every byte arrives without another write")
+            .unwrap()
+            .unwrap();
+        assert!(got == data);
+    }
 }
