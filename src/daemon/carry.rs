@@ -734,7 +734,13 @@ pub async fn carry(
                         let up = relay.with(|s| s.link_view(Instant::now()).state == "up");
                         if need_destination {
                             // Our own cut of the destination (pass-through): expected.
-                        } else if channel == Channel::ReturnPath && error.is_none() && up {
+                        } else if channel == Channel::ReturnPath
+                            && up
+                            && (error.is_none()
+                                // Over TLS QEMU may reset instead of closing once it has
+                                // sent SHUT(0): the stream is complete at the destination.
+                                || relay.with(|s| s.destination_shut()) == Some(0))
+                        {
                             // The destination finished reading (it closes after its SHUT;
                             // a precopy stream's end is judged when the source closes).
                             destination_closed = true;
