@@ -2,13 +2,20 @@
 //! send random bytes, a crafted opening declaring a 2^60-byte block, a block the
 //! destination lacks, endless configuration subsections, an opening that never ends, and
 //! connections from an address outside `--allow-from`, all before (and while) the real
-//! source migrates. Each is refused with its reason and counted, nothing of theirs reaches
-//! the destination, and the real postcopy migration completes with the guest intact.
+//! source migrates, and slow-loris clients at the metrics endpoint beside it. Each is
+//! refused with its reason and counted, nothing of theirs reaches the destination, and the
+//! real postcopy migration completes with the guest intact. A flood of page requests on
+//! the return path (a compromised destination side) is bounded and never reaches the
+//! source.
 //!
 //! They need `scripts/setup.sh` to have run; without it they fail (never skip).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use postcopy_sidecar::daemon::metrics::{EndpointLimitLabels, Metrics};
+use postcopy_sidecar::daemon::metrics_endpoint::{EndpointLimits, serve};
 
 use postcopy_sidecar::daemon::receive::{Listen, ReceiveOptions, receive_on};
 use postcopy_sidecar::lab::{
@@ -27,6 +34,47 @@ const PROGRESS: Duration = Duration::from_secs(120);
 
 fn need<T>(r: Result<T, LabError>) -> T {
     r.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Waits until `cond` holds, polling a counter another thread updates (never a fixed
+/// sleep as the thing waited for).
+async fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn header_timeouts(m: &Metrics) -> u64 {
+    m.endpoint_timed_out
+        .get_or_create(&EndpointLimitLabels { limit: "header" })
+        .get()
+}
+
+/// One `GET /metrics` (closing): the status and the body.
+async fn scrape(addr: SocketAddr) -> (u16, String) {
+    let mut s = peer_sending(
+        addr,
+        b"GET /metrics HTTP/1.1\r\nHost: sidecar\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut all))
+        .await
+        .expect("the endpoint answers")
+        .expect("read");
+    let text = String::from_utf8_lossy(&all).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+    (status, body.unwrap_or_default())
 }
 
 /// Connects to `to` from the local address `from` (another loopback address stands for
@@ -109,9 +157,20 @@ async fn hostile_peers_never_keep_the_real_source_out_10_0() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let dst_active = dst.qmp().event_cursor();
+    let metrics = Arc::new(Metrics::new());
+    let endpoint = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        metrics.clone(),
+        EndpointLimits {
+            header_timeout: Duration::from_secs(2),
+            ..EndpointLimits::default()
+        },
+    )
+    .expect("metrics endpoint");
     let sidecar = tokio::spawn(receive_on(
         listener,
         ReceiveOptions {
+            metrics: Some(metrics.clone()),
             preempt: true,
             allow_from: Some(AllowList::parse("127.0.0.1").unwrap()),
             handshake_timeout: Duration::from_secs(3),
@@ -162,6 +221,38 @@ async fn hostile_peers_never_keep_the_real_source_out_10_0() {
         .await
         .expect("the destination starts receiving");
     hostile.push(connect_from("127.0.0.2", addr).await);
+    // And the metrics endpoint beside it: slow-loris clients take every slot, more knock.
+    let maddr = endpoint.addr();
+    let mut lorises = Vec::new();
+    for _ in 0..16 {
+        lorises.push(peer_sending(maddr, b"GET /metrics HTTP/1.1\r\nHost: sidecar\r\n").await);
+    }
+    wait_for("16 open metrics connections", || {
+        metrics.endpoint_open.get() >= 16
+    })
+    .await;
+    // Past the cap: refused at once (before any request is read, so none is sent).
+    let mut over = TcpStream::connect(maddr).await.unwrap();
+    let mut said = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), over.read_to_end(&mut said))
+        .await
+        .expect("refused at once")
+        .expect("read");
+    assert!(said.starts_with(b"HTTP/1.1 503 "), "{said:?}");
+    for _ in 0..200 {
+        hostile.push(TcpStream::connect(maddr).await.unwrap());
+    }
+    wait_for("every slow-loris dropped at the header timeout", || {
+        header_timeouts(&metrics) >= 16
+    })
+    .await;
+    let (status, body) = scrape(maddr).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("postcopy_sidecar_bytes_total"), "{body}");
+    assert!(
+        metrics.endpoint_refused.get() >= 1,
+        "the refused scrape was counted"
+    );
 
     let (sent, src) = migration.await.unwrap();
     let sent = sent.expect("source QMP");
@@ -171,6 +262,7 @@ async fn hostile_peers_never_keep_the_real_source_out_10_0() {
         .unwrap()
         .unwrap_or_else(|e| panic!("sidecar: {e}"));
     drop(hostile);
+    drop(lorises);
     eprintln!("{}", report.table());
     eprintln!("{:#?}", report.refused_connections);
     assert_eq!(sent.status, "completed", "{sent:?}");
@@ -204,6 +296,261 @@ async fn hostile_peers_never_keep_the_real_source_out_10_0() {
     // (refused when the main channel came up, or for its silence if that came first).
     assert!(
         said("silent since before the source's main channel") || said("silent for"),
+        "{r:#?}"
+    );
+
+    let seen = need(dst.wait_progress(0, 2, PROGRESS).await);
+    assert!(seen.iter().all(|p| p.mismatches == 0), "{seen:?}");
+    need(dst.check_workload_clean());
+    need(src.check_workload_clean());
+}
+
+/// What the return-path interposer injected.
+#[derive(Debug, Default, Clone, Copy)]
+struct Flood {
+    /// Requests inside the block the destination named (the source may serve them).
+    valid: u64,
+    /// Requests no QEMU sends: an unknown block, outside the block, overflowing.
+    invalid: u64,
+}
+
+/// The flood injected after the destination's first named request for `block` (`length`
+/// bytes long): `valid` single pages at random offsets, then 2000 each of five invalid
+/// kinds, then the trigger's own block named again, so the destination's later unnamed
+/// requests still mean the block they meant.
+fn request_flood(block: &[u8], length: u64, valid: u64) -> (Vec<u8>, Flood) {
+    use postcopy_sidecar::wire::RpMessage;
+    let mut out = Vec::new();
+    let pages = length / 4096;
+    for (i, r) in random_bytes(valid as usize * 8, 41).chunks(8).enumerate() {
+        let page = u64::from_le_bytes(r.try_into().unwrap()) % pages;
+        let start = page * 4096;
+        if i % 2 == 0 {
+            RpMessage::ReqPagesId {
+                start,
+                len: 4096,
+                block,
+            }
+            .encode(&mut out);
+        } else {
+            RpMessage::ReqPages { start, len: 4096 }.encode(&mut out);
+        }
+    }
+    let mut invalid = 0;
+    for i in 0..2000u64 {
+        let bad = [
+            RpMessage::ReqPagesId {
+                start: i * 4096,
+                len: 4096,
+                block: b"evil-block",
+            },
+            RpMessage::ReqPagesId {
+                start: length + i * 4096,
+                len: 4096,
+                block,
+            },
+            RpMessage::ReqPagesId {
+                start: 0,
+                len: u32::MAX,
+                block,
+            },
+            RpMessage::ReqPagesId {
+                start: u64::MAX - 4095 - i,
+                len: 8192,
+                block,
+            },
+            // After a named request for the right block: past its end, unnamed.
+            RpMessage::ReqPages {
+                start: length - 4096 + i,
+                len: 8192,
+            },
+        ];
+        for m in bad {
+            m.encode(&mut out);
+            invalid += 1;
+        }
+    }
+    RpMessage::ReqPagesId {
+        start: 0,
+        len: 4096,
+        block,
+    }
+    .encode(&mut out);
+    (
+        out,
+        Flood {
+            valid: valid + 1,
+            invalid,
+        },
+    )
+}
+
+/// Stands between the sidecar and the destination QEMU's unix socket (renamed to
+/// `real`): relays both directions, and on the first connection, right after the
+/// destination's first named page request, injects [`request_flood`] into the return path
+/// at that message boundary, as a compromised destination side would.
+async fn interpose_return_path(
+    at: &std::path::Path,
+    real: std::path::PathBuf,
+    lengths: std::collections::HashMap<Vec<u8>, u64>,
+) -> tokio::sync::watch::Receiver<Option<Flood>> {
+    use postcopy_sidecar::wire::{RpDecoder, RpMessage, Step};
+    let listener = tokio::net::UnixListener::bind(at).unwrap();
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((sidecar, _)) = listener.accept().await {
+            let dst = tokio::net::UnixStream::connect(&real).await.unwrap();
+            let (mut sr, mut sw) = sidecar.into_split();
+            let (mut dr, mut dw) = dst.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut dw).await;
+                let _ = dw.shutdown().await;
+            });
+            let inject = std::mem::take(&mut first);
+            let (tx, lengths) = (tx.clone(), lengths.clone());
+            tokio::spawn(async move {
+                let mut dec = RpDecoder::new();
+                let mut held = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut pending = inject;
+                loop {
+                    let n = match dr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if !pending {
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                    held.extend_from_slice(&buf[..n]);
+                    let mut pos = 0;
+                    let mut flood = None;
+                    while let Ok(Step::Event { len, event, .. }) = dec.next(&held[pos..]) {
+                        pos += len;
+                        if let RpMessage::ReqPagesId { block, .. } = event
+                            && let Some(&length) = lengths.get(block)
+                        {
+                            flood = Some(request_flood(block, length, 50_000));
+                            break;
+                        }
+                    }
+                    if sw.write_all(&held[..pos]).await.is_err() {
+                        break;
+                    }
+                    held.drain(..pos);
+                    if let Some((bytes, what)) = flood {
+                        if sw.write_all(&bytes).await.is_err() {
+                            break;
+                        }
+                        pending = false;
+                        tx.send_replace(Some(what));
+                        if sw.write_all(&held).await.is_err() {
+                            break;
+                        }
+                        held.clear();
+                    }
+                }
+                let _ = sw.shutdown().await;
+            });
+        }
+    });
+    rx
+}
+
+/// A flood of page requests on the return path, as from a compromised destination side:
+/// 50 000 requests at random pages and 10 000 that no QEMU sends (an unknown block, past
+/// the end, `u32::MAX` bytes, offsets that overflow). The invalid ones are counted and
+/// dropped, never reaching the source (which would fail the migration on them, pausing a
+/// VM in postcopy); the sidecar's memory stays bounded by its cap of remembered pages; the
+/// migration completes with the guest intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_flood_on_the_return_path_is_bounded_and_never_reaches_the_source_10_0() {
+    use postcopy_sidecar::daemon::receive::Incoming;
+    let dir = tempfile::Builder::new().prefix("flood-").tempdir().unwrap();
+    let spec = VmSpec::new(need(QemuBinary::find(QemuVersion::V10_0)))
+        .name("src")
+        .ram_mib(256)
+        .linux(Workload {
+            mib: 96,
+            mode: WorkloadMode::Hot,
+            hot_mib: 16,
+            seed: 31,
+        });
+    let src = need(Vm::spawn(&spec, dir.path()).await);
+    need(src.wait_workload_ready(BOOT).await);
+    let dst = need(
+        Vm::spawn(
+            &spec.destination(need(QemuBinary::find(QemuVersion::V10_0))),
+            dir.path(),
+        )
+        .await,
+    );
+    let blocks = dst.qmp().ram_blocks().await.unwrap();
+    let lengths = blocks
+        .iter()
+        .map(|b| (b.name.as_bytes().to_vec(), b.used))
+        .collect();
+
+    // The test plays the manager: the destination listens on a unix socket, which is then
+    // renamed so that the interposer answers at the address QEMU reports.
+    let q = dst.qmp();
+    q.set_capabilities(&[("postcopy-ram", true), ("return-path", true)])
+        .await
+        .unwrap();
+    let at = dir.path().join("incoming.sock");
+    q.migrate_incoming(&format!("unix:{}", at.display()))
+        .await
+        .unwrap();
+    let real = dir.path().join("incoming.real.sock");
+    std::fs::rename(&at, &real).unwrap();
+    let injected = interpose_return_path(&at, real, lengths).await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sidecar = tokio::spawn(receive_on(
+        listener,
+        ReceiveOptions {
+            incoming: Incoming::Follow,
+            report: Some(dir.path().join("report.json")),
+            ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
+        },
+    ));
+    let sent = send(&SendOptions {
+        qmp: src.spare_qmp_path().to_path_buf(),
+        to: addr,
+        postcopy_after: Some(Duration::ZERO),
+        preempt: false,
+        timeout: MIGRATION,
+    })
+    .await
+    .expect("source QMP");
+    let report = tokio::time::timeout(MIGRATION, sidecar)
+        .await
+        .expect("the sidecar ends")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("sidecar: {e}"));
+    eprintln!("{}", report.table());
+    eprintln!("{:#?}", report.requests);
+    let flood = injected
+        .borrow()
+        .expect("the destination asked for a page, and the flood followed it");
+    assert_eq!(sent.status, "completed", "{sent:?}");
+    assert_eq!(report.outcome, "completed", "{:?}", report.error);
+    assert!(report.timeline.run_ms.is_some(), "postcopy ran");
+    let r = &report.requests;
+    // Counted apart: the refused ones (only the injected ones, all of them) and the rest.
+    assert_eq!(r.refused_messages, flood.invalid, "{r:#?}");
+    assert!(
+        r.messages > flood.valid,
+        "the flood and the real requests: {r:#?}"
+    );
+    // Every valid page was asked of the source at most once.
+    assert_eq!(
+        r.forwarded_pages + r.deduplicated_pages + r.already_delivered_pages,
+        r.pages,
         "{r:#?}"
     );
 

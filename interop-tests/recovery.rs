@@ -664,14 +664,20 @@ async fn a_killed_sidecar_leaves_both_ends_recoverable_directly_10_0() {
     sidecar.kill();
     wait_paused(&src, sc, "source").await;
     wait_paused(&dst, dc, "destination").await;
-    // Direct recovery: the destination listens (out of band), the source resumes to it.
+    recover_directly(&src, &dst).await;
+}
+
+/// The operator's procedure of deploy/README.md ("The sidecar died") on two paused ends:
+/// the destination listens (out of band), the source resumes to it, both complete; then
+/// the destination's vCPUs run again and the guest's memory is checked.
+async fn recover_directly(src: &Vm, dst: &Vm) {
     let direct = format!("tcp:127.0.0.1:{}", free_port());
     dst.qmp()
         .migrate_recover(&direct, Duration::from_secs(10))
         .await
         .unwrap();
     src.qmp().migrate_resume(&direct).await.unwrap();
-    for (vm, who) in [(&src, "source"), (&dst, "destination")] {
+    for (vm, who) in [(src, "source"), (dst, "destination")] {
         let s = vm
             .qmp()
             .wait_migration_states(&["completed", "failed"], Duration::from_secs(300))
@@ -679,10 +685,159 @@ async fn a_killed_sidecar_leaves_both_ends_recoverable_directly_10_0() {
             .unwrap();
         assert_eq!(s, MigrationStatus::Completed, "{who}");
     }
-    cont_destination(&dst).await;
+    cont_destination(dst).await;
     let seen = need(dst.wait_progress(0, 2, PROGRESS).await);
     assert!(seen.iter().all(|p| p.mismatches == 0), "{seen:?}");
     need(dst.check_workload_clean());
+}
+
+/// A forwarder in front of the sidecar that decodes the source's main stream and, when
+/// told, puts `record` into it at the next point between sections (never inside a
+/// record, the RAM section or the package): a construct the sidecar's codec does not
+/// know, arriving after the destination runs. Other connections are relayed untouched.
+struct Injector {
+    addr: SocketAddr,
+    inject: tokio::sync::watch::Sender<Option<Vec<u8>>>,
+    /// Main-stream offset at which the record went in, once it did.
+    injected_at: tokio::sync::watch::Receiver<Option<u64>>,
+}
+
+impl Injector {
+    async fn start(target: SocketAddr) -> Injector {
+        use postcopy_sidecar::wire::{DecoderOptions, Step, StreamDecoder};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (inject, inject_rx) = tokio::sync::watch::channel(None::<Vec<u8>>);
+        let (at_tx, injected_at) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((client, _)) = listener.accept().await {
+                let up = tokio::net::TcpStream::connect(target).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = up.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut ur, &mut cw).await;
+                    let _ = cw.shutdown().await;
+                });
+                if !std::mem::take(&mut first) {
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                        let _ = uw.shutdown().await;
+                    });
+                    continue;
+                }
+                let (mut rx, at_tx) = (inject_rx.clone(), at_tx.clone());
+                tokio::spawn(async move {
+                    let mut dec = StreamDecoder::new(DecoderOptions::default());
+                    let mut held: Vec<u8> = Vec::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut done = false;
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if done {
+                            if uw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            continue;
+                        }
+                        held.extend_from_slice(&buf[..n]);
+                        let mut pos = 0;
+                        let record = rx.borrow_and_update().clone();
+                        loop {
+                            if let Some(r) = &record
+                                && dec.close_open_section().is_empty()
+                                && !dec.in_package()
+                                && dec.offset() > 0
+                            {
+                                let _ = uw.write_all(&held[..pos]).await;
+                                let _ = uw.write_all(r).await;
+                                at_tx.send_replace(Some(dec.offset()));
+                                done = true;
+                                break;
+                            }
+                            match dec.next(&held[pos..]) {
+                                Ok(Step::Event { len, .. }) => pos += len,
+                                _ => break,
+                            }
+                        }
+                        if done {
+                            if uw.write_all(&held[pos..]).await.is_err() {
+                                break;
+                            }
+                            held.clear();
+                            continue;
+                        }
+                        if uw.write_all(&held[..pos]).await.is_err() {
+                            break;
+                        }
+                        held.drain(..pos);
+                    }
+                    let _ = uw.shutdown().await;
+                });
+            }
+        });
+        Injector {
+            addr,
+            inject,
+            injected_at,
+        }
+    }
+}
+
+/// An unknown command arrives in the source's stream after the destination runs the
+/// guest (protocol-spec/admission.md, "After the destination runs"): the sidecar forwards
+/// nothing of it, ends with an error naming it and its offset, both QEMUs pause (nothing
+/// is lost: the destination holds what it received, the source the rest), and the
+/// operator's direct recovery completes the migration with the guest intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_record_in_live_postcopy_pauses_both_ends_for_a_direct_recovery_10_0() {
+    let (src, dst, dir) = vms(QemuVersion::V10_0, false).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sidecar = tokio::spawn(receive_on(
+        listener,
+        ReceiveOptions {
+            report: Some(dir.path().join("report.json")),
+            ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
+        },
+    ));
+    let mut injector = Injector::start(addr).await;
+    let dst_cursor = dst.qmp().event_cursor();
+    start_postcopy_after(&src, &dst, injector.addr, false, dst_cursor, 1).await;
+    stop_destination_vcpus(&dst).await;
+    let (sc, dc) = (src.qmp().event_cursor(), dst.qmp().event_cursor());
+    // QEMU_VM_COMMAND (0x08), command 0x42 (no QEMU has it), 4 bytes of data.
+    let record = [0x08, 0x00, 0x42, 0x00, 0x04, 1, 2, 3, 4].to_vec();
+    injector.inject.send_replace(Some(record));
+    let at = tokio::time::timeout(STEP, injector.injected_at.wait_for(Option::is_some))
+        .await
+        .expect("the record went into the stream")
+        .unwrap()
+        .unwrap();
+    let report = match tokio::time::timeout(STEP, sidecar).await {
+        Ok(Ok(Ok(report))) => report,
+        other => panic!("the sidecar ends with a report: {other:?}"),
+    };
+    let e = report.error.clone().expect("an error");
+    eprintln!("{}\n{e}", report.table());
+    assert_eq!(report.outcome, "failed");
+    assert!(
+        (e.contains(&format!("main stream at offset {at}"))
+            || e.contains(&format!("main stream at offset {}", at + 1)))
+            && e.contains("unknown command 66"),
+        "the error names the record and where it was: {e}"
+    );
+    assert!(
+        report.timeline.run_ms.is_some(),
+        "the destination ran first"
+    );
+    wait_paused(&src, sc, "source").await;
+    wait_paused(&dst, dc, "destination").await;
+    recover_directly(&src, &dst).await;
 }
 
 /// Kills the sidecar mid-postcopy and starts a new one with --recover: it reaches the
