@@ -112,6 +112,7 @@ async fn lazy(spec: &VmSpec, snap: &Path, dir: &Path) -> Sample {
             &snapshot,
             &RestoreOptions {
                 qmp: dst.spare_qmp_path().to_path_buf(),
+                qmp_uid: None,
                 report: None,
                 timeout: LONG,
                 progress: None,
@@ -193,6 +194,7 @@ async fn size(ram: u64, touched: u64, rounds: usize) -> Row {
     let snap = dir.path().join("snap");
     let taken = snapshot(&SnapshotOptions {
         qmp: src.spare_qmp_path().to_path_buf(),
+        qmp_uid: None,
         out: snap.clone(),
         timeout: LONG,
         mode: SnapshotMode::Precopy,

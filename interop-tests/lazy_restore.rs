@@ -53,6 +53,7 @@ async fn running_guest(version: QemuVersion, dir: &Path) -> (VmSpec, Vm) {
 fn snapshot_options(src: &Vm, out: &Path, mode: SnapshotMode, stop_after: bool) -> SnapshotOptions {
     SnapshotOptions {
         qmp: src.spare_qmp_path().to_path_buf(),
+        qmp_uid: None,
         out: out.to_path_buf(),
         timeout: MIGRATION,
         mode,
@@ -124,6 +125,7 @@ async fn assert_restored(dst: &Vm, report: &RestoreReport) {
 fn opts(dst: &Vm) -> RestoreOptions {
     RestoreOptions {
         qmp: dst.spare_qmp_path().to_path_buf(),
+        qmp_uid: None,
         report: None,
         timeout: MIGRATION,
         progress: dst.spec().serial_log.clone().map(|log| ProgressWatch {

@@ -15,6 +15,7 @@ use postcopy_sidecar::inspect;
 use postcopy_sidecar::session::CutPolicy;
 use postcopy_sidecar::session::admission::{AllowList, DistinguishedName};
 use postcopy_sidecar::source::{SendOptions, send};
+use postcopy_sidecar::verify::command::VerifyOptions;
 
 /// A sidecar for QEMU postcopy live migration.
 #[derive(Parser)]
@@ -92,6 +93,10 @@ enum Cmd {
         /// The destination QEMU's QMP socket.
         #[arg(long)]
         qmp: PathBuf,
+        /// The uid QEMU runs as: the process behind --qmp must run as it (SO_PEERCRED).
+        /// Default: the owner of the socket's directory, or our own uid.
+        #[arg(long)]
+        qmp_uid: Option<u32>,
         /// The digest file.
         #[arg(long)]
         digests: PathBuf,
@@ -109,6 +114,10 @@ enum Cmd {
         /// The source QEMU's QMP socket.
         #[arg(long)]
         qmp: PathBuf,
+        /// The uid QEMU runs as: the process behind --qmp must run as it (SO_PEERCRED).
+        /// Default: the owner of the socket's directory, or our own uid.
+        #[arg(long)]
+        qmp_uid: Option<u32>,
         /// Snapshot directory to create (built as DIR.partial, renamed when whole).
         #[arg(long)]
         out: PathBuf,
@@ -133,6 +142,10 @@ enum Cmd {
         /// A destination QEMU's QMP socket; repeat to restore clones concurrently.
         #[arg(long, required = true)]
         qmp: Vec<PathBuf>,
+        /// The uid the destination QEMUs run as (SO_PEERCRED). Default: the owner of each
+        /// socket's directory, or our own uid.
+        #[arg(long)]
+        qmp_uid: Option<u32>,
         /// Write one JSON report per destination into this directory (restore-N.json).
         #[arg(long)]
         report_dir: Option<PathBuf>,
@@ -233,12 +246,14 @@ fn main() -> ExitCode {
         }
         Cmd::Snapshot {
             qmp,
+            qmp_uid,
             out,
             timeout,
             mode,
             stop_after,
         } => run_snapshot(postcopy_sidecar::snapshot::take::SnapshotOptions {
             qmp,
+            qmp_uid,
             out,
             timeout: std::time::Duration::from_secs_f64(timeout),
             mode,
@@ -246,13 +261,23 @@ fn main() -> ExitCode {
         }),
         Cmd::Verify {
             qmp,
+            qmp_uid,
             digests,
             allow_running,
             json,
-        } => run_verify(qmp, digests, allow_running, json),
+        } => run_verify(
+            VerifyOptions {
+                qmp,
+                qmp_uid,
+                digests,
+                allow_running,
+            },
+            json,
+        ),
         Cmd::Restore {
             from,
             qmp,
+            qmp_uid,
             report_dir,
             verify_pages,
             guest_log,
@@ -261,6 +286,7 @@ fn main() -> ExitCode {
         } => run_restore(RestoreArgs {
             from,
             qmp,
+            qmp_uid,
             report_dir,
             verify_pages,
             guest_log,
@@ -497,13 +523,8 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
     })
 }
 
-fn run_verify(qmp: PathBuf, digests: PathBuf, allow_running: bool, json: bool) -> ExitCode {
-    use postcopy_sidecar::verify::command::{VerifyOptions, verify};
-    let opts = VerifyOptions {
-        qmp,
-        digests,
-        allow_running,
-    };
+fn run_verify(opts: VerifyOptions, json: bool) -> ExitCode {
+    use postcopy_sidecar::verify::command::verify;
     runtime().block_on(async move {
         match verify(&opts).await {
             Ok(r) => {
@@ -553,6 +574,7 @@ fn run_snapshot(opts: postcopy_sidecar::snapshot::take::SnapshotOptions) -> Exit
 struct RestoreArgs {
     from: PathBuf,
     qmp: Vec<PathBuf>,
+    qmp_uid: Option<u32>,
     report_dir: Option<PathBuf>,
     verify_pages: bool,
     guest_log: Vec<PathBuf>,
@@ -566,6 +588,7 @@ fn run_restore(args: RestoreArgs) -> ExitCode {
     let RestoreArgs {
         from,
         qmp,
+        qmp_uid,
         report_dir,
         verify_pages,
         guest_log,
@@ -599,6 +622,7 @@ fn run_restore(args: RestoreArgs) -> ExitCode {
         .enumerate()
         .map(|(i, qmp)| RestoreOptions {
             qmp,
+            qmp_uid,
             report: report_dir
                 .as_ref()
                 .map(|d| d.join(format!("restore-{i}.json"))),

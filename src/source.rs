@@ -9,7 +9,7 @@ use std::time::Duration;
 use qapi::qmp;
 use serde::Serialize;
 
-use crate::qmp::{Qmp, QmpError};
+use crate::qmp::{PeerPolicy, Qmp, QmpError};
 
 /// Options of `send`.
 #[derive(Debug, Clone)]
@@ -61,7 +61,8 @@ pub fn source_capabilities(postcopy: bool, preempt: bool) -> Vec<(&'static str, 
 
 /// Runs the migration from the source's side and waits for its end.
 pub async fn send(opts: &SendOptions) -> Result<SendReport, QmpError> {
-    let qmp = Qmp::connect(&opts.qmp).await?;
+    // The operator's own QEMU: its socket sits in a directory of its uid.
+    let qmp = Qmp::connect_checked(&opts.qmp, PeerPolicy::DirOwner).await?;
     qmp.set_capabilities(&source_capabilities(
         opts.postcopy_after.is_some(),
         opts.preempt,

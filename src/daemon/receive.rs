@@ -207,7 +207,7 @@ impl ReceiveOptions {
 
     /// Who may answer on the destination's QMP socket.
     pub fn peer_policy(&self) -> PeerPolicy {
-        self.qmp_uid.map_or(PeerPolicy::DirOwner, PeerPolicy::Uid)
+        PeerPolicy::from_uid(self.qmp_uid)
     }
 
     /// The cut policy in force.

@@ -17,6 +17,7 @@
 mod accel;
 pub mod link;
 mod migrate;
+pub mod planted;
 mod qemu;
 mod serial;
 mod vm;

@@ -137,6 +137,11 @@ impl std::fmt::Display for PeerPolicy {
 }
 
 impl PeerPolicy {
+    /// `--qmp-uid` when given, else [`PeerPolicy::DirOwner`].
+    pub fn from_uid(uid: Option<u32>) -> PeerPolicy {
+        uid.map_or(PeerPolicy::DirOwner, PeerPolicy::Uid)
+    }
+
     /// The uids this policy accepts for the socket at `path`.
     pub fn accepted(&self, path: &Path) -> io::Result<Vec<u32>> {
         use std::os::unix::fs::MetadataExt;

@@ -191,41 +191,6 @@ async fn qemu_errors_are_typed_with_the_command_name() {
     assert!(matches!(e, QmpError::Unsupported(_)), "{e}");
 }
 
-/// A unix socket listening at `path`, made by a child process running as `uid` (the
-/// tests run as root), so the socket's `SO_PEERCRED` names that uid. The child stays
-/// until its stdin closes.
-fn listener_as(uid: u32, path: &std::path::Path) -> std::process::Child {
-    use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
-    let mut child = std::process::Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(
-            "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\n\
-             s.listen(4)\nprint('listening',flush=True)\nsys.stdin.read()\n",
-        )
-        .arg(path)
-        .uid(uid)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("/usr/bin/python3 (python3 package)");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(
-        line.trim(),
-        "listening",
-        "the fake QMP listener did not start"
-    );
-    child
-}
-
-fn stop(mut child: std::process::Child) {
-    drop(child.stdin.take());
-    let _ = child.wait();
-}
-
 #[tokio::test]
 async fn a_qmp_socket_planted_by_another_user_is_refused() {
     use std::os::unix::fs::PermissionsExt;
@@ -236,7 +201,7 @@ async fn a_qmp_socket_planted_by_another_user_is_refused() {
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let path = shared.join("qmp.sock");
-    let fake = listener_as(65534, &path);
+    let fake = crate::lab::planted::PlantedSocket::listen(65534, &path).unwrap();
     // Default policy: the directory's owner (root) or our own uid; nobody planted it.
     let e = Qmp::connect_checked(&path, PeerPolicy::DirOwner)
         .await
@@ -257,7 +222,7 @@ async fn a_qmp_socket_planted_by_another_user_is_refused() {
     // Told that QEMU runs as uid 65534 (--qmp-uid), the same socket passes the check.
     let sock = tokio::net::UnixStream::connect(&path).await.unwrap();
     PeerPolicy::Uid(65534).check(&sock, &path).unwrap();
-    stop(fake);
+    drop(fake);
 }
 
 #[tokio::test]

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::net::UnixStream;
 
 use crate::figures::LatencyFigures;
-use crate::qmp::{Qmp, QmpError};
+use crate::qmp::{PeerPolicy, Qmp, QmpError};
 use crate::snapshot::meta::{OPENING_FILE, PACKAGE_FILE, SnapshotMeta, read_checked};
 use crate::snapshot::{PageStore, SnapshotError};
 use crate::wire::compose::{put_discards, put_package};
@@ -84,6 +84,9 @@ pub struct RestoreOptions {
     /// The destination QEMU's QMP socket (QEMU started with `-incoming defer` and the
     /// snapshot's machine and RAM configuration).
     pub qmp: PathBuf,
+    /// The uid QEMU runs as: only a process of that uid may answer on [`Self::qmp`]
+    /// (`SO_PEERCRED`). `None`: the owner of the socket's directory, or our own uid.
+    pub qmp_uid: Option<u32>,
     /// Write the JSON report here.
     pub report: Option<PathBuf>,
     /// Give up after this long.
@@ -281,7 +284,7 @@ async fn attach_and_serve(
     begun_wall_us: u64,
     report: &mut RestoreReport,
 ) -> Result<(), RestoreError> {
-    let qmp = Qmp::connect(&opts.qmp).await?;
+    let qmp = Qmp::connect_checked(&opts.qmp, PeerPolicy::from_uid(opts.qmp_uid)).await?;
     check_destination(&qmp, &snapshot.meta).await?;
     let private = tempfile::Builder::new()
         .prefix("postcopy-sidecar-restore-")

@@ -28,7 +28,7 @@ use tokio::net::unix::OwnedWriteHalf;
 use super::SnapshotError;
 use super::meta::SourceInfo;
 use super::sink::{Sink, SinkFigures};
-use crate::qmp::{Qmp, RawEvent, event_name};
+use crate::qmp::{PeerPolicy, Qmp, RawEvent, event_name};
 use crate::wire::{DecoderOptions, RpMessage, Step, StreamDecoder};
 
 /// How the source streams its RAM.
@@ -59,6 +59,9 @@ impl std::str::FromStr for SnapshotMode {
 pub struct SnapshotOptions {
     /// The source QEMU's QMP socket.
     pub qmp: PathBuf,
+    /// The uid QEMU runs as: only a process of that uid may answer on [`Self::qmp`]
+    /// (`SO_PEERCRED`). `None`: the owner of the socket's directory, or our own uid.
+    pub qmp_uid: Option<u32>,
     /// The snapshot directory to create (must not exist, or be empty).
     pub out: PathBuf,
     /// Give up after this long (the source's VM keeps running).
@@ -112,7 +115,7 @@ const MAX_BANDWIDTH: u64 = 64 << 30;
 /// did before, and neither `DIR` nor `DIR.partial` is left behind.
 pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport, SnapshotError> {
     let partial = PartialDir::create(&opts.out)?;
-    let qmp = Qmp::connect(&opts.qmp).await?;
+    let qmp = Qmp::connect_checked(&opts.qmp, PeerPolicy::from_uid(opts.qmp_uid)).await?;
     let saved = Saved::read(&qmp).await?;
     let result = take(&qmp, opts, &partial).await;
     saved.restore(&qmp).await;

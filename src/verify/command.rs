@@ -9,13 +9,16 @@ use super::check::{VerifyError, VerifyReport, check_files};
 use super::digests::{DigestFileError, PageDigests};
 use crate::guard::DiscoverError;
 use crate::guard::discover;
-use crate::qmp::{Qmp, QmpError};
+use crate::qmp::{PeerPolicy, Qmp, QmpError};
 
 /// Options of `verify`.
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
     /// The destination QEMU's QMP socket.
     pub qmp: PathBuf,
+    /// The uid QEMU runs as: only a process of that uid may answer on [`Self::qmp`]
+    /// (`SO_PEERCRED`). `None`: the owner of the socket's directory, or our own uid.
+    pub qmp_uid: Option<u32>,
     /// The digest file from `receive --digests`.
     pub digests: PathBuf,
     /// Compare even though the guest runs (then mismatches may be the guest's own writes).
@@ -52,7 +55,7 @@ pub enum VerifyCommandError {
 /// Runs the comparison.
 pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport, VerifyCommandError> {
     let digests = PageDigests::load(&opts.digests)?;
-    let qmp = Qmp::connect(&opts.qmp).await?;
+    let qmp = Qmp::connect_checked(&opts.qmp, PeerPolicy::from_uid(opts.qmp_uid)).await?;
     let status = qmp.migrate_status().await?;
     if status != "completed" {
         return Err(VerifyCommandError::NotCompleted(status.to_string()));
