@@ -109,6 +109,7 @@ fn main() {
             let pure = ServeKnobs {
                 prefetch: 0,
                 background: false,
+                working_set: false,
             };
             let s = through_restore(w, snap.clone(), pure).expect("page service");
             check(&s, "service");

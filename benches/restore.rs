@@ -116,6 +116,7 @@ async fn lazy(spec: &VmSpec, snap: &Path, dir: &Path) -> Sample {
                 report: None,
                 timeout: LONG,
                 progress: None,
+                working_set: true,
             },
         )
         .await;

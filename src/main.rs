@@ -162,6 +162,11 @@ enum Cmd {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600.0)]
         timeout: f64,
+        /// Neither stream the snapshot's recorded working set first nor record one (by
+        /// default the first restore records the pages its guest asks for, in order, into
+        /// the snapshot directory, and later restores send them ahead of the sweep).
+        #[arg(long)]
+        no_working_set: bool,
     },
     /// libvirt integration: the qemu hook that runs the sidecar for incoming migrations,
     /// and its installer (deploy/README.md).
@@ -283,6 +288,7 @@ fn main() -> ExitCode {
             guest_log,
             progress_marker,
             timeout,
+            no_working_set,
         } => run_restore(RestoreArgs {
             from,
             qmp,
@@ -292,6 +298,7 @@ fn main() -> ExitCode {
             guest_log,
             progress_marker,
             timeout,
+            no_working_set,
         }),
         Cmd::LibvirtHook(args) => postcopy_sidecar::deploy::libvirt::run(args),
     }
@@ -580,6 +587,7 @@ struct RestoreArgs {
     guest_log: Vec<PathBuf>,
     progress_marker: String,
     timeout: f64,
+    no_working_set: bool,
 }
 
 fn run_restore(args: RestoreArgs) -> ExitCode {
@@ -594,6 +602,7 @@ fn run_restore(args: RestoreArgs) -> ExitCode {
         guest_log,
         progress_marker,
         timeout,
+        no_working_set,
     } = args;
     if !guest_log.is_empty() && guest_log.len() != qmp.len() {
         eprintln!(
@@ -631,6 +640,7 @@ fn run_restore(args: RestoreArgs) -> ExitCode {
                 log: log.clone(),
                 marker: progress_marker.clone(),
             }),
+            working_set: !no_working_set,
         })
         .collect();
     runtime().block_on(async move {

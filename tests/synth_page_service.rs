@@ -49,6 +49,7 @@ fn pure_fault_service_answers_every_fault_once_with_the_right_page() {
     let knobs = ServeKnobs {
         prefetch: 0,
         background: false,
+        working_set: false,
     };
     for (threads, pattern) in [
         (1, Pattern::Sequential),

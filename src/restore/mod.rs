@@ -9,6 +9,7 @@
 pub mod progress;
 pub mod serve;
 pub mod stream;
+pub mod working_set;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crate::wire::{Command, DecodeError};
 use progress::ProgressWatch;
 use serve::{ServeError, ServeFigures};
 use stream::ServeKnobs;
+use working_set::WorkingSet;
 
 /// A snapshot opened and checked for restoring: metadata, opening and package verified
 /// against their checksums, the page store's index verified and its length checked.
@@ -36,6 +38,10 @@ pub struct Snapshot {
     pub meta: SnapshotMeta,
     /// The page store, shared by every restore of this snapshot.
     pub store: Arc<PageStore>,
+    /// The pages an earlier restore's guest needed first, in order (none yet, or a file
+    /// that failed its checks: then it is ignored with a warning and recorded anew only if
+    /// removed).
+    pub working_set: Option<WorkingSet>,
     opening: Vec<u8>,
     package: Vec<u8>,
 }
@@ -52,10 +58,15 @@ impl Snapshot {
         if verify_pages {
             store.verify_all()?;
         }
+        let working_set = WorkingSet::load(dir, &store).unwrap_or_else(|e| {
+            tracing::warn!("{e}: restoring without it");
+            None
+        });
         Ok(Snapshot {
             dir: dir.to_path_buf(),
             meta,
             store: Arc::new(store),
+            working_set,
             opening,
             package,
         })
@@ -94,6 +105,9 @@ pub struct RestoreOptions {
     /// Watch the guest's console for its first progress line (reported as
     /// `first_progress_ms`).
     pub progress: Option<ProgressWatch>,
+    /// Use the snapshot's working set (stream it first), or record one if it has none
+    /// (protocol-spec/snapshot.md#snapshot-working-set).
+    pub working_set: bool,
 }
 
 /// How long the report waits, after the migration completed, for a first progress line
@@ -174,6 +188,11 @@ pub struct RestoreReport {
     pub latency: LatencyFigures,
     /// Bytes written to the destination.
     pub bytes_sent: u64,
+    /// Pages of the snapshot's recorded working set this restore streamed first (`None`:
+    /// it had none, or it was not used).
+    pub working_set_replayed: Option<u64>,
+    /// Pages this restore recorded as the snapshot's working set (the first restore).
+    pub working_set_recorded: Option<u64>,
 }
 
 /// Send buffer towards the destination: small, so a requested page never waits behind
@@ -311,7 +330,11 @@ async fn attach_and_serve(
     report.timeline.connected_ms = Some(ms(Instant::now()));
 
     let (rd, wr) = sock.into_split();
-    let served = stream::serve(snapshot, rd, wr, ServeKnobs::default(), opts.timeout).await?;
+    let knobs = ServeKnobs {
+        working_set: opts.working_set,
+        ..ServeKnobs::default()
+    };
+    let served = stream::serve(snapshot, rd, wr, knobs, opts.timeout).await?;
     report.timeline.package_sent_ms = Some(ms(served.package_sent));
     report.timeline.all_sent_ms = served.all_sent.map(ms);
     report.timeline.device_state_loaded_ms = served.pong3.map(ms);
@@ -332,6 +355,19 @@ async fn attach_and_serve(
     report.requests = served.requests;
     report.served = served.served.clone();
     report.bytes_sent = served.bytes_sent;
+    report.working_set_replayed = (snapshot.working_set.as_ref())
+        .filter(|_| opts.working_set)
+        .map(|s| s.len() as u64);
+    if status == "completed"
+        && let Some(set) = served.recorded.filter(|s| !s.is_empty())
+    {
+        // Another clone may have saved its own first; either serves the next restore.
+        match set.save_new(&snapshot.dir) {
+            Ok(true) => report.working_set_recorded = Some(set.len() as u64),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("{e}: the next restore goes without a working set"),
+        }
+    }
     report.latency = crate::figures::latency_of(&served.latency);
     if status != "completed" {
         return Err(RestoreError::DestinationFailed(status.to_string()));

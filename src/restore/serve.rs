@@ -1,11 +1,13 @@
 //! Which page goes next on a restore stream: requested pages first (with a short prefetch
-//! window after each, since a guest touching a page soon touches its neighbours), then a
-//! background sweep of the data pages nobody asked for. Never sends a page twice
+//! window after each, since a guest touching a page soon touches its neighbours), then the
+//! snapshot's recorded working set in the order the guest first needed it
+//! ([`super::working_set`]), then a background sweep of the data pages nobody asked for. Never sends a page twice
 //! (QEMU's destination fails on a second placement) and never sends a page that fails its
 //! checksum. Pure: it fills byte buffers; the caller owns the socket and the clock.
 
 use std::sync::Arc;
 
+use super::working_set::{Recorder, WorkingSet};
 use crate::snapshot::store::PageKind;
 use crate::snapshot::{PageStore, SnapshotError};
 use crate::wire::compose::{RamSections, put_page, put_zero};
@@ -46,6 +48,8 @@ pub struct ServeFigures {
     pub already_sent: u64,
     /// Pages sent in prefetch windows.
     pub prefetched_pages: u64,
+    /// Pages sent from the recorded working set, ahead of the sweep.
+    pub working_set_pages: u64,
     /// Data pages sent by the background sweep.
     pub background_pages: u64,
     /// Bytes of RAM sections written.
@@ -60,6 +64,9 @@ pub struct PageServer {
     names: Vec<Vec<u8>>,
     sent: Vec<Vec<u64>>,
     cursor: (usize, u64),
+    /// The working set to replay and how far it went.
+    replay: Option<(WorkingSet, usize)>,
+    recorder: Option<Recorder>,
     page: Vec<u8>,
     figures: ServeFigures,
 }
@@ -83,6 +90,8 @@ impl PageServer {
             names,
             sent,
             cursor: (0, 0),
+            replay: None,
+            recorder: None,
             page,
             figures: ServeFigures::default(),
         }
@@ -92,6 +101,25 @@ impl PageServer {
     pub fn with_prefetch(mut self, pages: u64) -> PageServer {
         self.prefetch = pages;
         self
+    }
+
+    /// Streams `set` (a working set recorded by an earlier restore) ahead of the
+    /// background sweep.
+    pub fn with_working_set(mut self, set: WorkingSet) -> PageServer {
+        self.replay = Some((set, 0));
+        self
+    }
+
+    /// Records the pages the guest asks for, for [`Self::take_recorded`].
+    pub fn recording(mut self) -> PageServer {
+        let pages = (0..self.store.blocks().len()).map(|b| self.store.block_pages(b));
+        self.recorder = Some(Recorder::new(pages));
+        self
+    }
+
+    /// The working set recorded so far (`None` when not recording).
+    pub fn take_recorded(&mut self) -> Option<WorkingSet> {
+        self.recorder.take().map(Recorder::into_set)
     }
 
     /// What was sent so far.
@@ -171,6 +199,9 @@ impl PageServer {
         let mut first = true;
         let mut served = 0;
         for page in first_page..=last_page {
+            if let Some(r) = self.recorder.as_mut() {
+                r.requested(block, page);
+            }
             if self.is_sent(block, page) {
                 self.figures.already_sent += 1;
                 continue;
@@ -184,6 +215,11 @@ impl PageServer {
         }
         let end = (last_page + 1 + self.prefetch).min(self.store.block_pages(block));
         for page in last_page + 1..end {
+            // The window is part of what the guest needed: it faulted no more there
+            // because these pages came with the request.
+            if let Some(r) = self.recorder.as_mut() {
+                r.requested(block, page);
+            }
             if !self.is_sent(block, page) {
                 self.put(out, &mut first, block, page)?;
                 self.figures.prefetched_pages += 1;
@@ -199,14 +235,65 @@ impl PageServer {
         Ok(served)
     }
 
+    /// The next page of the working set not sent yet (`None` once it is all sent).
+    fn next_of_working_set(&mut self) -> Option<(usize, u64)> {
+        loop {
+            let (set, at) = self.replay.as_mut()?;
+            let Some(&(block, page)) = set.pages().get(*at) else {
+                self.replay = None;
+                return None;
+            };
+            *at += 1;
+            if !self.is_sent(block as usize, page) {
+                return Some((block as usize, page));
+            }
+        }
+    }
+
+    /// One section of at most `max_pages` working-set pages.
+    fn working_set_section(
+        &mut self,
+        max_pages: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ServeError> {
+        let mark = out.len();
+        let mut first = true;
+        let mut last_block = None;
+        let mut n = 0;
+        while n < max_pages {
+            let Some((block, page)) = self.next_of_working_set() else {
+                break;
+            };
+            if mark == out.len() {
+                self.sections.open_part(out);
+            }
+            if last_block != Some(block) {
+                first = true;
+                last_block = Some(block);
+            }
+            self.put(out, &mut first, block, page)?;
+            self.figures.working_set_pages += 1;
+            n += 1;
+        }
+        if out.len() > mark {
+            self.sections.close(out);
+            self.figures.bytes += (out.len() - mark) as u64;
+        }
+        Ok(())
+    }
+
     /// Appends a PART section of up to `max_pages` data pages of the background sweep.
     /// Zero pages are skipped: the destination discarded all RAM before postcopy, so a page
     /// never placed reads as zero once the migration ends (protocol-spec/snapshot.md#snapshot-zero-pages).
     /// Returns false once the sweep is complete.
     pub fn background(&mut self, max_pages: usize, out: &mut Vec<u8>) -> Result<bool, ServeError> {
+        // The working set first, zero pages included: the guest will touch them, and a
+        // page never placed blocks it until asked for.
+        let before = self.figures.working_set_pages;
+        self.working_set_section(max_pages, out)?;
+        let mut n = (self.figures.working_set_pages - before) as usize;
         let mark = out.len();
         let mut first = true;
-        let mut n = 0;
         let mut last_block = None;
         while n < max_pages {
             let (block, page) = self.cursor;
@@ -405,5 +492,49 @@ mod tests {
             Err(RequestError::UnknownBlock("pc.ram".into()))
         );
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn the_working_set_goes_first_after_live_requests_and_is_recorded_again() {
+        let (_d, s) = store(64, &[3, 40]);
+        let mut rec = Recorder::new([64]);
+        for p in [10, 3, 20, 10] {
+            rec.requested(0, p);
+        }
+        let set = rec.into_set();
+        let mut srv = PageServer::new(
+            s,
+            RamSections {
+                section_id: 3,
+                footers: true,
+            },
+        )
+        .with_prefetch(0)
+        .with_working_set(set)
+        .recording();
+        let mut out = Vec::new();
+        // A live request comes before anything of the working set.
+        assert_eq!(srv.serve_request(0, 30 * 4096, 4096, &mut out).unwrap(), 1);
+        assert!(srv.background(2, &mut out).unwrap());
+        // The guest asks for a page the replay already sent: nothing to send.
+        assert_eq!(srv.serve_request(0, 10 * 4096, 4096, &mut out).unwrap(), 0);
+        while srv.background(16, &mut out).unwrap() {}
+        srv.finish(&mut out);
+        let got = offsets(&out);
+        assert_eq!(
+            &got[..4],
+            &[(30, false), (10, false), (3, true), (20, false)]
+        );
+        let mut seen: Vec<u64> = got.iter().map(|p| p.0).collect();
+        let n = seen.len();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), n, "a page was sent twice");
+        // Every data page, and the zero page of the working set; not the untouched zero page.
+        assert_eq!(n, 63);
+        assert!(!seen.contains(&40));
+        assert_eq!(srv.figures().working_set_pages, 3);
+        assert_eq!(srv.figures().already_sent, 1);
+        assert_eq!(srv.take_recorded().unwrap().pages(), &[(0, 30), (0, 10)]);
     }
 }

@@ -10,6 +10,7 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::serve::{PREFETCH_PAGES, PageServer, RequestError, ServeError, ServeFigures};
+use super::working_set::WorkingSet;
 use super::{BACKGROUND_BATCH, RestoreError, Snapshot, net, timed_out};
 use crate::wire::compose::RamSections;
 use crate::wire::{RpDecoder, RpMessage, Step};
@@ -23,6 +24,9 @@ pub struct ServeKnobs {
     /// pages are sent, and the stream ends once the destination closes its return path
     /// (benchmarks of the fault service alone).
     pub background: bool,
+    /// Stream the snapshot's recorded working set ahead of the sweep when it has one,
+    /// and record the guest's requests ([`ServeOutcome::recorded`]) when it has none.
+    pub working_set: bool,
 }
 
 impl Default for ServeKnobs {
@@ -30,6 +34,7 @@ impl Default for ServeKnobs {
         ServeKnobs {
             prefetch: PREFETCH_PAGES,
             background: true,
+            working_set: true,
         }
     }
 }
@@ -53,6 +58,8 @@ pub struct ServeOutcome {
     pub served: ServeFigures,
     /// Bytes written.
     pub bytes_sent: u64,
+    /// The pages the guest asked for, in order, when the snapshot had no working set yet.
+    pub recorded: Option<WorkingSet>,
 }
 
 /// A page request as the return-path reader hands it to the writer.
@@ -90,6 +97,12 @@ where
         },
     )
     .with_prefetch(knobs.prefetch);
+    if knobs.working_set {
+        server = match &snapshot.working_set {
+            Some(set) => server.with_working_set(set.clone()),
+            None => server.recording(),
+        };
+    }
     let names: Vec<Vec<u8>> = snapshot
         .meta
         .blocks
@@ -112,6 +125,7 @@ where
         latency: Histogram::<u64>::new(3).expect("histogram"),
         served: ServeFigures::default(),
         bytes_sent: prologue.len() as u64,
+        recorded: None,
     };
     let mut more = knobs.background;
     let mut ended = false;
@@ -177,6 +191,7 @@ where
     }
     rp.finish()?;
     o.served = server.figures().clone();
+    o.recorded = server.take_recorded();
     Ok(o)
 }
 
