@@ -359,52 +359,6 @@ async fn a_background_snapshot_keeps_the_vm_running_and_restores_10_0() {
         "a running guest faults on missing pages"
     );
     assert_restored(&dst, &report).await;
-    // The first restore recorded what its guest asked for ...
-    let recorded = report
-        .working_set_recorded
-        .expect("the first restore records the working set");
-    assert!(recorded > 0);
-    assert_eq!(report.working_set_replayed, None);
-    dst.kill().await;
-
-    // ... and the next restore of the snapshot streams it first.
-    let snapshot = Snapshot::open(&dir.path().join("snap"), false).expect("open snapshot");
-    assert_eq!(
-        snapshot.working_set.as_ref().map(|s| s.len() as u64),
-        Some(recorded)
-    );
-    let again = destination(&spec, QemuVersion::V10_0, "again", dir.path()).await;
-    let replayed = restore(&snapshot, &opts(&again)).await;
-    assert_restored(&again, &replayed).await;
-    assert_eq!(replayed.working_set_replayed, Some(recorded));
-    assert_eq!(
-        replayed.working_set_recorded, None,
-        "the first record stays"
-    );
-    assert!(
-        replayed.served.working_set_pages > 0,
-        "{:?}",
-        replayed.served
-    );
-    eprintln!(
-        "remote faults: {} without the working set, {} with it; first progress {:?} vs {:?} ms",
-        report.requests,
-        replayed.requests,
-        report.timeline.first_progress_ms,
-        replayed.timeline.first_progress_ms
-    );
-    // Without it (--no-working-set): nothing replayed, nothing recorded.
-    again.kill().await;
-    let plain = destination(&spec, QemuVersion::V10_0, "plain", dir.path()).await;
-    let mut o = opts(&plain);
-    o.working_set = false;
-    let r = restore(&snapshot, &o).await;
-    assert_restored(&plain, &r).await;
-    assert_eq!(
-        (r.working_set_replayed, r.working_set_recorded),
-        (None, None)
-    );
-    assert_eq!(r.served.working_set_pages, 0);
 }
 
 /// Unmounts a tmpfs the test mounted.

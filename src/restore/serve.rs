@@ -172,6 +172,27 @@ impl PageServer {
         Ok(zero)
     }
 
+    /// Appends one page to the PART section that starts at `mark` in `out` (opening it
+    /// with the first page), naming the block again whenever it changes.
+    fn put_in_section(
+        &mut self,
+        out: &mut Vec<u8>,
+        mark: usize,
+        first: &mut bool,
+        last_block: &mut Option<usize>,
+        block: usize,
+        page: u64,
+    ) -> Result<bool, SnapshotError> {
+        if mark == out.len() {
+            self.sections.open_part(out);
+        }
+        if *last_block != Some(block) {
+            *first = true;
+            *last_block = Some(block);
+        }
+        self.put(out, first, block, page)
+    }
+
     /// Appends a PART section serving a request for `len` bytes at `start` of `block`, and
     /// the prefetch window after it. Returns how many requested pages were sent now (0 when
     /// all were already in flight).
@@ -264,14 +285,7 @@ impl PageServer {
             let Some((block, page)) = self.next_of_working_set() else {
                 break;
             };
-            if mark == out.len() {
-                self.sections.open_part(out);
-            }
-            if last_block != Some(block) {
-                first = true;
-                last_block = Some(block);
-            }
-            self.put(out, &mut first, block, page)?;
+            self.put_in_section(out, mark, &mut first, &mut last_block, block, page)?;
             self.figures.working_set_pages += 1;
             n += 1;
         }
@@ -308,14 +322,7 @@ impl PageServer {
             if self.is_sent(block, page) || self.store.kind(block, page) == PageKind::Zero {
                 continue;
             }
-            if mark == out.len() {
-                self.sections.open_part(out);
-            }
-            if last_block != Some(block) {
-                first = true;
-                last_block = Some(block);
-            }
-            self.put(out, &mut first, block, page)?;
+            self.put_in_section(out, mark, &mut first, &mut last_block, block, page)?;
             self.figures.background_pages += 1;
             n += 1;
         }
