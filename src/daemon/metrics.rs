@@ -142,7 +142,7 @@ pub struct DecodeErrorLabels {
     /// Channel.
     pub channel: ChannelLabel,
     /// The error's kind (`ErrorKind` of the codec).
-    pub kind: String,
+    pub kind: &'static str,
 }
 
 /// The metric families of one sidecar process.

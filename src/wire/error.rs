@@ -274,13 +274,48 @@ pub fn show(idstr: &[u8]) -> String {
 impl ErrorKind {
     /// The variant's name in snake_case (e.g. `unknown_section_type`): a stable label for
     /// metrics, which must not carry the variant's data.
-    pub fn name(&self) -> String {
-        use heck::ToSnakeCase;
-        let debug = format!("{self:?}");
-        debug
-            .split(|c: char| !c.is_ascii_alphanumeric())
-            .next()
-            .unwrap_or_default()
-            .to_snake_case()
+    pub fn name(&self) -> &'static str {
+        match self {
+            ErrorKind::Truncated(..) => "truncated",
+            ErrorKind::BadMagic(..) => "bad_magic",
+            ErrorKind::UnsupportedVersion(..) => "unsupported_version",
+            ErrorKind::UnknownSectionType(..) => "unknown_section_type",
+            ErrorKind::MisplacedConfiguration => "misplaced_configuration",
+            ErrorKind::UnknownConfigSubsection(..) => "unknown_config_subsection",
+            ErrorKind::ConfigSubsectionVersion { .. } => "config_subsection_version",
+            ErrorKind::UnknownSectionId(..) => "unknown_section_id",
+            ErrorKind::FooterMismatch { .. } => "footer_mismatch",
+            ErrorKind::RamVersion(..) => "ram_version",
+            ErrorKind::UnknownCommand(..) => "unknown_command",
+            ErrorKind::BadCommandLength { .. } => "bad_command_length",
+            ErrorKind::BadCommandPayload { .. } => "bad_command_payload",
+            ErrorKind::NestedPackage => "nested_package",
+            ErrorKind::CrossesPackageEnd => "crosses_package_end",
+            ErrorKind::PhaseViolation { .. } => "phase_violation",
+            ErrorKind::StraySubsection => "stray_subsection",
+            ErrorKind::EofInPackage => "eof_in_package",
+            ErrorKind::TrailingData(..) => "trailing_data",
+            ErrorKind::UnknownRamFlags(..) => "unknown_ram_flags",
+            ErrorKind::RamHook => "ram_hook",
+            ErrorKind::MisplacedMemSize => "misplaced_mem_size",
+            ErrorKind::BlockListOverrun(..) => "block_list_overrun",
+            ErrorKind::BlockNotAtDestination(..) => "block_not_at_destination",
+            ErrorKind::BlockTooLarge { .. } => "block_too_large",
+            ErrorKind::BlockPageSizeMismatch { .. } => "block_page_size_mismatch",
+            ErrorKind::DuplicateConfigSubsection(..) => "duplicate_config_subsection",
+            ErrorKind::UnknownBlockPageSize(..) => "unknown_block_page_size",
+            ErrorKind::UnknownRamBlock(..) => "unknown_ram_block",
+            ErrorKind::ContinueWithoutBlock => "continue_without_block",
+            ErrorKind::OffsetOutOfRange { .. } => "offset_out_of_range",
+            ErrorKind::ZeroPageFill(..) => "zero_page_fill",
+            ErrorKind::BadXbzrle(..) => "bad_xbzrle",
+            ErrorKind::CompressedTooLong(..) => "compressed_too_long",
+            ErrorKind::NotAllowedInPostcopy(..) => "not_allowed_in_postcopy",
+            ErrorKind::UnknownRpMessage(..) => "unknown_rp_message",
+            ErrorKind::BadRpLength { .. } => "bad_rp_length",
+            ErrorKind::ReqPagesWithoutBlock => "req_pages_without_block",
+            ErrorKind::BadRecvBitmap(..) => "bad_recv_bitmap",
+            ErrorKind::Malformed(..) => "malformed",
+        }
     }
 }
