@@ -336,6 +336,16 @@ struct ReceiveArgs {
     /// Use the postcopy-preempt channel (enable it on the source too).
     #[arg(long)]
     preempt: bool,
+    /// Keep the main stream's order: never send a requested page that is already queued
+    /// ahead of the pages queued before it.
+    #[arg(long)]
+    no_requests_first: bool,
+    /// Ask the source only for the faulting page, never for a window after it.
+    #[arg(long)]
+    no_prefetch: bool,
+    /// MiB of the main stream read ahead of the destination (at least 1).
+    #[arg(long, default_value_t = 32)]
+    read_ahead_mib: usize,
     /// No live view even on a terminal.
     #[arg(long)]
     quiet: bool,
@@ -452,6 +462,9 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
         attach_timeout: std::time::Duration::from_secs_f64(a.attach_timeout),
         ready_file: a.ready_file,
         preempt: a.preempt,
+        requests_first: !a.no_requests_first,
+        prefetch: !a.no_prefetch,
+        read_ahead: a.read_ahead_mib.max(1) << 20,
         report: a.report,
         live: !a.quiet && std::io::stderr().is_terminal(),
         allow_paused: a.allow_paused,

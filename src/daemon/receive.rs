@@ -95,6 +95,14 @@ pub struct ReceiveOptions {
     /// Use the postcopy-preempt channel (with [`Incoming::Private`]; with
     /// [`Incoming::Follow`] the destination's capability decides).
     pub preempt: bool,
+    /// Send a requested page that is already queued for the destination ahead of the
+    /// queue (protocol-spec/postcopy-sequence.md#sequence-requests-first).
+    pub requests_first: bool,
+    /// Ask the source for a window of pages after a fault while the guest walks memory in
+    /// order (protocol-spec/postcopy-sequence.md#sequence-prefetch).
+    pub prefetch: bool,
+    /// How many bytes of the main stream the sidecar reads ahead of the destination.
+    pub read_ahead: usize,
     /// Write the JSON report here.
     pub report: Option<PathBuf>,
     /// Show the live view (on a terminal).
@@ -184,6 +192,9 @@ impl ReceiveOptions {
             attach_timeout: ATTACH_TIMEOUT,
             ready_file: None,
             preempt: false,
+            requests_first: true,
+            prefetch: true,
+            read_ahead: crate::daemon::relay::DEFAULT_READ_AHEAD,
             report: None,
             live: false,
             allow_paused: false,
@@ -587,13 +598,23 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
         away_timeout: opts.away_timeout,
         record_digests: opts.verify || opts.digests.is_some(),
         check_placement: opts.verify,
+        requests_first: opts.requests_first,
+        prefetch: opts.prefetch,
     };
     let session = match &takeover {
         Some(state) => Session::takeover(cfg, state, Instant::now()),
         None => Session::new(cfg, Instant::now()),
     };
     let (reports_tx, reports) = tokio::sync::mpsc::unbounded_channel();
-    let relay = Arc::new(Relay::new(session, opts.metrics.clone(), reports_tx));
+    let mut relay = Relay::new(session, opts.metrics.clone(), reports_tx);
+    // Reading ahead only pays when requested pages can pass what was read ahead; in
+    // stream order a deep queue would only stand between a requested page and the guest.
+    relay.read_ahead = if opts.requests_first {
+        opts.read_ahead.max(super::relay::READ_CHUNK)
+    } else {
+        super::relay::READ_CHUNK
+    };
+    let relay = Arc::new(relay);
     // Registered before anything reaches the destination, so no read of the sidecar's can
     // ever allocate a page that the stream has yet to bring.
     let guard_wants = match (&qmp, opts.guard || opts.verify || opts.guard_slot.is_some()) {

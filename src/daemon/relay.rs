@@ -6,11 +6,18 @@
 //! never copied in user space. A pump outlives the source connection it reads: after a
 //! cut it waits for the next one (a resumed source), keeping the destination's
 //! connection, which is what lets a held destination never notice.
+//!
+//! The main channel's pump reads the source ahead, up to [`Relay::read_ahead`] bytes queued
+//! in the session (twice that while the source owes an answer to a request), and gives the
+//! destination what the session hands out, requested pages first
+//! (protocol-spec/postcopy-sequence.md#sequence-requests-first).
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use bytes::{Buf, BytesMut};
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
@@ -23,6 +30,15 @@ use crate::wire::Channel;
 /// Read size per socket read: small enough that bulk pages never pile up in the sidecar
 /// ahead of an urgent one (reference: head-of-line blocking behind a relay's buffers).
 pub const READ_CHUNK: usize = 64 * 1024;
+
+/// What the main channel reads ahead of the destination by default: enough to take the
+/// source's socket buffers and a burst of bulk pages, so a requested page is often in
+/// the sidecar already; small next to any guest it carries.
+pub const DEFAULT_READ_AHEAD: usize = 32 << 20;
+
+/// Bytes the main pump takes from the queue at once: what a promoted page may find ahead
+/// of it in the pump's hands.
+const WRITE_BATCH: usize = 64 * 1024;
 
 /// A readable half of a connection.
 pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
@@ -108,6 +124,8 @@ pub struct Relay {
     pub layout_ready: watch::Sender<bool>,
     /// Pumps' reports to the carrier.
     pub reports: mpsc::UnboundedSender<PumpReport>,
+    /// Main-stream bytes the reader may queue ahead of the destination.
+    pub read_ahead: usize,
 }
 
 impl Relay {
@@ -125,6 +143,7 @@ impl Relay {
             placement: Mutex::new(None),
             layout_ready: watch::Sender::new(false),
             reports,
+            read_ahead: DEFAULT_READ_AHEAD,
         }
     }
 
@@ -194,6 +213,47 @@ fn io_err(channel: Channel, side: &'static str) -> impl FnOnce(std::io::Error) -
     }
 }
 
+/// Size of one read buffer of the main pump.
+const READ_BUFFER: usize = 1 << 20;
+
+/// Most spare read buffers kept for reuse: enough for what the queue may hold.
+const SPARE_BUFFERS: usize = 80;
+
+/// The main pump's read buffer. Queued records are slices of it, so a buffer stays alive
+/// until its last queued record was written. Reading goes on in a spare buffer whose
+/// records are all written, and only allocates when none is free: fresh memory costs a
+/// page fault per page read, which on a busy host is felt in the total time.
+#[derive(Default)]
+struct ReadBuffer {
+    cur: BytesMut,
+    spares: Vec<BytesMut>,
+}
+
+impl ReadBuffer {
+    /// Makes room for one more read, keeping the bytes not yet consumed.
+    fn room(&mut self) {
+        if self.cur.capacity() - self.cur.len() >= READ_CHUNK || self.cur.try_reclaim(READ_CHUNK) {
+            return;
+        }
+        // A spare whose records are all written again owns its whole allocation.
+        let mut next = match self
+            .spares
+            .iter_mut()
+            .position(|b| b.try_reclaim(READ_BUFFER))
+        {
+            Some(i) => self.spares.swap_remove(i),
+            None => BytesMut::with_capacity(READ_BUFFER),
+        };
+        // The unconsumed tail is at most an incomplete record.
+        next.extend_from_slice(&self.cur);
+        let mut old = std::mem::replace(&mut self.cur, next);
+        old.clear();
+        if self.spares.len() < SPARE_BUFFERS {
+            self.spares.push(old);
+        }
+    }
+}
+
 /// Reads at most [`READ_CHUNK`] more bytes into `buf`; 0 means end.
 async fn read_more(src: &mut Reader, buf: &mut BytesMut) -> std::io::Result<usize> {
     if buf.capacity() - buf.len() < READ_CHUNK {
@@ -253,83 +313,199 @@ enum Ended {
 }
 
 /// Carries the main channel: for each source main connection fed to it (the first, then
-/// one per resume), reads, lets the session decide, and writes to the destination. Ends
-/// when the carrier closes `feeds` (the stream is complete), shutting the destination's
-/// side down.
+/// one per resume) it reads ahead into the session's queue, and it writes what the session
+/// hands out to the destination's connection, which outlives source connections. One task
+/// does both, waiting on whichever can go on (a hand-off between two tasks per batch costs
+/// more than the batch on a busy host). Ends when the carrier closes `feeds` (the stream is
+/// complete) and the queue is written, shutting the destination's side down.
 pub async fn main_pump(
     relay: Arc<Relay>,
     mut feeds: mpsc::Receiver<Feed>,
 ) -> Result<(), RelayError> {
+    let ch = Channel::Main;
     let mut dst: Option<Writer> = None;
-    while let Some(feed) = feeds.recv().await {
-        if let Some(d) = feed.destination {
-            dst = Some(d);
+    let mut src: Option<(Reader, u64)> = None;
+    let mut rb = ReadBuffer::default();
+    // Taken from the session's queue and being written.
+    let mut out: VecDeque<Bytes> = VecDeque::new();
+    let mut unflushed = false;
+    let mut fatal: Option<RelayError> = None;
+    let mut ended = false;
+    loop {
+        if out.is_empty() && dst.is_some() {
+            out.extend(relay.with(|s| s.take_main_out(WRITE_BATCH)));
         }
-        let Some(d) = dst.as_mut() else {
-            continue;
-        };
-        match carry_main(&relay, feed.source, feed.epoch, d).await {
-            Ended::Lost => {}
-            Ended::Fatal(e) => return Err(e),
+        if out.is_empty()
+            && unflushed
+            && let Some(d) = dst.as_mut()
+        {
+            // A TLS writer may keep the tail of a write in its session buffer when the
+            // socket was full (tokio-rustls returns the bytes taken, not the bytes sent):
+            // without a flush the stream's last records could wait there forever.
+            unflushed = false;
+            if let Err(e) = d.flush().await {
+                destination_lost(&relay, &mut dst, &mut out, e);
+            }
+        }
+        // A source connection whose cut was declared meanwhile (on the other channel, or by
+        // the idle rule) is done with.
+        if let Some((_, epoch)) = &src
+            && !relay.with(|s| s.source_current(*epoch))
+        {
+            src = None;
+            rb.cur.clear();
+        }
+        let drained =
+            out.is_empty() && (dst.is_none() || relay.with(|s| s.main_queued_bytes()) == 0);
+        if (ended || fatal.is_some()) && drained {
+            break;
+        }
+        let can_read = fatal.is_none()
+            && match &src {
+                Some((_, epoch)) => relay.with(|s| {
+                    let more = s.main_wants_more(relay.read_ahead);
+                    if more {
+                        s.source_reading(*epoch, Instant::now());
+                    }
+                    more
+                }),
+                None => false,
+            };
+        let writing = dst.is_some() && !out.is_empty();
+        tokio::select! {
+            feed = feeds.recv(), if !ended && fatal.is_none() => match feed {
+                None => {
+                    ended = true;
+                    src = None;
+                }
+                Some(f) => {
+                    if let Some(d) = f.destination {
+                        // A new destination connection (pass-through recovery, or the
+                        // first): what was queued for an earlier one is dropped; the
+                        // destination's received bitmap says what arrived.
+                        relay.with(Session::main_destination_changed);
+                        out.clear();
+                        unflushed = false;
+                        dst = Some(d);
+                    }
+                    rb.cur.clear();
+                    src = Some((f.source, f.epoch));
+                }
+            },
+            n = read_opt(src.as_mut().map(|(r, _)| r), &mut rb, can_read), if can_read => {
+                let epoch = src.as_ref().map_or(0, |(_, e)| *e);
+                match n {
+                    Err(e) => {
+                        relay.report(PumpReport::SourceLost {
+                            channel: ch,
+                            cause: CutCause::Failed(e.to_string()),
+                            epoch,
+                        });
+                        src = None;
+                    }
+                    Ok(0) => {
+                        relay.with(|s| s.finish_main(epoch, &rb.cur, Instant::now()));
+                        relay.report(PumpReport::SourceLost {
+                            channel: ch,
+                            cause: CutCause::Closed,
+                            epoch,
+                        });
+                        src = None;
+                    }
+                    Ok(_) => {
+                        let step =
+                            relay.with(|s| s.queue_source_main(epoch, &mut rb.cur, Instant::now()));
+                        if step.stale {
+                            src = None;
+                            rb.cur.clear();
+                        }
+                        if step.layout_ready {
+                            relay.layout_ready.send_replace(true);
+                        }
+                        relay.apply(&step.delta);
+                        relay.flush_to_source().await;
+                        if let Some(e) = step.error {
+                            // What decoded before the error still reaches the destination.
+                            fatal = Some(e.into());
+                            src = None;
+                        }
+                    }
+                }
+            },
+            w = write_opt(dst.as_mut(), &out), if writing => match w {
+                Ok(0) => destination_lost(&relay, &mut dst, &mut out, std::io::ErrorKind::WriteZero.into()),
+                Ok(mut n) => {
+                    unflushed = true;
+                    while n > 0 {
+                        let Some(front) = out.front_mut() else { break };
+                        let k = n.min(front.len());
+                        front.advance(k);
+                        n -= k;
+                        if front.is_empty() {
+                            out.pop_front();
+                        }
+                    }
+                    if let Some(g) = relay.guard.get() {
+                        g.poke();
+                    }
+                }
+                Err(e) => destination_lost(&relay, &mut dst, &mut out, e),
+            },
+            else => break,
         }
     }
     if let Some(mut d) = dst {
         let _ = d.shutdown().await;
     }
-    Ok(())
+    match fatal {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
-async fn carry_main(relay: &Arc<Relay>, mut src: Reader, epoch: u64, dst: &mut Writer) -> Ended {
-    let ch = Channel::Main;
-    let mut buf = BytesMut::with_capacity(4 * READ_CHUNK);
-    loop {
-        relay.with(|s| s.source_reading(epoch, Instant::now()));
-        let n = match read_more(&mut src, &mut buf).await {
-            Ok(n) => n,
-            Err(e) => {
-                relay.report(PumpReport::SourceLost {
-                    channel: ch,
-                    cause: CutCause::Failed(e.to_string()),
-                    epoch,
-                });
-                return Ended::Lost;
-            }
-        };
-        if n == 0 {
-            relay.with(|s| s.finish_main(epoch, &buf, Instant::now()));
-            relay.report(PumpReport::SourceLost {
-                channel: ch,
-                cause: CutCause::Closed,
-                epoch,
-            });
-            return Ended::Lost;
+/// The destination's main connection failed: reported, and nothing more is written to it.
+fn destination_lost(
+    relay: &Relay,
+    dst: &mut Option<Writer>,
+    out: &mut VecDeque<Bytes>,
+    e: std::io::Error,
+) {
+    relay.report(PumpReport::DestinationLost {
+        channel: Channel::Main,
+        error: Some(e),
+    });
+    *dst = None;
+    out.clear();
+}
+
+/// Reads from `src` into `rb` (making room first if the read is `wanted`), or never
+/// completes without a source.
+async fn read_opt(
+    src: Option<&mut Reader>,
+    rb: &mut ReadBuffer,
+    wanted: bool,
+) -> std::io::Result<usize> {
+    match src {
+        Some(r) if wanted => {
+            rb.room();
+            read_more(r, &mut rb.cur).await
         }
-        let step = relay.with(|s| s.on_source_main(epoch, &buf, Instant::now()));
-        if step.stale {
-            // A cut was declared meanwhile (on the other channel, or by the idle rule).
-            return Ended::Lost;
-        }
-        if step.layout_ready {
-            relay.layout_ready.send_replace(true);
-        }
-        let error = step.error;
-        let delta = step.delta;
-        if let Err(e) = apply_pieces(dst, &mut buf, step.pieces, ch).await {
-            relay.report(PumpReport::DestinationLost {
-                channel: ch,
-                error: match e {
-                    RelayError::Io { source, .. } => Some(source),
-                    _ => None,
-                },
-            });
-            return Ended::Lost;
-        }
-        relay.apply(&delta);
-        relay.flush_to_source().await;
-        if let Some(e) = error {
-            return Ended::Fatal(e.into());
-        }
+        _ => std::future::pending().await,
     }
+}
+
+/// Writes what it can of `out` to `dst` in one call, several buffers at once where the
+/// writer can; never completes without a destination.
+async fn write_opt(dst: Option<&mut Writer>, out: &VecDeque<Bytes>) -> std::io::Result<usize> {
+    let Some(d) = dst else {
+        return std::future::pending().await;
+    };
+    let slices: Vec<std::io::IoSlice<'_>> = out
+        .iter()
+        .take(64)
+        .map(|b| std::io::IoSlice::new(b))
+        .collect();
+    d.write_vectored(&slices).await
 }
 
 /// Carries the preempt channel, like [`main_pump`]. Bytes wait until the block table is
@@ -513,6 +689,36 @@ mod tests {
         let accept = tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(b);
         let (c, s) = tokio::join!(connect, accept);
         (Box::new(c.unwrap()), Box::new(s.unwrap()))
+    }
+
+    #[test]
+    fn read_buffers_are_reused_once_their_records_are_written() {
+        let mut rb = ReadBuffer::default();
+        rb.room();
+        let first = rb.cur.as_ptr();
+        rb.cur.extend_from_slice(&vec![1u8; READ_BUFFER - 10]);
+        // A queued record still holds most of the buffer; 10 bytes are an incomplete one.
+        let queued = rb.cur.split_to(READ_BUFFER - 20).freeze();
+        rb.room();
+        assert_eq!(&rb.cur[..], &[1u8; 10], "the incomplete record moves along");
+        assert_ne!(
+            rb.cur.as_ptr(),
+            first,
+            "a buffer with queued records is not reused"
+        );
+        drop(queued);
+        // This buffer fills too; by then the first one's records were all written.
+        let n = rb.cur.capacity() - rb.cur.len() - 5;
+        rb.cur.extend_from_slice(&vec![2u8; n]);
+        let written = rb.cur.split_to(rb.cur.len() - 5);
+        rb.room();
+        assert_eq!(
+            rb.cur.as_ptr(),
+            first,
+            "the first buffer is reused, not a new one"
+        );
+        assert_eq!(&rb.cur[..], &[2u8; 5]);
+        drop(written);
     }
 
     #[tokio::test]

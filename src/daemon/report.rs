@@ -80,6 +80,8 @@ pub struct Report {
     pub requests: RequestFigures,
     /// Fault-service latency.
     pub latency: LatencyFigures,
+    /// What the main channel's queue did: requested pages sent ahead of queued bulk.
+    pub requests_first: crate::session::outbox::OutboxFigures,
     /// Per RAM block.
     pub blocks: Vec<BlockFigures>,
     /// What the guarded mapping did (with `--verify` or `--guard`).
@@ -133,6 +135,7 @@ impl Report {
             bytes: stats.bytes.clone(),
             commands: stats.commands.clone(),
             return_path_messages: stats.rp_messages.clone(),
+            requests_first: session.outbox_figures(),
             requests: tracker
                 .map(PageTracker::request_figures)
                 .unwrap_or_default(),
@@ -218,6 +221,14 @@ impl Report {
             s,
             "latency      {} faults served: p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
             l.count, l.p50_us, l.p90_us, l.p99_us, l.max_us
+        );
+        let q = &self.requests_first;
+        let _ = writeln!(
+            s,
+            "queue        {} requested pages sent ahead of queued bulk, {} queued pages sent with them, peak {} KiB queued",
+            q.promoted_pages,
+            q.window_pages,
+            q.peak_queued_bytes >> 10
         );
         if let Some(bt) = d.postcopy_blocktime_ms {
             let _ = writeln!(s, "blocktime    {bt} ms (destination's own vCPU blocktime)");

@@ -21,6 +21,8 @@
 pub mod admission;
 mod delta;
 mod link;
+pub mod outbox;
+pub mod prefetch;
 pub mod script;
 pub mod sim;
 pub mod stats;
@@ -28,9 +30,12 @@ pub mod tracker;
 
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, BytesMut};
 pub use delta::Delta;
 use link::{Cut, Link};
 pub use link::{CutCause, CutDecision, CutPolicy, LinkView, Recovery};
+use outbox::{Outbox, OutboxFigures, PageMark};
+use prefetch::Prefetcher;
 use stats::Stats;
 use tracker::{Origin, PageTracker, RequestDecision};
 
@@ -40,6 +45,14 @@ use crate::wire::{
     Channel, Command, DecodeError, DecoderOptions, Event, PostcopyPhase, PreemptDecoder, RamLayout,
     RamRecord, RpDecoder, RpMessage, Step, StreamDecoder,
 };
+
+/// Most bytes a prefetch adds to one request: what may queue at the source ahead of an
+/// unrelated fault (protocol-spec/postcopy-sequence.md#sequence-prefetch).
+pub const PREFETCH_BYTES: u64 = 32 * 4096;
+
+/// Most bytes of queued pages sent with a fault the sidecar's queue answers: they are
+/// already here, and go after every requested page.
+pub const QUEUE_WINDOW_BYTES: u64 = 1 << 20;
 
 /// Default time without a byte from the source, in postcopy, after which the link counts
 /// as cut (the source may be on the far side of a silent partition).
@@ -76,6 +89,12 @@ pub struct SessionConfig {
     pub check_placement: bool,
     /// Options of the main-stream decoder.
     pub decoder: DecoderOptions,
+    /// Send a requested page that is queued for the destination ahead of the queue
+    /// ([`outbox`]); off, the queue keeps stream order.
+    pub requests_first: bool,
+    /// Ask the source for a window of pages after a faulting one while the guest walks
+    /// memory in order ([`prefetch`]).
+    pub prefetch: bool,
 }
 
 impl Default for SessionConfig {
@@ -87,6 +106,8 @@ impl Default for SessionConfig {
             record_digests: false,
             check_placement: false,
             decoder: DecoderOptions::default(),
+            requests_first: true,
+            prefetch: true,
         }
     }
 }
@@ -236,6 +257,17 @@ pub struct Session {
     placement: Vec<PlacementCheck>,
     layout_published: bool,
     preempt_used: bool,
+    /// Decoded main-stream bytes not yet given to the destination ([`Self::queue_source_main`]).
+    outbox: Outbox,
+    /// Read-ahead windows around the destination's faults.
+    prefetch: Prefetcher,
+    /// Whether the page record decoded last answered a request (the destination's, the
+    /// guard's or a prefetch).
+    answered_last: bool,
+    /// While set, page records of the main stream are marked in `marks` as decoded.
+    marking: bool,
+    /// Page records of the current step: input position, length, mark.
+    marks: Vec<(usize, usize, PageMark)>,
 }
 
 impl Session {
@@ -268,6 +300,11 @@ impl Session {
             placement: Vec::new(),
             layout_published: false,
             preempt_used: false,
+            outbox: Outbox::new(),
+            prefetch: Prefetcher::new(),
+            answered_last: false,
+            marking: false,
+            marks: Vec::new(),
             cfg,
         }
     }
@@ -652,6 +689,12 @@ impl Session {
         epoch == self.epoch && matches!(self.link, Link::Up | Link::Resuming(_))
     }
 
+    /// Whether source connection generation `epoch` is still the one carried (no cut
+    /// was declared since): a pump waiting on something else checks it.
+    pub fn source_current(&self, epoch: u64) -> bool {
+        self.current(epoch)
+    }
+
     /// Bytes from the source's main connection of generation `epoch`.
     pub fn on_source_main(&mut self, epoch: u64, input: &[u8], now: Instant) -> SourceStep {
         let mut step = SourceStep {
@@ -684,6 +727,22 @@ impl Session {
             if let Event::Opaque(d) = &event {
                 opaque += d.len() as u64;
             }
+            if self.marking
+                && action == Action::Forward
+                && self.main.phase() >= PostcopyPhase::Listening
+                && let Event::Ram(rec) = &event
+                && let Some(h) = rec.page_header()
+            {
+                let mark = PageMark {
+                    block: h.block,
+                    offset: h.offset,
+                    continues: h.idstr.is_none(),
+                    movable: matches!(rec, RamRecord::Page { .. } | RamRecord::Zero { .. })
+                        && !self.main.in_package(),
+                    answers: self.answered_last,
+                };
+                self.marks.push((pos, len, mark));
+            }
             pos += len;
             match action {
                 Action::Forward => {
@@ -712,6 +771,93 @@ impl Session {
         step.delta.channel = Some((Channel::Main, self.stats.phase >= PostcopyPhase::Listening));
         step.delta.in_flight = self.tracker.as_ref().map(PageTracker::outstanding_pages);
         step
+    }
+
+    /// Bytes from the source's main connection of generation `epoch`, like
+    /// [`Self::on_source_main`], but what is to be forwarded is queued for the destination
+    /// instead of returned: the consumed bytes leave `buf` (split off, not copied), and
+    /// [`Self::take_main_out`] gives them out, requested pages first. The step's pieces
+    /// are those that were queued.
+    pub fn queue_source_main(
+        &mut self,
+        epoch: u64,
+        buf: &mut BytesMut,
+        now: Instant,
+    ) -> SourceStep {
+        self.marking = true;
+        self.marks.clear();
+        let step = self.on_source_main(epoch, buf, now);
+        self.marking = false;
+        let mut marks = std::mem::take(&mut self.marks).into_iter().peekable();
+        let mut at = 0;
+        let last = step.pieces.len().saturating_sub(1);
+        for (i, piece) in step.pieces.iter().enumerate() {
+            match piece {
+                Piece::Forward(n) => {
+                    let end = at + n;
+                    while let Some(&(pos, len, mark)) = marks.peek().filter(|m| m.0 < end) {
+                        marks.next();
+                        if pos > at {
+                            // What precedes a page record ends between page records only if
+                            // the record may move; otherwise say no, which is always safe.
+                            self.outbox
+                                .push_bytes(buf.split_to(pos - at).freeze(), mark.movable);
+                        }
+                        self.outbox.push_page(buf.split_to(len).freeze(), mark);
+                        at = pos + len;
+                    }
+                    if end > at {
+                        let then = i == last && self.main.between_pages();
+                        self.outbox
+                            .push_bytes(buf.split_to(end - at).freeze(), then);
+                        at = end;
+                    }
+                }
+                Piece::Skip(n) => {
+                    buf.advance(*n);
+                    at += n;
+                }
+                Piece::Inject(bytes) => self
+                    .outbox
+                    .push_bytes(bytes::Bytes::from(bytes.clone()), false),
+            }
+        }
+        step
+    }
+
+    /// The next bytes for the destination's main connection, about `max` of them:
+    /// requested pages first wherever a page record may stand (see [`outbox`]).
+    pub fn take_main_out(&mut self, max: usize) -> Vec<bytes::Bytes> {
+        self.outbox.take(max)
+    }
+
+    /// Bytes queued for the destination's main connection.
+    pub fn main_queued_bytes(&self) -> usize {
+        self.outbox.queued_bytes()
+    }
+
+    /// Whether the main pump may read more from the source with `read_ahead` the queue's
+    /// bound: below it, or below twice it while the source owes an answer to a request
+    /// (what the source has buffered ahead of that answer drains into the sidecar, where
+    /// the answer can pass it).
+    pub fn main_wants_more(&self, read_ahead: usize) -> bool {
+        let queued = self.outbox.queued_bytes();
+        let owed = self
+            .tracker
+            .as_ref()
+            .is_some_and(|t| t.outstanding_pages() > 0);
+        queued < read_ahead || (self.cfg.requests_first && owed && queued < 2 * read_ahead)
+    }
+
+    /// A new destination main connection replaces the one the queue was meant for: what
+    /// was queued is dropped (the destination's received bitmap says what arrived).
+    pub fn main_destination_changed(&mut self) {
+        self.outbox.reset();
+    }
+
+    /// What the main channel's queue did.
+    pub fn outbox_figures(&self) -> OutboxFigures {
+        self.outbox.figures()
     }
 
     /// Decides about one main-stream event and applies it to the state.
@@ -886,8 +1032,12 @@ impl Session {
         step: &mut SourceStep,
     ) {
         let mut asked = false;
+        self.answered_last = false;
         if let Some(t) = self.tracker.as_mut() {
             let answered = t.delivered(block, offset, zero, now);
+            // A prefetched page is a guess: it waits its turn, and a fault on it promotes it.
+            self.answered_last = self.cfg.requests_first
+                && matches!(answered, Some((_, Origin::Destination | Origin::Guard)));
             if let Some((w, Origin::Destination)) = answered {
                 asked = true;
                 step.delta.served.push(w);
@@ -948,6 +1098,8 @@ impl Session {
             self.digests
                 .get_or_insert_with(|| PageDigests::new(&blocks, tps));
         }
+        self.outbox
+            .set_block_names(layout.blocks().iter().map(|b| b.name.to_vec()).collect());
         self.layout_published = true;
         if self.preempt_used && self.preempt.is_none() {
             self.preempt = Some(PreemptDecoder::new(tps, layout));
@@ -1192,15 +1344,79 @@ impl Session {
             }
         };
         let decisions = t.requested(b, start, u64::from(len), now);
+        let mut promoted = false;
+        if self.cfg.requests_first {
+            for (offset, d) in &decisions {
+                // False when the page already left the queue: nothing to hurry.
+                promoted |=
+                    *d == RequestDecision::AlreadyDelivered && self.outbox.promote(b, *offset);
+            }
+        }
         let forward = decisions
             .iter()
             .any(|(_, d)| *d == RequestDecision::Forward);
         for (_, d) in &decisions {
             delta.requested(*d);
         }
+        // Prefetch in whole units of the request (the destination asks whole host pages;
+        // a preempt source insists on multiples of them), never more than
+        // PREFETCH_BYTES per request.
+        let tps = t.target_page_size();
+        let unit = u64::from(len);
+        let aligned =
+            self.cfg.prefetch && unit > 0 && unit.is_multiple_of(tps) && start.is_multiple_of(unit);
+        let most = if aligned && up {
+            PREFETCH_BYTES / unit
+        } else {
+            0
+        };
+        let most_queued = if aligned && self.cfg.requests_first {
+            QUEUE_WINDOW_BYTES / unit
+        } else {
+            0
+        };
         if forward && up {
+            let mut ahead = 0;
+            if most > 0 {
+                let want = self.prefetch.on_miss(b, start / unit).min(most);
+                ahead = t.claim_ahead(b, (start + unit) / tps, unit / tps, want, now);
+                self.prefetch.asked(b, start / unit + 1, ahead);
+            }
             t.forwarded_message();
-            RpMessage::ReqPagesId { start, len, block }.encode(&mut self.to_source);
+            RpMessage::ReqPagesId {
+                start,
+                // At most PREFETCH_BYTES more than a request of at most PREFETCH_BYTES.
+                len: (unit * (1 + ahead)) as u32,
+                block,
+            }
+            .encode(&mut self.to_source);
+        } else if promoted && most_queued > 0 {
+            // A fault the sidecar's queue answers: the pages after it that are queued too
+            // go with it while the guest walks in order (the source is not asked, so its
+            // scan does not follow the fault as it would without the sidecar).
+            let window = self.prefetch.on_miss(b, start / unit).min(most_queued);
+            for page in (start + unit) / tps..(start + unit * (1 + window)) / tps {
+                let _ = self.outbox.send_ahead(b, page * tps);
+            }
+        } else if (most > 0 || most_queued > 0)
+            && let Some((first, want)) = self.prefetch.on_hit(b, start / unit)
+        {
+            // The guest reads into the window asked last: send what of the next window is
+            // queued, and ask the source for the rest now.
+            for page in first * unit / tps..(first + want.min(most_queued)) * unit / tps {
+                let _ = self.outbox.send_ahead(b, page * tps);
+            }
+            let ahead = t.claim_ahead(b, first * unit / tps, unit / tps, want.min(most), now);
+            self.prefetch.asked(b, first, ahead);
+            if ahead > 0 {
+                t.prefetch_message();
+                RpMessage::ReqPagesId {
+                    start: first * unit,
+                    len: (unit * ahead) as u32,
+                    block,
+                }
+                .encode(&mut self.to_source);
+            }
         }
         self.stats
             .request(now, forward && up, decisions.len() as u64);

@@ -101,10 +101,14 @@ struct Rig {
     /// Decodes what the sidecar sends the current source connection (a relayed
     /// RECV_BITMAP's data follows its message in later writes).
     to_source: RpDecoder,
+    /// Queued mode (the daemon's): the destination takes at most this many of the bytes
+    /// the session queued for it per read of the sidecar's.
+    queued: Option<usize>,
+    qbuf: bytes::BytesMut,
 }
 
 impl Rig {
-    fn new(precopy_every: u64) -> Rig {
+    fn new(precopy_every: u64, queued: Option<usize>) -> Rig {
         let now = Instant::now();
         let mut s = Session::new(
             SessionConfig {
@@ -128,7 +132,47 @@ impl Rig {
             away: false,
             hostile: false,
             to_source: RpDecoder::new(),
+            queued,
+            qbuf: bytes::BytesMut::new(),
         }
+    }
+
+    /// The destination reads up to `max` bytes of what the session queued for it.
+    fn drain(&mut self, max: usize) -> Result<(), Stop> {
+        for b in self.s.take_main_out(max) {
+            if let Err(e) = self.dst.feed(&b) {
+                if self.hostile {
+                    return Err(Stop::End(Outcome::Refused(format!("destination: {e}"))));
+                }
+                panic!("the destination fails on what the sidecar queued for it: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::carry`] in queued mode.
+    fn carry_queued(&mut self, bytes: Vec<u8>, chunk: usize, drain: usize) -> Result<(), Stop> {
+        for c in bytes.chunks(chunk.max(1)) {
+            self.tick(Duration::from_micros(100));
+            self.qbuf.extend_from_slice(c);
+            let before = self.qbuf.len();
+            let step = self
+                .s
+                .queue_source_main(self.s.epoch(), &mut self.qbuf, self.now);
+            assert!(!step.stale, "bytes of the current connection called stale");
+            assert_eq!(
+                before - self.qbuf.len(),
+                step.consumed,
+                "consumed bytes leave the buffer"
+            );
+            self.drain(drain)?;
+            if let Some(e) = step.error {
+                return self.refused(e);
+            }
+            self.s.source_reading(self.s.epoch(), self.now);
+            self.pass_to_source();
+        }
+        Ok(())
     }
 
     fn tick(&mut self, by: Duration) {
@@ -142,6 +186,9 @@ impl Rig {
         }
         let take = n.min(self.pending.len());
         let bytes: Vec<u8> = self.pending.drain(..take).collect();
+        if let Some(drain) = self.queued {
+            return self.carry_queued(bytes, chunk, drain);
+        }
         for c in bytes.chunks(chunk.max(1)) {
             self.tick(Duration::from_micros(100));
             self.buf.extend_from_slice(c);
@@ -298,6 +345,7 @@ impl Rig {
         }
         self.pending.clear();
         self.buf.clear();
+        self.qbuf.clear();
         self.tick(Duration::from_micros(100));
         let running = self.postcopy();
         let d = self
@@ -345,6 +393,7 @@ impl Rig {
             self.carry(at, chunk)?;
             self.pending.clear();
             self.buf.clear();
+            self.qbuf.clear();
             let d =
                 self.s
                     .source_lost(Channel::Main, CutCause::Handshake("reset".into()), self.now);
@@ -376,6 +425,7 @@ impl Rig {
                 let running = self.postcopy();
                 self.pending.clear();
                 self.buf.clear();
+                self.qbuf.clear();
                 let d = self
                     .s
                     .source_lost(Channel::Main, CutCause::Closed, self.now);
@@ -460,6 +510,8 @@ impl Rig {
         let n = fin.len();
         self.pending.extend_from_slice(&fin);
         self.carry(n, 4096)?;
+        self.drain(usize::MAX)?;
+        assert_eq!(self.s.main_queued_bytes(), 0, "bytes left in the queue");
         assert!(self.dst.ended, "the destination saw EOF");
         assert_eq!(self.dst.missing(), vec![], "pages never delivered");
         assert!(self.s.ended(), "the session saw EOF");
@@ -479,7 +531,11 @@ pub fn run(script: &[u8]) -> Outcome {
         data: script,
         pos: 0,
     };
-    let mut rig = Rig::new(u64::from(r.u8() % 5));
+    // The first byte: how often precopy sends a page, and (high bits) whether the bytes go
+    // through the daemon's queue and how fast the destination reads it.
+    let first = r.u8();
+    let queued = (first >= 0x80).then(|| 512 * usize::from(first & 0x78));
+    let mut rig = Rig::new(u64::from(first % 5), queued);
     let mut steps = 0;
     while !r.done() && steps < 4096 {
         if let Err(Stop::End(outcome)) = rig.step(&mut r) {
@@ -526,6 +582,21 @@ mod tests {
             0xff, 0xff, 4, 5, 9, 8, 5, 17, 1,
         ];
         assert_eq!(run(&script), Outcome::Completed { recoveries: 2 });
+    }
+
+    #[test]
+    fn the_same_cuts_through_the_daemons_queue_complete_exactly_once() {
+        for first in [0x83u8, 0x8b, 0xfb] {
+            let script = [
+                first, 1, 0xff, 0xff, 0, 5, 1, 50, 1, 2, 9, 4, 2, 3, 5, 64, 1, 3, 0, 1, 0, 1, 0, 7,
+                1, 0xff, 0xff, 4, 5, 9, 8, 5, 17, 1,
+            ];
+            assert_eq!(
+                run(&script),
+                Outcome::Completed { recoveries: 2 },
+                "{first:#x}"
+            );
+        }
     }
 
     #[test]

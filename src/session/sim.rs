@@ -239,6 +239,10 @@ impl SimSource {
                     assert_eq!(start % PAGE, 0, "misaligned request");
                     assert_eq!(u64::from(len) % PAGE, 0);
                     let b = self.block(block);
+                    assert!(
+                        start + u64::from(len) <= self.blocks[b].1,
+                        "request overrun: QEMU fails the migration"
+                    );
                     self.requests_received += 1;
                     for p in 0..u64::from(len) / PAGE {
                         self.requests.push_back((b, start / PAGE + p));

@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+
 use super::sim::{PAGE, SimDestination, SimSource};
 use super::*;
 use crate::wire::RpDecoder;
@@ -21,6 +23,11 @@ struct Wire {
     to_dst: Vec<u8>,
     /// Pieces the session returned, for inspection.
     pieces: Vec<Piece>,
+    /// Queued mode (the daemon's): bytes go through the session's queue, and the
+    /// destination takes at most this many bytes per chunk the sidecar reads.
+    queued: Option<usize>,
+    /// The read buffer in queued mode.
+    qbuf: BytesMut,
 }
 
 impl Wire {
@@ -42,6 +49,24 @@ impl Wire {
             buf: Vec::new(),
             to_dst: Vec::new(),
             pieces: Vec::new(),
+            queued: None,
+            qbuf: BytesMut::new(),
+        }
+    }
+
+    /// A wire in queued mode whose destination reads `drain` bytes per chunk read.
+    fn queued(policy: CutPolicy, drain: usize) -> Wire {
+        Wire {
+            queued: Some(drain),
+            ..Wire::new(policy)
+        }
+    }
+
+    /// The destination reads up to `max` bytes of what the session queued for it.
+    fn drain(&mut self, max: usize) {
+        for b in self.s.take_main_out(max) {
+            self.to_dst.extend_from_slice(&b);
+            self.dst.feed(&b).unwrap();
         }
     }
 
@@ -51,6 +76,20 @@ impl Wire {
 
     /// The sidecar reads `bytes` from the source's main connection, in chunks of `chunk`.
     fn carry(&mut self, bytes: &[u8], chunk: usize) {
+        if let Some(drain) = self.queued {
+            for c in bytes.chunks(chunk.max(1)) {
+                self.tick();
+                self.qbuf.extend_from_slice(c);
+                let step = self
+                    .s
+                    .queue_source_main(self.s.epoch(), &mut self.qbuf, self.now);
+                assert!(step.error.is_none(), "{:?}", step.error);
+                self.pieces.extend(step.pieces);
+                self.drain(drain);
+                self.pass_to_source();
+            }
+            return;
+        }
         for c in bytes.chunks(chunk.max(1)) {
             self.tick();
             self.buf.extend_from_slice(c);
@@ -101,6 +140,7 @@ impl Wire {
     /// The source link breaks: what the sidecar had not consumed is lost.
     fn cut(&mut self) -> CutDecision {
         self.buf.clear();
+        self.qbuf.clear();
         self.tick();
         self.s
             .source_lost(Channel::Main, CutCause::Failed("reset".into()), self.now)
@@ -130,7 +170,10 @@ impl Wire {
         self.carry(&fin, chunk);
     }
 
-    fn assert_complete(&self) {
+    fn assert_complete(&mut self) {
+        // The destination reads what is still queued for it.
+        self.drain(usize::MAX);
+        assert_eq!(self.s.main_queued_bytes(), 0);
         assert!(self.dst.ended, "the destination saw EOF");
         assert_eq!(self.dst.missing(), vec![], "pages never delivered");
         assert!(self.s.ended());
@@ -251,9 +294,24 @@ impl Lcg {
 
 #[test]
 fn twenty_cuts_at_arbitrary_bytes_lose_no_page_and_place_none_twice() {
+    twenty_cuts(|_| Wire::new(CutPolicy::Hold));
+}
+
+#[test]
+fn twenty_cuts_with_a_queue_and_requested_pages_first_lose_no_page_and_place_none_twice() {
+    // The destination reads slower than the source sends, so requests find their pages
+    // queued and cuts find a queue to hold.
+    let promoted = twenty_cuts(|seed| Wire::queued(CutPolicy::Hold, 1500 + seed as usize * 700));
+    assert!(promoted > 0, "requests found queued pages and moved them");
+}
+
+/// Twelve seeds of a postcopy stream cut twenty times at arbitrary bytes; returns the
+/// pages the queue sent ahead.
+fn twenty_cuts(wire: impl Fn(u64) -> Wire) -> u64 {
+    let mut promoted = 0;
     for seed in 1..=12u64 {
         let mut rng = Lcg(seed);
-        let mut w = Wire::new(CutPolicy::Hold);
+        let mut w = wire(seed);
         let start = w.src.start(2 + seed % 5);
         w.carry(&start, 1 + rng.next(9000));
         let mut cuts = 0;
@@ -282,7 +340,121 @@ fn twenty_cuts_at_arbitrary_bytes_lose_no_page_and_place_none_twice() {
             0,
             "seed {seed}"
         );
+        promoted += w.s.outbox_figures().promoted_pages;
     }
+    promoted
+}
+
+#[test]
+fn faults_in_order_open_a_prefetch_window_and_every_page_still_arrives_once() {
+    let mut w = Wire::queued(CutPolicy::Hold, 3000);
+    let start = w.src.start(0);
+    w.carry(&start, 4096);
+    // The guest walks block m from page 100 on, faulting on what is missing; the source
+    // sends small PARTs meanwhile.
+    let mut page = 100u64;
+    let mut faults = 0;
+    while page < 300 {
+        if w.dst.missing().contains(&(b"m".to_vec(), page * PAGE)) {
+            let req = w.dst.request(b"m", page * PAGE);
+            w.tick();
+            assert!(w.s.on_destination_rp(&req, w.now).error.is_none());
+            w.pass_to_source();
+            faults += 1;
+            let part = w.src.part(3);
+            w.carry(&part, 5000);
+        }
+        page += 1;
+    }
+    let r = w.s.tracker().unwrap().request_figures();
+    assert!(r.prefetched_pages > 50, "{r:?}");
+    assert!(
+        faults < 100,
+        "{faults} faults for 200 pages walked in order"
+    );
+    w.run_to_end(20, 3000);
+    w.assert_complete();
+    assert_eq!(
+        w.s.tracker().unwrap().request_figures().outstanding_pages,
+        0
+    );
+}
+
+#[test]
+fn random_faults_ask_only_for_the_faulting_pages() {
+    let mut w = Wire::queued(CutPolicy::Hold, 3000);
+    let start = w.src.start(0);
+    w.carry(&start, 4096);
+    let mut rng = Lcg(9);
+    for _ in 0..40 {
+        let missing = w.dst.missing();
+        let (block, offset) = &missing[rng.next(missing.len())];
+        let req = w.dst.request(block, *offset);
+        w.tick();
+        assert!(w.s.on_destination_rp(&req, w.now).error.is_none());
+        w.pass_to_source();
+        let part = w.src.part(2);
+        w.carry(&part, 5000);
+    }
+    let r = w.s.tracker().unwrap().request_figures();
+    assert!(r.prefetched_pages <= 4, "{r:?}");
+    w.run_to_end(20, 3000);
+    w.assert_complete();
+}
+
+#[test]
+fn a_requested_page_in_the_queue_reaches_the_destination_before_the_bulk_queued_ahead() {
+    let mut w = Wire::queued(CutPolicy::Hold, 0);
+    let start = w.src.start(4);
+    w.carry(&start, 4096);
+    w.drain(usize::MAX);
+    // Postcopy: a long PART is read whole while the destination reads nothing.
+    let part = w.src.part(60);
+    w.carry(&part, 8192);
+    let queued = w.s.main_queued_bytes();
+    assert!(queued > 40 * PAGE as usize, "{queued} bytes queued");
+    // The destination faults on the last page queued.
+    let (block, offset) = w
+        .dst
+        .missing()
+        .into_iter()
+        .rev()
+        .find(|(b, o)| {
+            let step = w.s.tracker().unwrap();
+            let i = step.block_index(b).unwrap();
+            step.received_bitmap(i)
+                .is_some_and(|bm| bm[(*o / PAGE / 8) as usize] & (1 << (*o / PAGE % 8)) != 0)
+        })
+        .expect("a queued page the destination lacks");
+    let req = w.dst.request(&block, offset);
+    let step = w.s.on_destination_rp(&req, w.now);
+    assert!(step.error.is_none());
+    let (_, to_source) = w.s.take_to_source();
+    assert!(
+        to_source.is_empty(),
+        "a queued page is not asked of the source"
+    );
+    // The destination reads a little: past the section header, the requested page
+    // comes before the bulk queued ahead of it.
+    let before = w.dst.postcopy_pages;
+    let first = w.s.take_main_out(1);
+    for b in &first {
+        w.dst.feed(b).unwrap();
+    }
+    let mut next = Vec::new();
+    for b in w.s.take_main_out(PAGE as usize) {
+        next.extend_from_slice(&b);
+    }
+    w.dst.feed(&next).unwrap();
+    assert!(w.dst.postcopy_pages > before);
+    assert!(
+        !w.dst.missing().contains(&(block.clone(), offset)),
+        "the requested page was among the first placed"
+    );
+    assert_eq!(w.s.outbox_figures().promoted_pages, 1);
+    w.drain(usize::MAX);
+    w.run_to_end(20, 3000);
+    w.assert_complete();
 }
 
 #[test]

@@ -36,6 +36,8 @@ pub enum Origin {
     Destination,
     /// The sidecar's own guarded reader (protocol-spec/guarded-access.md#guard-faults).
     Guard,
+    /// The sidecar asked ahead of the guest (protocol-spec/postcopy-sequence.md#sequence-prefetch).
+    Prefetch,
 }
 
 /// Figures for one RAM block.
@@ -108,6 +110,12 @@ pub struct RequestFigures {
     /// Request messages sent to the source on the guarded reader's behalf (not counted in
     /// `forwarded_messages`).
     pub guard_forwarded_messages: u64,
+    /// Pages asked of the source ahead of the guest, around its faults.
+    pub prefetched_pages: u64,
+    /// Request messages that only asked ahead (the guest read into the last window).
+    pub prefetch_messages: u64,
+    /// Destination requests for a page that was asked ahead and had not arrived yet.
+    pub prefetch_in_flight_pages: u64,
 }
 
 /// Most unanswered requests remembered at once. A real destination has a few per vCPU
@@ -228,9 +236,14 @@ impl PageTracker {
             } else {
                 match b.pending.entry(p) {
                     std::collections::hash_map::Entry::Occupied(mut o) => {
-                        // The guard asked first: the vCPU's wait starts now.
-                        if o.get().1 == Origin::Guard {
-                            *o.get_mut() = (now, Origin::Destination);
+                        // The guard or a prefetch asked first: the vCPU's wait starts now.
+                        match o.get().1 {
+                            Origin::Guard => *o.get_mut() = (now, Origin::Destination),
+                            Origin::Prefetch => {
+                                self.requests.prefetch_in_flight_pages += 1;
+                                *o.get_mut() = (now, Origin::Destination);
+                            }
+                            Origin::Destination => {}
                         }
                         self.requests.deduplicated_pages += 1;
                         RequestDecision::AlreadyRequested
@@ -306,6 +319,46 @@ impl PageTracker {
                 RequestDecision::Forward
             }
         }
+    }
+
+    /// Claims up to `max_units` units of `unit_pages` target pages each, from target page
+    /// `first` of `block` on, to be asked of the source ahead of the guest. Stops at the
+    /// first unit with a page already delivered or asked for, at the block's end, or when
+    /// the pending cap is reached, so no page is ever asked twice. Returns the units
+    /// claimed.
+    pub fn claim_ahead(
+        &mut self,
+        block: usize,
+        first: u64,
+        unit_pages: u64,
+        max_units: u64,
+        now: Instant,
+    ) -> u64 {
+        let unit_pages = unit_pages.max(1);
+        let room = MAX_PENDING_PAGES.saturating_sub(self.outstanding_pages()) / unit_pages;
+        let Some(b) = self.blocks.get_mut(block) else {
+            return 0;
+        };
+        let pages = b.figures.length.div_ceil(self.tps);
+        let mut units = 0;
+        while units < max_units.min(room) {
+            let start = first + units * unit_pages;
+            let end = start + unit_pages;
+            if end > pages || (start..end).any(|p| b.bit(p) || b.pending.contains_key(&p)) {
+                break;
+            }
+            for p in start..end {
+                b.pending.insert(p, (now, Origin::Prefetch));
+            }
+            units += 1;
+        }
+        self.requests.prefetched_pages += units * unit_pages;
+        units
+    }
+
+    /// Counts a request message that only asked ahead.
+    pub fn prefetch_message(&mut self) {
+        self.requests.prefetch_messages += 1;
     }
 
     /// Every page asked for and not delivered yet, oldest request first: what must be asked

@@ -403,6 +403,13 @@ impl StreamDecoder {
         self.package.is_some()
     }
 
+    /// Whether the stream stands between two page records of a RAM PART or END section,
+    /// outside any package: the one kind of place where a page record may be inserted
+    /// without changing what the rest of the stream means (ram.md#ram-continue).
+    pub fn between_pages(&self) -> bool {
+        matches!(self.mode, Mode::RamPayload { first: false, .. }) && self.package.is_none()
+    }
+
     /// Whether the decoder has given up framing and passes device state through
     /// (protocol-spec/device-state.md#device-state-opaque).
     pub fn is_opaque(&self) -> bool {

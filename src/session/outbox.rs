@@ -1,0 +1,529 @@
+//! The main channel's queue towards the destination, requested pages first
+//! (protocol-spec/postcopy-sequence.md#sequence-requests-first).
+//!
+//! Without preempt, a page the destination asks for travels behind every bulk page that
+//! is already on its way, and a relay adds its own buffers to that line. The sidecar turns
+//! this around: it reads the source ahead into this bounded queue, so the source's socket
+//! drains into the sidecar, and feeds the destination only as fast as it reads. When the
+//! destination asks for a page that is queued here, that page goes out next, at the first
+//! place where a page record may stand (between two page records of a RAM section),
+//! instead of behind the queue.
+//!
+//! Exactly once: a promoted page leaves its place in the queue, a page that is not
+//! promoted leaves in stream order, and a promoted page never goes out later than its own
+//! place. A page record that relied on CONTINUE (the block of the record before it) gets
+//! its block name written out whenever the record the destination saw last was of another
+//! block, so every record is read against the block it means. Only records that were
+//! decoded whole are queued; nothing here parses bytes.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::wire::primitives::put_counted;
+use crate::wire::ram::FLAG_CONTINUE;
+
+/// A page record's place in the stream, as the decoder saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageMark {
+    /// Index of the record's block in the block table.
+    pub block: usize,
+    /// Byte offset of the page in its block.
+    pub offset: u64,
+    /// Whether the record carries no block name (CONTINUE: the block of the record before).
+    pub continues: bool,
+    /// Whether the record may be sent ahead of its place: a full or zero page between
+    /// two page records of a RAM section, outside the package.
+    pub movable: bool,
+    /// Whether a request was waiting for it (the source's answer): it goes ahead of the
+    /// queue as soon as it is queued.
+    pub answers: bool,
+}
+
+/// One queued piece of the stream.
+#[derive(Debug)]
+enum Unit {
+    /// Stream bytes that go out unchanged; afterwards the stream stands between page
+    /// records (a page may be inserted) if `then_between_pages`.
+    Bytes {
+        bytes: Bytes,
+        then_between_pages: bool,
+    },
+    /// One page record.
+    Page { bytes: Bytes, mark: PageMark },
+    /// A page that was sent ahead of its place.
+    Moved,
+}
+
+/// What the queue did, for the report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OutboxFigures {
+    /// Requested pages sent ahead of queued bulk.
+    pub promoted_pages: u64,
+    /// Queued pages sent ahead with a requested one (the window after it).
+    pub window_pages: u64,
+    /// Page records whose block name was written out because an earlier record moved.
+    pub named_records: u64,
+    /// Most bytes queued at once.
+    pub peak_queued_bytes: u64,
+}
+
+/// The queue of decoded main-stream bytes not yet written to the destination.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    units: VecDeque<Unit>,
+    /// Sequence number of `units[0]`.
+    first_seq: u64,
+    /// Movable pages still queued at their place, by (block, offset): their sequence
+    /// number, and whether they already wait in `ahead`.
+    waiting: HashMap<(usize, u64), (u64, bool)>,
+    /// Promoted pages, in the order they were asked for.
+    urgent: VecDeque<u64>,
+    /// Pages sent with a promoted one (the window after it while the guest walks memory in
+    /// order): after every urgent page, before the stream's order.
+    ahead: VecDeque<u64>,
+    queued_bytes: usize,
+    /// Block of the last page record given out; `None` when not known.
+    last_block: Option<usize>,
+    /// Whether the bytes given out so far end between two page records.
+    between_pages: bool,
+    /// Block names, to write out a name a moved record's neighbour relied on.
+    names: Vec<Vec<u8>>,
+    figures: OutboxFigures,
+}
+
+impl Outbox {
+    /// An empty queue.
+    pub fn new() -> Outbox {
+        Outbox::default()
+    }
+
+    /// Learns the block names (the block table), needed to name a record.
+    pub fn set_block_names(&mut self, names: Vec<Vec<u8>>) {
+        self.names = names;
+    }
+
+    /// Queues stream bytes that go out as they are.
+    pub fn push_bytes(&mut self, bytes: Bytes, then_between_pages: bool) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.queued_bytes += bytes.len();
+        self.units.push_back(Unit::Bytes {
+            bytes,
+            then_between_pages,
+        });
+        self.note_peak();
+    }
+
+    /// Queues one page record. A movable record of a block without a known name is
+    /// queued as unmovable: it could not be named if its neighbour moved.
+    pub fn push_page(&mut self, bytes: Bytes, mut mark: PageMark) {
+        if mark.block >= self.names.len() {
+            mark.movable = false;
+        }
+        self.queued_bytes += bytes.len();
+        let seq = self.first_seq + self.units.len() as u64;
+        if mark.movable {
+            // A page appears once in a stream while it is queued; if a source sent it
+            // again, the later record must not be moved ahead of the earlier.
+            if let std::collections::hash_map::Entry::Vacant(v) =
+                self.waiting.entry((mark.block, mark.offset))
+            {
+                if mark.answers {
+                    self.urgent.push_back(seq);
+                } else {
+                    v.insert((seq, false));
+                }
+            }
+        }
+        self.units.push_back(Unit::Page { bytes, mark });
+        self.note_peak();
+    }
+
+    fn note_peak(&mut self) {
+        self.figures.peak_queued_bytes =
+            self.figures.peak_queued_bytes.max(self.queued_bytes as u64);
+    }
+
+    /// The destination asked for this page: if it is queued and movable, it goes out
+    /// next. Returns whether it was promoted.
+    #[must_use = "false: not queued (never, or already given out)"]
+    pub fn promote(&mut self, block: usize, offset: u64) -> bool {
+        match self.waiting.remove(&(block, offset)) {
+            Some((seq, _)) => {
+                // If it waited in `ahead` too, the later of the two turns finds it gone.
+                self.urgent.push_back(seq);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sends this page, if it is queued and movable, after the promoted ones and before
+    /// the stream's order (a page the guest is about to touch). Returns whether it was
+    /// queued for that.
+    pub fn send_ahead(&mut self, block: usize, offset: u64) -> bool {
+        match self.waiting.get_mut(&(block, offset)) {
+            Some((seq, in_ahead @ false)) => {
+                *in_ahead = true;
+                self.ahead.push_back(*seq);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The next promoted page still at its place: urgent ones first, then the windows.
+    fn pop_promoted(&mut self) -> Option<(Bytes, PageMark, bool)> {
+        loop {
+            let (seq, urgent) = match self.urgent.pop_front() {
+                Some(seq) => (seq, true),
+                None => (self.ahead.pop_front()?, false),
+            };
+            // A page given out since (in stream order, or on an earlier turn) is gone.
+            let Some(i) = seq.checked_sub(self.first_seq) else {
+                continue;
+            };
+            let Some(unit @ Unit::Page { .. }) = self.units.get_mut(i as usize) else {
+                continue;
+            };
+            let Unit::Page { bytes, mark } = std::mem::replace(unit, Unit::Moved) else {
+                continue;
+            };
+            if self.waiting.get(&(mark.block, mark.offset)).map(|w| w.0) == Some(seq) {
+                self.waiting.remove(&(mark.block, mark.offset));
+            }
+            return Some((bytes, mark, urgent));
+        }
+    }
+
+    /// Bytes queued and not yet given out.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.units.is_empty()
+    }
+
+    /// What the queue did so far.
+    pub fn figures(&self) -> OutboxFigures {
+        self.figures
+    }
+
+    /// Forgets everything queued: the destination connection it was meant for is gone,
+    /// and a new one starts a new stream (pass-through recovery; the destination's own
+    /// received bitmap then says what arrived).
+    pub fn reset(&mut self) {
+        let names = std::mem::take(&mut self.names);
+        let figures = self.figures;
+        *self = Outbox::default();
+        self.names = names;
+        self.figures = figures;
+    }
+
+    /// Gives out the next bytes for the destination, about `max` of them (at least one
+    /// unit when any is queued), promoted pages first wherever a page may stand.
+    pub fn take(&mut self, max: usize) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        let mut n = 0;
+        while n < max {
+            if self.between_pages
+                && let Some((bytes, mark, urgent)) = self.pop_promoted()
+            {
+                if urgent {
+                    self.figures.promoted_pages += 1;
+                } else {
+                    self.figures.window_pages += 1;
+                }
+                n += self.give_page(bytes, mark, &mut out);
+                continue;
+            }
+            let Some(unit) = self.units.pop_front() else {
+                break;
+            };
+            self.first_seq += 1;
+            match unit {
+                Unit::Moved => {}
+                Unit::Bytes {
+                    bytes,
+                    then_between_pages,
+                } => {
+                    self.queued_bytes -= bytes.len();
+                    n += bytes.len();
+                    self.between_pages = then_between_pages;
+                    out.push(bytes);
+                }
+                Unit::Page { bytes, mark } => {
+                    // Waiting, or promoted with no place for it before its own: it goes
+                    // here, and a turn it may still have in `urgent` or `ahead` finds it
+                    // gone.
+                    let seq = self.first_seq - 1;
+                    if self.waiting.get(&(mark.block, mark.offset)).map(|w| w.0) == Some(seq) {
+                        self.waiting.remove(&(mark.block, mark.offset));
+                    }
+                    n += self.give_page(bytes, mark, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    /// Gives out one page record, naming its block if the record relied on a block the
+    /// destination did not see last.
+    fn give_page(&mut self, bytes: Bytes, mark: PageMark, out: &mut Vec<Bytes>) -> usize {
+        self.queued_bytes -= bytes.len();
+        let len;
+        // Only a block with a known name can be named; such records never move, and
+        // nothing moved ahead of them could be of another block before the names were known.
+        let name = self.names.get(mark.block).filter(|_| bytes.len() >= 8);
+        if mark.continues
+            && self.last_block != Some(mark.block)
+            && let Some(name) = name
+        {
+            let mut head = Vec::with_capacity(8 + 1 + name.len());
+            let word = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes checked"));
+            head.extend_from_slice(&(word & !FLAG_CONTINUE).to_be_bytes());
+            put_counted(&mut head, name);
+            len = head.len() + bytes.len() - 8;
+            out.push(Bytes::from(head));
+            out.push(bytes.slice(8..));
+            self.figures.named_records += 1;
+        } else {
+            len = bytes.len();
+            out.push(bytes);
+        }
+        self.last_block = Some(mark.block);
+        self.between_pages = true;
+        len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::ram::{PageHeader, RamRecord};
+
+    fn page(block: Option<&[u8]>, offset: u64, fill: u8) -> Bytes {
+        let mut v = Vec::new();
+        RamRecord::Page {
+            header: PageHeader {
+                offset,
+                idstr: block,
+                block: 0,
+            },
+            data: &[fill; 4096],
+        }
+        .encode(&mut v);
+        Bytes::from(v)
+    }
+
+    fn mark(block: usize, offset: u64, continues: bool) -> PageMark {
+        PageMark {
+            block,
+            offset,
+            continues,
+            movable: true,
+            answers: false,
+        }
+    }
+
+    fn flat(v: Vec<Bytes>) -> Vec<u8> {
+        cat(&v)
+    }
+
+    /// The bytes of `parts`, one after the other.
+    fn cat(parts: &[Bytes]) -> Vec<u8> {
+        parts.iter().flat_map(|b| b.iter().copied()).collect()
+    }
+
+    fn outbox() -> Outbox {
+        let mut o = Outbox::new();
+        o.set_block_names(vec![b"pc.ram".to_vec(), b"other".to_vec()]);
+        o
+    }
+
+    #[test]
+    fn without_requests_bytes_leave_unchanged_and_in_order() {
+        let mut o = outbox();
+        let head = Bytes::from_static(b"\x03\0\0\0\x02");
+        o.push_bytes(head.clone(), true);
+        let a = page(Some(b"pc.ram"), 0, 1);
+        let b = page(None, 4096, 2);
+        o.push_page(a.clone(), mark(0, 0, false));
+        o.push_page(b.clone(), mark(0, 4096, true));
+        let want: Vec<u8> = cat(&[head, a, b]);
+        assert_eq!(flat(o.take(usize::MAX)), want);
+        assert!(o.is_empty());
+        assert_eq!(o.queued_bytes(), 0);
+        assert_eq!(o.figures().named_records, 0);
+    }
+
+    #[test]
+    fn a_requested_page_goes_next_and_its_neighbour_gets_a_name_only_when_needed() {
+        let mut o = outbox();
+        o.push_bytes(Bytes::from_static(b"\x03\0\0\0\x02"), true);
+        o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
+        o.push_page(page(None, 4096, 2), mark(0, 4096, true));
+        // Block 1 continues, block 0 again by CONTINUE after it.
+        o.push_page(page(Some(b"other"), 0, 3), mark(1, 0, false));
+        o.push_page(page(None, 8192, 4), mark(1, 8192, true));
+        o.push_page(page(Some(b"pc.ram"), 8192, 5), mark(0, 8192, false));
+        // Nothing given out yet: the stream stands nowhere, so a promoted page waits for
+        // the first place where a page may stand.
+        assert!(o.promote(1, 8192));
+        assert!(!o.promote(1, 8192), "promoted once");
+        let first = o.take(1);
+        assert_eq!(first.len(), 1, "the section header, alone");
+        // Now between pages: the promoted record goes next, and it continued block 1
+        // while the destination has seen no record yet: it is named.
+        let got = flat(o.take(4096));
+        assert_eq!(got, page(Some(b"other"), 8192, 4).to_vec());
+        // Then the stream resumes: block 0's first record carries its name already; the
+        // CONTINUE record after it follows block 0 as the destination last saw.
+        assert_eq!(
+            flat(o.take(2 * 4096)),
+            cat(&[page(Some(b"pc.ram"), 0, 1), page(None, 4096, 2)])
+        );
+        assert_eq!(flat(o.take(4096)), page(Some(b"other"), 0, 3).to_vec());
+        // The moved record's place is skipped; the last record is named already.
+        assert_eq!(flat(o.take(4096)), page(Some(b"pc.ram"), 8192, 5).to_vec());
+        assert!(o.is_empty());
+        assert_eq!(o.queued_bytes(), 0);
+        let f = o.figures();
+        assert_eq!(f.promoted_pages, 1);
+        assert_eq!(f.named_records, 1);
+    }
+
+    #[test]
+    fn a_continue_record_after_a_moved_page_of_another_block_is_named() {
+        let mut o = outbox();
+        o.push_bytes(Bytes::from_static(b"H"), true);
+        o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
+        o.push_page(page(None, 4096, 2), mark(0, 4096, true));
+        o.push_page(page(Some(b"other"), 0, 3), mark(1, 0, false));
+        let _ = o.take(1 + 4096 + 8);
+        // pc.ram 0 is out; the destination last saw block 0. Block 1's page jumps ahead.
+        assert!(o.promote(1, 0));
+        let got = flat(o.take(usize::MAX));
+        let want: Vec<u8> = cat(&[page(Some(b"other"), 0, 3), page(Some(b"pc.ram"), 4096, 2)]);
+        assert_eq!(got, want);
+        assert_eq!(o.figures().named_records, 1);
+    }
+
+    #[test]
+    fn a_page_promoted_where_none_may_stand_goes_at_its_own_place() {
+        let mut o = outbox();
+        o.push_bytes(Bytes::from_static(b"H"), false);
+        o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
+        assert!(o.promote(0, 0));
+        let got = flat(o.take(usize::MAX));
+        let want: Vec<u8> = cat(&[Bytes::from_static(b"H"), page(Some(b"pc.ram"), 0, 1)]);
+        assert_eq!(got, want, "given out once, at its place");
+        assert!(o.is_empty());
+        assert!(o.take(usize::MAX).is_empty());
+    }
+
+    #[test]
+    fn a_page_that_answers_a_request_goes_ahead_as_soon_as_it_is_queued() {
+        let mut o = outbox();
+        o.push_bytes(Bytes::from_static(b"H"), true);
+        o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
+        o.push_page(page(None, 4096, 2), mark(0, 4096, true));
+        let _ = o.take(1);
+        o.push_page(
+            page(Some(b"pc.ram"), 8192, 3),
+            PageMark {
+                answers: true,
+                ..mark(0, 8192, false)
+            },
+        );
+        assert!(!o.promote(0, 8192), "already on its way ahead");
+        let got = flat(o.take(usize::MAX));
+        let want: Vec<u8> = cat(&[
+            page(Some(b"pc.ram"), 8192, 3),
+            page(Some(b"pc.ram"), 0, 1),
+            page(None, 4096, 2),
+        ]);
+        assert_eq!(got, want);
+        assert_eq!(o.figures().promoted_pages, 1);
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn window_pages_go_after_requested_ones_and_before_the_stream() {
+        let mut o = outbox();
+        o.push_bytes(Bytes::from_static(b"H"), true);
+        for p in 0..6u64 {
+            let name: Option<&[u8]> = (p == 0).then_some(b"pc.ram");
+            o.push_page(page(name, p * 4096, p as u8), mark(0, p * 4096, p > 0));
+        }
+        let _ = o.take(1);
+        assert!(o.send_ahead(0, 3 * 4096));
+        assert!(!o.send_ahead(0, 3 * 4096), "once");
+        assert!(o.send_ahead(0, 4 * 4096));
+        assert!(o.promote(0, 5 * 4096));
+        // A window page that a request then names becomes urgent.
+        assert!(o.promote(0, 4 * 4096));
+        let got = flat(o.take(usize::MAX));
+        let want: Vec<u8> = cat(&[
+            page(Some(b"pc.ram"), 5 * 4096, 5),
+            page(None, 4 * 4096, 4),
+            page(None, 3 * 4096, 3),
+            page(Some(b"pc.ram"), 0, 0),
+            page(None, 4096, 1),
+            page(None, 2 * 4096, 2),
+        ]);
+        assert!(
+            got == want,
+            "each page once, requested first, then the window"
+        );
+        let f = o.figures();
+        assert_eq!((f.promoted_pages, f.window_pages), (2, 1));
+        assert_eq!(
+            f.named_records, 1,
+            "only page 5, the first out, relied on CONTINUE"
+        );
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn unmovable_and_unknown_pages_are_never_promoted() {
+        let mut o = outbox();
+        o.push_page(
+            page(Some(b"pc.ram"), 0, 1),
+            PageMark {
+                movable: false,
+                ..mark(0, 0, false)
+            },
+        );
+        o.push_page(page(Some(b"x"), 0, 1), mark(7, 0, false));
+        assert!(!o.promote(0, 0));
+        assert!(!o.promote(7, 0));
+        assert!(!o.promote(0, 4096), "never queued");
+    }
+
+    #[test]
+    fn reset_forgets_the_queue_but_keeps_names_and_figures() {
+        let mut o = outbox();
+        o.push_bytes(Bytes::from_static(b"H"), true);
+        o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
+        let _ = o.take(1);
+        assert!(o.promote(0, 0));
+        let _ = o.take(usize::MAX);
+        o.push_page(page(None, 4096, 1), mark(0, 4096, true));
+        o.reset();
+        assert!(o.is_empty());
+        assert_eq!(o.queued_bytes(), 0);
+        assert_eq!(o.figures().promoted_pages, 1);
+        // After a reset nothing is known of the destination's last block: a CONTINUE
+        // record is named.
+        o.push_page(page(None, 4096, 1), mark(0, 4096, true));
+        assert_eq!(
+            flat(o.take(usize::MAX)),
+            page(Some(b"pc.ram"), 4096, 1).to_vec()
+        );
+    }
+}
