@@ -7,9 +7,12 @@
 //! its trace (`-msg timestamp=on`) stamps each fault request of its fault thread and each
 //! page placement; latency = placement of the page − first request for it.
 //!
-//! `cargo bench --bench migration` (env: BENCH_ROUNDS, default 3; BENCH_PREEMPT=1 for the
-//! postcopy-preempt channel; BENCH_TLS=1 for TLS on both paths: the source's migration is
-//! TLS, ended either by the destination QEMU or by the sidecar). Needs `scripts/setup.sh`.
+//! `cargo bench --bench migration` (env: BENCH_ROUNDS, default 5; BENCH_MODES, a comma
+//! list of the names in [`MODES`] (sidecar: requests first and prefetch; -plain: neither;
+//! -no-prefetch, -in-order: one of them), default [`DEFAULT_MODES`]; BENCH_WORKLOAD,
+//! random or hot; BENCH_TLS=1 for TLS on every path: the source's
+//! migration is TLS, ended either by the destination QEMU or by the sidecar). Needs
+//! `scripts/setup.sh`.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -98,17 +101,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     pct(&mut v, 0.5)
 }
 
-async fn once(through_sidecar: bool, preempt: bool, tls: Option<&Tls>) -> Sample {
+async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
+    let Mode {
+        through_sidecar,
+        preempt,
+        requests_first,
+        prefetch,
+        ..
+    } = mode;
     let dir = tempfile::tempdir().unwrap();
     let spec = VmSpec::new(QemuBinary::find(QemuVersion::V10_0).expect("run scripts/setup.sh"))
         .name("bench")
         .ram_mib(512)
-        .linux(Workload {
-            mib: 192,
-            mode: WorkloadMode::Hot,
-            hot_mib: 16,
-            seed: 3,
-        });
+        .linux(load.wl);
     let dspec = spec
         .destination(QemuBinary::find(QemuVersion::V10_0).unwrap())
         .arg("-msg")
@@ -153,6 +158,8 @@ async fn once(through_sidecar: bool, preempt: bool, tls: Option<&Tls>) -> Sample
             listener,
             ReceiveOptions {
                 preempt,
+                requests_first,
+                prefetch,
                 tls: TlsOptions {
                     source: tls
                         .map(|t| SourceTls::load(t.server.path(), true, Vec::new()).unwrap()),
@@ -185,7 +192,7 @@ async fn once(through_sidecar: bool, preempt: bool, tls: Option<&Tls>) -> Sample
     let r = send(&SendOptions {
         qmp: src.spare_qmp_path().to_path_buf(),
         to: addr,
-        postcopy_after: Some(Duration::from_millis(500)),
+        postcopy_after: Some(load.postcopy_after),
         preempt,
         timeout: Duration::from_secs(300),
     })
@@ -215,6 +222,51 @@ async fn once(through_sidecar: bool, preempt: bool, tls: Option<&Tls>) -> Sample
     }
 }
 
+/// One way to migrate, a row of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mode {
+    name: &'static str,
+    through_sidecar: bool,
+    /// The sidecar reads ahead and sends requested pages ahead of its queue.
+    requests_first: bool,
+    /// The sidecar asks for a window of pages after an in-order fault.
+    prefetch: bool,
+    preempt: bool,
+}
+
+const fn mode(name: &'static str, sidecar: bool, rf: bool, pf: bool, preempt: bool) -> Mode {
+    Mode {
+        name,
+        through_sidecar: sidecar,
+        requests_first: rf,
+        prefetch: pf,
+        preempt,
+    }
+}
+
+/// Every mode; the default run leaves out the single-means sidecar modes.
+const MODES: [Mode; 8] = [
+    mode("direct", false, false, false, false),
+    mode("sidecar", true, true, true, false),
+    mode("sidecar-plain", true, false, false, false),
+    mode("sidecar-no-prefetch", true, true, false, false),
+    mode("sidecar-in-order", true, false, true, false),
+    mode("direct-preempt", false, false, false, true),
+    mode("sidecar-preempt", true, true, true, true),
+    mode("sidecar-preempt-plain", true, false, false, true),
+];
+
+const DEFAULT_MODES: [&str; 6] = [
+    "direct",
+    "sidecar",
+    "sidecar-plain",
+    "direct-preempt",
+    "sidecar-preempt",
+    "sidecar-preempt-plain",
+];
+
+/// Medians over rounds (total, downtime, requests, blocktime) and pooled fault-latency
+/// percentiles (p50, p90, p99) with the pooled fault count.
 fn row(name: &str, s: &[Sample]) -> [f64; 8] {
     let mut faults: Vec<f64> = s.iter().flat_map(|x| x.faults.iter().copied()).collect();
     let v = [
@@ -228,10 +280,47 @@ fn row(name: &str, s: &[Sample]) -> [f64; 8] {
         faults.len() as f64,
     ];
     println!(
-        "{name:<10} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>8.0}",
+        "{name:<16} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>8.0}",
         v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
     );
     v
+}
+
+/// What the guest does, and when the migration switches to postcopy.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    wl: Workload,
+    what: &'static str,
+    postcopy_after: Duration,
+}
+
+/// The guest's workload: `BENCH_WORKLOAD=random` (default: 64 MiB verified and rewritten
+/// at random, with postcopy from the start so all of it travels in postcopy: thousands of
+/// faults per run) or `hot` (a 16 MiB hot set in 192 MiB, postcopy after 0.5 s).
+fn load() -> Load {
+    match std::env::var("BENCH_WORKLOAD").as_deref() {
+        Ok("hot") => Load {
+            wl: Workload {
+                mib: 192,
+                mode: WorkloadMode::Hot,
+                hot_mib: 16,
+                seed: 3,
+            },
+            what: "rewriting a 16 MiB hot set in 192 MiB, postcopy after 0.5 s",
+            postcopy_after: Duration::from_millis(500),
+        },
+        Ok("random") | Err(_) => Load {
+            wl: Workload {
+                mib: 64,
+                mode: WorkloadMode::Random,
+                hot_mib: 1,
+                seed: 3,
+            },
+            what: "verifying and rewriting 64 MiB at random, postcopy from the start",
+            postcopy_after: Duration::ZERO,
+        },
+        Ok(other) => panic!("BENCH_WORKLOAD={other}: expected random or hot"),
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -239,26 +328,43 @@ async fn main() {
     let rounds: usize = std::env::var("BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    let preempt = std::env::var("BENCH_PREEMPT").is_ok_and(|v| v == "1");
+        .unwrap_or(5);
     let tls = std::env::var("BENCH_TLS")
         .is_ok_and(|v| v == "1")
         .then(Tls::new);
-    let (mut direct, mut sidecar) = (Vec::new(), Vec::new());
+    let modes: Vec<Mode> = match std::env::var("BENCH_MODES") {
+        Ok(list) => list
+            .split(',')
+            .map(|n| {
+                *MODES
+                    .iter()
+                    .find(|m| m.name == n.trim())
+                    .unwrap_or_else(|| panic!("BENCH_MODES: unknown mode {n:?}"))
+            })
+            .collect(),
+        Err(_) => MODES
+            .iter()
+            .filter(|m| DEFAULT_MODES.contains(&m.name))
+            .copied()
+            .collect(),
+    };
+    let load = load();
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
     for i in 0..rounds {
-        // Alternate so drift on a busy machine hits both paths alike.
-        direct.push(once(false, preempt, tls.as_ref()).await);
-        sidecar.push(once(true, preempt, tls.as_ref()).await);
+        // Alternate so drift on a busy machine hits every mode alike.
+        for (m, out) in modes.iter().zip(samples.iter_mut()) {
+            out.push(once(*m, tls.as_ref(), load).await);
+        }
         eprintln!("round {}/{rounds} done", i + 1);
     }
     println!(
-        "postcopy{}{} of a 512 MiB guest rewriting a 16 MiB hot set in 192 MiB; medians of {rounds} rounds; fault latency pooled over rounds",
-        if preempt { " with preempt" } else { "" },
-        if tls.is_some() { " over TLS" } else { "" }
+        "postcopy{} of a 512 MiB guest {}; medians of {rounds} rounds; fault latency pooled over rounds",
+        if tls.is_some() { " over TLS" } else { "" },
+        load.what
     );
     println!(
-        "{:<10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8}",
-        "path",
+        "{:<16} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8}",
+        "mode",
         "total ms",
         "down ms",
         "requests",
@@ -268,15 +374,33 @@ async fn main() {
         "p99 µs",
         "faults"
     );
-    let d = row("direct", &direct);
-    let s = row("sidecar", &sidecar);
+    let rows: Vec<[f64; 8]> = modes
+        .iter()
+        .zip(&samples)
+        .map(|(m, s)| row(m.name, s))
+        .collect();
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-    println!(
-        "ratio sidecar/direct: total {:.2}x, blocktime {:.2}x, p50 fault latency {:.2}x ({:+.0} µs), p99 {:.2}x",
-        ratio(s[0], d[0]),
-        ratio(s[3], d[3]),
-        ratio(s[4], d[4]),
-        s[4] - d[4],
-        ratio(s[6], d[6])
-    );
+    // Each sidecar mode against the direct mode with the same channels.
+    for (m, r) in modes.iter().zip(&rows) {
+        let Some((b, base)) = modes
+            .iter()
+            .zip(&rows)
+            .find(|(b, _)| !b.through_sidecar && b.preempt == m.preempt)
+        else {
+            continue;
+        };
+        if !m.through_sidecar {
+            continue;
+        }
+        println!(
+            "ratio {}/{}: total {:.2}x, blocktime {:.2}x, p50 {:.2}x, p90 {:.2}x, p99 {:.2}x",
+            m.name,
+            b.name,
+            ratio(r[0], base[0]),
+            ratio(r[3], base[3]),
+            ratio(r[4], base[4]),
+            ratio(r[5], base[5]),
+            ratio(r[6], base[6])
+        );
+    }
 }
