@@ -786,6 +786,9 @@ impl Session {
     ) -> SourceStep {
         self.marking = true;
         self.marks.clear();
+        // Page records are marked from POSTCOPY_LISTEN on; bytes from before may hold
+        // records the queue is not told of.
+        let unmarked = self.main.phase() < PostcopyPhase::Listening;
         let step = self.on_source_main(epoch, buf, now);
         self.marking = false;
         let mut marks = std::mem::take(&mut self.marks).into_iter().peekable();
@@ -800,16 +803,23 @@ impl Session {
                         if pos > at {
                             // What precedes a page record ends between page records only if
                             // the record may move; otherwise say no, which is always safe.
-                            self.outbox
-                                .push_bytes(buf.split_to(pos - at).freeze(), mark.movable);
+                            self.outbox.push_bytes(
+                                buf.split_to(pos - at).freeze(),
+                                mark.movable,
+                                unmarked,
+                            );
                         }
                         self.outbox.push_page(buf.split_to(len).freeze(), mark);
                         at = pos + len;
                     }
                     if end > at {
-                        let then = i == last && self.main.between_pages();
+                        // A page may follow only inside a postcopy RAM section: one
+                        // inserted into precopy would go before the discards.
+                        let then = i == last
+                            && self.main.between_pages()
+                            && self.main.phase() >= PostcopyPhase::Listening;
                         self.outbox
-                            .push_bytes(buf.split_to(end - at).freeze(), then);
+                            .push_bytes(buf.split_to(end - at).freeze(), then, unmarked);
                         at = end;
                     }
                 }
@@ -817,9 +827,10 @@ impl Session {
                     buf.advance(*n);
                     at += n;
                 }
-                Piece::Inject(bytes) => self
-                    .outbox
-                    .push_bytes(bytes::Bytes::from(bytes.clone()), false),
+                Piece::Inject(bytes) => {
+                    self.outbox
+                        .push_bytes(bytes::Bytes::from(bytes.clone()), false, false)
+                }
             }
         }
         step

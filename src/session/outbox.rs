@@ -44,10 +44,13 @@ pub struct PageMark {
 #[derive(Debug)]
 enum Unit {
     /// Stream bytes that go out unchanged; afterwards the stream stands between page
-    /// records (a page may be inserted) if `then_between_pages`.
+    /// records (a page may be inserted) if `then_between_pages`. `unmarked_pages`: they
+    /// may hold page records the queue was not told of (before postcopy), which leave the
+    /// destination's previous block unknown.
     Bytes {
         bytes: Bytes,
         then_between_pages: bool,
+        unmarked_pages: bool,
     },
     /// One page record.
     Page { bytes: Bytes, mark: PageMark },
@@ -103,8 +106,10 @@ impl Outbox {
         self.names = names;
     }
 
-    /// Queues stream bytes that go out as they are.
-    pub fn push_bytes(&mut self, bytes: Bytes, then_between_pages: bool) {
+    /// Queues stream bytes that go out as they are. `then_between_pages`: after them a
+    /// page record may be inserted (a postcopy RAM section stands open, outside the
+    /// package); `unmarked_pages`: they may hold page records not queued as pages.
+    pub fn push_bytes(&mut self, bytes: Bytes, then_between_pages: bool, unmarked_pages: bool) {
         if bytes.is_empty() {
             return;
         }
@@ -112,6 +117,7 @@ impl Outbox {
         self.units.push_back(Unit::Bytes {
             bytes,
             then_between_pages,
+            unmarked_pages,
         });
         self.note_peak();
     }
@@ -250,10 +256,14 @@ impl Outbox {
                 Unit::Bytes {
                     bytes,
                     then_between_pages,
+                    unmarked_pages,
                 } => {
                     self.queued_bytes -= bytes.len();
                     n += bytes.len();
                     self.between_pages = then_between_pages;
+                    if unmarked_pages {
+                        self.last_block = None;
+                    }
                     out.push(bytes);
                 }
                 Unit::Page { bytes, mark } => {
@@ -349,7 +359,7 @@ mod tests {
     fn without_requests_bytes_leave_unchanged_and_in_order() {
         let mut o = outbox();
         let head = Bytes::from_static(b"\x03\0\0\0\x02");
-        o.push_bytes(head.clone(), true);
+        o.push_bytes(head.clone(), true, false);
         let a = page(Some(b"pc.ram"), 0, 1);
         let b = page(None, 4096, 2);
         o.push_page(a.clone(), mark(0, 0, false));
@@ -364,7 +374,7 @@ mod tests {
     #[test]
     fn a_requested_page_goes_next_and_its_neighbour_gets_a_name_only_when_needed() {
         let mut o = outbox();
-        o.push_bytes(Bytes::from_static(b"\x03\0\0\0\x02"), true);
+        o.push_bytes(Bytes::from_static(b"\x03\0\0\0\x02"), true, false);
         o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
         o.push_page(page(None, 4096, 2), mark(0, 4096, true));
         // Block 1 continues, block 0 again by CONTINUE after it.
@@ -400,7 +410,7 @@ mod tests {
     #[test]
     fn a_continue_record_after_a_moved_page_of_another_block_is_named() {
         let mut o = outbox();
-        o.push_bytes(Bytes::from_static(b"H"), true);
+        o.push_bytes(Bytes::from_static(b"H"), true, false);
         o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
         o.push_page(page(None, 4096, 2), mark(0, 4096, true));
         o.push_page(page(Some(b"other"), 0, 3), mark(1, 0, false));
@@ -416,7 +426,7 @@ mod tests {
     #[test]
     fn a_page_promoted_where_none_may_stand_goes_at_its_own_place() {
         let mut o = outbox();
-        o.push_bytes(Bytes::from_static(b"H"), false);
+        o.push_bytes(Bytes::from_static(b"H"), false, false);
         o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
         assert!(o.promote(0, 0));
         let got = flat(o.take(usize::MAX));
@@ -429,7 +439,7 @@ mod tests {
     #[test]
     fn a_page_that_answers_a_request_goes_ahead_as_soon_as_it_is_queued() {
         let mut o = outbox();
-        o.push_bytes(Bytes::from_static(b"H"), true);
+        o.push_bytes(Bytes::from_static(b"H"), true, false);
         o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
         o.push_page(page(None, 4096, 2), mark(0, 4096, true));
         let _ = o.take(1);
@@ -455,7 +465,7 @@ mod tests {
     #[test]
     fn window_pages_go_after_requested_ones_and_before_the_stream() {
         let mut o = outbox();
-        o.push_bytes(Bytes::from_static(b"H"), true);
+        o.push_bytes(Bytes::from_static(b"H"), true, false);
         for p in 0..6u64 {
             let name: Option<&[u8]> = (p == 0).then_some(b"pc.ram");
             o.push_page(page(name, p * 4096, p as u8), mark(0, p * 4096, p > 0));
@@ -490,6 +500,23 @@ mod tests {
     }
 
     #[test]
+    fn after_records_the_queue_was_not_told_of_a_continue_record_is_named() {
+        let mut o = outbox();
+        o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
+        // Precopy bytes holding a record of another block.
+        o.push_bytes(page(Some(b"other"), 0, 9), false, true);
+        o.push_page(page(None, 4096, 2), mark(0, 4096, true));
+        let got = flat(o.take(usize::MAX));
+        let want = cat(&[
+            page(Some(b"pc.ram"), 0, 1),
+            page(Some(b"other"), 0, 9),
+            page(Some(b"pc.ram"), 4096, 2),
+        ]);
+        assert!(got == want, "the CONTINUE record after them is named");
+        assert_eq!(o.figures().named_records, 1);
+    }
+
+    #[test]
     fn unmovable_and_unknown_pages_are_never_promoted() {
         let mut o = outbox();
         o.push_page(
@@ -508,7 +535,7 @@ mod tests {
     #[test]
     fn reset_forgets_the_queue_but_keeps_names_and_figures() {
         let mut o = outbox();
-        o.push_bytes(Bytes::from_static(b"H"), true);
+        o.push_bytes(Bytes::from_static(b"H"), true, false);
         o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
         let _ = o.take(1);
         assert!(o.promote(0, 0));

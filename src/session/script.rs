@@ -600,6 +600,20 @@ mod tests {
     }
 
     #[test]
+    fn faults_before_the_destination_read_anything_complete_exactly_once() {
+        // Found by the fuzz smoke run: everything queued, the destination reading nothing
+        // until the end, faults meanwhile. A promoted page must never go into precopy, and
+        // a CONTINUE record after precopy's records must be named.
+        for first in [0x80u8, 0x81, 0x84] {
+            assert_eq!(
+                run(&[first]),
+                Outcome::Completed { recoveries: 0 },
+                "{first:#x}"
+            );
+        }
+    }
+
+    #[test]
     fn hostile_return_path_bytes_are_refused_with_a_typed_error() {
         // Carry the start, then garbage on the destination's return path.
         let out = run(&[4, 1, 0xff, 0xff, 7, 4, 0xff, 0xff, 0xff, 0xff]);
