@@ -31,6 +31,8 @@ enum Mode {
     Precopy,
     Postcopy,
     Preempt,
+    /// The source has no preempt; the sidecar opens the destination's preempt channel.
+    OwnPreempt,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -132,6 +134,7 @@ async fn run(case: Case) -> Outcome {
         listener,
         ReceiveOptions {
             preempt,
+            own_preempt: case.mode == Mode::OwnPreempt,
             report: Some(dir.path().join("report.json")),
             allow_paused: case.paused_destination,
             ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
@@ -231,6 +234,46 @@ async fn requested_pages_pass_the_sidecars_queue_10_0() {
     assert!(r.forwarded_messages > 0, "the guest faulted: {r:?}");
     assert!(q.promoted_pages > 0, "requested pages went ahead: {q:?}");
     assert_guest_healthy(&o).await;
+}
+
+/// The sidecar's own preempt channel (protocol-spec/postcopy-sequence.md#sequence-own-preempt):
+/// a source without preempt, a destination with it, and requested pages delivered on the
+/// channel the sidecar opened, while the guest faults at random from the start.
+async fn own_preempt(v: QemuVersion) {
+    let o = run(Case {
+        random: true,
+        mode: Mode::OwnPreempt,
+        ..Case::postcopy(v)
+    })
+    .await;
+    assert!(o.report.timeline.run_ms.is_some(), "no POSTCOPY_RUN seen");
+    assert!(!o.report.preempt, "the source opened no preempt channel");
+    assert!(
+        o.dst
+            .qmp()
+            .capability("postcopy-preempt")
+            .await
+            .expect("QMP"),
+        "the destination ran with postcopy-preempt"
+    );
+    assert_request_counts(&o, v == QemuVersion::V10_0);
+    let q = &o.report.requests_first;
+    assert!(
+        q.preempt_pages > 0,
+        "pages left on the sidecar's preempt channel: {q:?}"
+    );
+    assert_eq!(q.preempt_pages, q.promoted_pages + q.window_pages, "{q:?}");
+    assert_guest_healthy(&o).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_preempt_channel_to_a_10_0_destination() {
+    own_preempt(QemuVersion::V10_0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_preempt_channel_to_a_7_2_destination() {
+    own_preempt(QemuVersion::V7_2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -229,3 +229,62 @@ async fn a_destination_that_exits_ends_the_sidecar_with_a_clear_error() {
     let status = sender.await.unwrap().expect("source QMP");
     assert_ne!(status.status, "completed");
 }
+
+/// `--own-preempt` promises the destination a preempt channel from the sidecar; a source
+/// that has preempt after all connects its own before it stops the VM. The sidecar's port
+/// is closed then, so that connection is refused and the source fails the migration right
+/// there: the VM never leaves the source, and both ends say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_with_preempt_fails_an_own_preempt_migration_before_the_switch() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = need(Vm::spawn(&spec(), dir.path()).await);
+    need(src.wait_workload_ready(LIMIT).await);
+    let dst = need(
+        Vm::spawn(
+            &spec().destination(need(QemuBinary::find(QemuVersion::V10_0))),
+            dir.path(),
+        )
+        .await,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let h = tokio::spawn(receive_on(
+        listener,
+        ReceiveOptions {
+            own_preempt: true,
+            ..options(&dst, addr)
+        },
+    ));
+    let sent = send(&SendOptions {
+        qmp: src.spare_qmp_path().to_path_buf(),
+        to: addr,
+        postcopy_after: Some(Duration::ZERO),
+        preempt: true,
+        timeout: LIMIT,
+    })
+    .await
+    .expect("source QMP");
+    let report = finished(h).await.expect("a report");
+    let e = report.error.clone().expect("an error");
+    assert!(
+        e.contains("before the destination ran the VM")
+            && e.contains("closed to a preempt channel (--own-preempt)"),
+        "{e}"
+    );
+    // QEMU's words: its (preempt) connection was refused, before it stopped the VM.
+    assert_eq!(sent.status, "failed", "{sent:?}");
+    assert!(
+        sent.error
+            .as_deref()
+            .is_some_and(|e| e.contains("Connection refused")),
+        "{sent:?}"
+    );
+    assert_eq!(
+        report.timeline.run_ms, None,
+        "the destination never ran the VM"
+    );
+    // The guest goes on on the source, intact.
+    assert!(src.qmp().is_running().await.unwrap(), "the source VM runs");
+    let seen = need(src.wait_progress(src.serial().len(), 1, LIMIT).await);
+    assert!(seen.iter().all(|p| p.mismatches == 0), "{seen:?}");
+}

@@ -556,6 +556,87 @@ async fn pass_through_relays_the_recovery_of_7_2() {
     assert!(report.recoveries.iter().all(|r| r.mode == "pass-through"));
 }
 
+/// The sidecar's own preempt channel to the destination (the source has none,
+/// protocol-spec/postcopy-sequence.md#sequence-own-preempt) through held cuts: the
+/// destination never pauses, and its preempt connection outlives every source connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_are_held_with_the_sidecars_own_preempt_channel_10_0() {
+    let (rig, sidecar) = Rig::start(QemuVersion::V10_0, false, |o| ReceiveOptions {
+        own_preempt: true,
+        ..o
+    })
+    .await;
+    rig.postcopy().await;
+    for _ in 0..5 {
+        rig.advance(512 * 1024).await;
+        rig.cut_and_resume(Link::cut).await;
+    }
+    let report = rig.finish(sidecar).await;
+    own_preempt_was_used(&rig).await;
+    assert_eq!(report.recoveries.len(), 5);
+    assert!(report.recoveries.iter().all(|r| r.mode == "hold"));
+    assert!(
+        !rig.destination_states()
+            .contains(&MigrationStatus::PostcopyPaused)
+    );
+}
+
+/// Pass-through with the sidecar's own preempt channel: at each cut the destination pauses
+/// and drops both its connections; its recovery waits for a new preempt connection, which
+/// only the sidecar makes (10.0 blocks in POSTCOPY_RESUME without it, 7.2 never starts).
+async fn pass_through_with_own_preempt(version: QemuVersion) {
+    let (rig, sidecar) = Rig::start(version, false, |o| ReceiveOptions {
+        on_cut: Some(CutPolicy::PassThrough),
+        own_preempt: true,
+        ..o
+    })
+    .await;
+    rig.postcopy().await;
+    for _ in 0..2 {
+        rig.advance(256 * 1024).await;
+        // See pass_through_relays_the_recovery_of_7_2.
+        stop_destination_vcpus(&rig.dst).await;
+        rig.cut_and_resume(Link::cut).await;
+        cont_destination(&rig.dst).await;
+    }
+    let report = rig.finish(sidecar).await;
+    own_preempt_was_used(&rig).await;
+    assert_eq!(report.recoveries.len(), 2);
+    assert!(report.recoveries.iter().all(|r| r.mode == "pass-through"));
+    if version == QemuVersion::V10_0 {
+        let paused = rig
+            .destination_states()
+            .iter()
+            .filter(|s| **s == MigrationStatus::PostcopyPaused)
+            .count();
+        assert_eq!(paused, 2, "the destination paused at every cut");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pass_through_reopens_the_sidecars_own_preempt_channel_10_0() {
+    pass_through_with_own_preempt(QemuVersion::V10_0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pass_through_reopens_the_sidecars_own_preempt_channel_7_2() {
+    pass_through_with_own_preempt(QemuVersion::V7_2).await;
+}
+
+/// The destination ran with postcopy-preempt while the source had none: the channel it
+/// waited for (before it loaded the package) was the sidecar's.
+async fn own_preempt_was_used(rig: &Rig) {
+    let cap = "postcopy-preempt";
+    assert!(
+        rig.dst.qmp().capability(cap).await.unwrap(),
+        "the destination has postcopy-preempt"
+    );
+    assert!(
+        !rig.src.qmp().capability(cap).await.unwrap(),
+        "the source has no postcopy-preempt"
+    );
+}
+
 /// The sidecar as its own process, so that it can be killed; its log lines are read like
 /// a serial console, to wait on what it says.
 struct SidecarProcess {
@@ -845,7 +926,14 @@ async fn an_unknown_record_in_live_postcopy_pauses_both_ends_for_a_direct_recove
 /// carries the source's resume to its address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_sidecar_takes_over_a_paused_migration_10_0() {
-    takeover(true).await;
+    takeover(true, false).await;
+}
+
+/// A restarted sidecar keeps the first one's promise of a preempt channel
+/// (`--own-preempt`): the resumed destination waits for one that the source never opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_sidecar_reopens_its_own_preempt_channel_10_0() {
+    takeover(true, true).await;
 }
 
 /// The same when the destination's QMP cannot be used (a paused destination's main loop
@@ -853,20 +941,24 @@ async fn a_restarted_sidecar_takes_over_a_paused_migration_10_0() {
 /// the takeover needs nothing but the state file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_sidecar_takes_over_without_qmp_10_0() {
-    takeover(false).await;
+    takeover(false, false).await;
 }
 
-async fn takeover(with_qmp: bool) {
+async fn takeover(with_qmp: bool, own_preempt: bool) {
     let (src, dst, dir) = vms(QemuVersion::V10_0, false).await;
     let port = free_port();
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let state = dir.path().join("sidecar.state");
-    let mut first = SidecarProcess::start(dst.spare_qmp_path(), listen, &state, &[]);
+    let first_args: &[&str] = if own_preempt { &["--own-preempt"] } else { &[] };
+    let mut first = SidecarProcess::start(dst.spare_qmp_path(), listen, &state, first_args);
     first.said("waiting for the source").await;
     let dst_cursor = dst.qmp().event_cursor();
     start_postcopy_after(&src, &dst, listen, false, dst_cursor, 1).await;
     // The state file is written once the stream reaches postcopy.
     first.said("takeover state written").await;
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(written["own_preempt"], own_preempt, "{written}");
     stop_destination_vcpus(&dst).await;
     let (sc, dc) = (src.qmp().event_cursor(), dst.qmp().event_cursor());
     first.kill();
@@ -911,6 +1003,12 @@ async fn takeover(with_qmp: bool) {
             )
         });
     assert_eq!(s, MigrationStatus::Completed);
+    if own_preempt {
+        // The resumed destination waited for a preempt connection only a sidecar makes.
+        second
+            .said("opened the destination's preempt channel")
+            .await;
+    }
     let (status, log) = second.wait().await;
     cont_destination(&dst).await;
     assert!(status.success(), "second sidecar: {status}\n{log}");

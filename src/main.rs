@@ -343,6 +343,11 @@ struct ReceiveArgs {
     /// Ask the source only for the faulting page, never for a window after it.
     #[arg(long)]
     no_prefetch: bool,
+    /// Open the destination's postcopy-preempt channel from the sidecar and send requested
+    /// pages there, ahead of the bulk on main, for a source WITHOUT preempt. Recovering the
+    /// migration then needs a sidecar (this one, or one started with --recover).
+    #[arg(long, conflicts_with_all = ["preempt", "no_requests_first", "follow_incoming"])]
+    own_preempt: bool,
     /// MiB of the main stream read ahead of the destination (at least 1).
     #[arg(long, default_value_t = 32)]
     read_ahead_mib: usize,
@@ -464,6 +469,7 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
         preempt: a.preempt,
         requests_first: !a.no_requests_first,
         prefetch: !a.no_prefetch,
+        own_preempt: a.own_preempt,
         read_ahead: a.read_ahead_mib.max(1) << 20,
         report: a.report,
         live: !a.quiet && std::io::stderr().is_terminal(),

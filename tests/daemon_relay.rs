@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use postcopy_sidecar::daemon::relay::{Feed, PumpReport, Relay, main_pump, return_path_pump};
+use postcopy_sidecar::daemon::relay::{
+    Feed, OwnPreempt, PumpReport, Relay, main_pump, return_path_pump,
+};
 use postcopy_sidecar::inspect::read_capture;
 use postcopy_sidecar::session::{CutDecision, Session, SessionConfig};
 use postcopy_sidecar::wire::{RpDecoder, RpMessage, Step};
@@ -49,6 +51,7 @@ async fn through_main_pump(
         source: Box::new(src_r),
         epoch: 1,
         destination: Some(Box::new(dst_w)),
+        own_preempt: None,
     })
     .await
     .unwrap();
@@ -171,4 +174,89 @@ async fn a_discard_after_a_page_in_the_same_read_leaves_the_page_missing() {
         (1, 1),
         "0x3000 was discarded after delivery, 0x4000 was not"
     );
+}
+
+/// With its own preempt connection to the destination, the main pump ends that channel
+/// with EOS once the stream ended, and hands the connection over instead of closing it
+/// (a 7.2 destination's preempt thread ends only on EOS; a closed socket would break the
+/// destination's loader).
+#[tokio::test]
+async fn an_own_preempt_channel_ends_with_eos_and_is_handed_over_open() {
+    let main = capture("main.fwd.gz");
+    let (tx, mut reports) = mpsc::unbounded_channel();
+    let relay = Arc::new(Relay::new(
+        Session::new(
+            SessionConfig {
+                own_preempt: true,
+                ..SessionConfig::default()
+            },
+            Instant::now(),
+        ),
+        None,
+        tx,
+    ));
+    relay
+        .with(|s| s.source_main_connected(Instant::now()))
+        .unwrap();
+    let (mut src_w, src_r) = tokio::io::duplex(64 * 1024);
+    let (dst_w, mut dst_r) = tokio::io::duplex(64 * 1024);
+    let (pre_w, mut pre_r) = tokio::io::duplex(4096);
+    let (keep, kept) = tokio::sync::oneshot::channel();
+    let (feed, feeds) = mpsc::channel(1);
+    let pump = tokio::spawn(main_pump(relay.clone(), feeds));
+    feed.send(Feed {
+        source: Box::new(src_r),
+        epoch: 1,
+        destination: Some(Box::new(dst_w)),
+        own_preempt: Some(OwnPreempt {
+            writer: Box::new(pre_w),
+            keep,
+        }),
+    })
+    .await
+    .unwrap();
+    let len = main.len();
+    let stream = main.clone();
+    let feeder = tokio::spawn(async move {
+        src_w.write_all(&stream).await.unwrap();
+        src_w
+    });
+    let mut out = vec![0u8; len];
+    dst_r.read_exact(&mut out).await.unwrap();
+    assert!(out == main, "nothing asked for: main unchanged");
+    // The destination's return path up to its SHUT, then the source closes.
+    let (s_w, _s_r) = tokio::io::duplex(64 * 1024);
+    relay.source.install(1, Box::new(s_w)).await;
+    let (mut d_w, d_r) = tokio::io::duplex(4096);
+    let (rp_feed, rp_feeds) = mpsc::channel(1);
+    let rp_pump = tokio::spawn(return_path_pump(relay.clone(), rp_feeds));
+    rp_feed.send(Box::new(d_r)).await.unwrap();
+    d_w.write_all(&capture("return-path.rp.gz")).await.unwrap();
+    drop(d_w);
+    drop(rp_feed);
+    rp_pump.await.unwrap().unwrap();
+    drop(feeder.await.unwrap());
+    loop {
+        match reports.recv().await.unwrap() {
+            PumpReport::SourceLost { channel, cause, .. } => {
+                let d = relay.with(|s| s.source_lost(channel, cause, Instant::now()));
+                assert_eq!(d, CutDecision::Done);
+                break;
+            }
+            PumpReport::DestinationLost { error: None, .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(feed);
+    pump.await.unwrap().unwrap();
+    let mut eos = [0u8; 8];
+    pre_r.read_exact(&mut eos).await.unwrap();
+    assert_eq!(u64::from_be_bytes(eos), 0x10, "EOS");
+    assert!(relay.with(|s| s.own_preempt_ended()));
+    // Handed over, still open: nothing more, and no end of stream yet.
+    let _writer = kept.await.expect("the pump handed its preempt writer over");
+    let mut more = [0u8; 1];
+    let read =
+        tokio::time::timeout(std::time::Duration::from_millis(100), pre_r.read(&mut more)).await;
+    assert!(read.is_err(), "the preempt connection stays open: {read:?}");
 }

@@ -25,7 +25,7 @@ use crate::session::admission::{
     Admission, DistinguishedName, Joining, OpeningCheck, OpeningVerdict, PeerId,
 };
 use crate::session::{CutDecision, LinkEvent, TimerAction};
-use crate::wire::{Channel, DecoderOptions};
+use crate::wire::{Channel, DecoderOptions, PostcopyPhase};
 
 /// Where the sidecar reaches the destination QEMU's incoming side.
 #[derive(Debug, Clone)]
@@ -94,6 +94,10 @@ pub struct CarryOptions {
     pub endpoint: Endpoint,
     /// Whether the preempt channel is in use.
     pub preempt: bool,
+    /// The sidecar opens the destination's preempt channel itself, right after each main
+    /// connection to it, and the source must not open one
+    /// (protocol-spec/postcopy-sequence.md#sequence-own-preempt).
+    pub own_preempt: bool,
     /// How a paused destination gets recovered (pass-through).
     pub recover: Recover,
     /// How long to wait for the source's first connection.
@@ -459,9 +463,36 @@ struct Pumps {
     tasks: JoinSet<(&'static str, Result<(), RelayError>)>,
 }
 
+/// Stops the source port from taking connections: new ones are refused, not queued.
+/// `--own-preempt` does this from the source's main connection until its package: a source
+/// that has preempt after all connects its preempt channel before it stops the VM
+/// (QEMU's `postcopy_start`, `postcopy_preempt_establish_channel`), and a refused connection
+/// fails its migration right there, with the VM still running on the source; an accepted
+/// one would let it go on to stop the VM and send the package.
+fn close_source_port(listener: &TcpListener) {
+    if let Err(e) = socket2::SockRef::from(listener).shutdown(std::net::Shutdown::Read) {
+        tracing::warn!("closing the source port: {e}");
+    }
+}
+
+/// Opens the source port again at the address it had: a closed listening socket cannot
+/// listen again at its address (Linux gives it a new port), so it is a new socket.
+fn reopen_source_port(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(128)?;
+    sock.set_nonblocking(true)?;
+    TcpListener::from_std(sock.into())
+}
+
 /// Runs the migration's connections until the stream is complete and every pump ended.
 pub async fn carry(
-    listener: &TcpListener,
+    mut listener: TcpListener,
     opts: CarryOptions,
     relay: Arc<Relay>,
     mut reports: mpsc::UnboundedReceiver<PumpReport>,
@@ -495,6 +526,13 @@ pub async fn carry(
     let mut main_done = false;
     let mut rp_done = false;
     let mut destination_closed = false;
+    // The source port, closed with `--own-preempt` until the package (see
+    // [`close_source_port`]).
+    let port = listener.local_addr().map_err(|e| ReceiveError::Io {
+        what: "reading the listening address".into(),
+        source: e,
+    })?;
+    let mut port_closed = false;
     let mut accept_backoff = super::backoff::AcceptBackoff::new(
         "source port",
         Duration::from_millis(5),
@@ -504,7 +542,7 @@ pub async fn carry(
         let timeout = relay.with(|s| s.poll_timeout());
         let waiting_first = first_main && pumps.main.is_none();
         tokio::select! {
-            accepted = listener.accept() => {
+            accepted = listener.accept(), if !port_closed => {
                 let (s, peer) = match accepted {
                     Ok(a) => {
                         accept_backoff.accepted();
@@ -528,7 +566,9 @@ pub async fn carry(
                 }
                 tracing::debug!(%peer, main_up = *main_up_tx.borrow(), preempt_up, "accepted a source connection");
                 let main_up = *main_up_tx.borrow();
-                if main_up && (preempt_up || !opts.preempt) {
+                // With --own-preempt a source's preempt connection is let in to be judged:
+                // it fails the migration while the VM is still on the source.
+                if main_up && (preempt_up || !(opts.preempt || opts.own_preempt)) {
                     refuse(&relay, peer, "extra", "the source's channels are all up");
                     continue;
                 }
@@ -597,6 +637,7 @@ pub async fn carry(
                         };
                         relay.source.install(epoch, w).await;
                         let mut destination = None;
+                        let mut own_preempt = None;
                         if first_main || need_destination {
                             let (dr, dw, dsock) = if first_main {
                                 connect_destination(&endpoint, opts.sockets.dst_sndbuf, opts.destination_tls.as_ref()).await?
@@ -605,6 +646,16 @@ pub async fn carry(
                             };
                             dst_socks.push(dsock);
                             destination = Some(dw);
+                            if opts.own_preempt {
+                                // After main, on the same listener: QEMU takes connections
+                                // in order, so this one is its preempt channel.
+                                let (pr, pw, psock) = connect_destination(&endpoint, 0, opts.destination_tls.as_ref()).await?;
+                                dst_socks.push(psock);
+                                let (keep, kept) = tokio::sync::oneshot::channel();
+                                pumps.tasks.spawn(async move { ("preempt reverse", relay::watch_own_preempt(pr, kept).await) });
+                                own_preempt = Some(relay::OwnPreempt { writer: pw, keep });
+                                tracing::info!(destination = %endpoint, "opened the destination's preempt channel");
+                            }
                             if pumps.rp.is_none() {
                                 let (tx, rx) = mpsc::channel(1);
                                 let r2 = relay.clone();
@@ -623,11 +674,16 @@ pub async fn carry(
                             pumps.main = Some(tx);
                         }
                         if let Some(tx) = &pumps.main {
-                            let _ = tx.send(Feed { source: r, epoch, destination }).await;
+                            let _ = tx.send(Feed { source: r, epoch, destination, own_preempt }).await;
                         }
                         if first_main {
                             tracing::info!(source = %who, "source connected");
                             admission.admitted(who);
+                            if opts.own_preempt && relay.with(|s| s.phase()) < PostcopyPhase::Listening {
+                                close_source_port(&listener);
+                                port_closed = true;
+                                tracing::info!("source port closed until the package: a source with preempt fails to connect it and keeps its VM");
+                            }
                         } else {
                             tracing::info!(%peer, epoch, "source resumed: answering its recovery handshake");
                         }
@@ -636,7 +692,7 @@ pub async fn carry(
                         main_up_tx.send_replace(true);
                     }
                     Classified::Preempt => {
-                        if !opts.preempt || preempt_up {
+                        if !(opts.preempt || opts.own_preempt) || preempt_up {
                             refuse(&relay, peer, "extra", "an extra connection");
                             continue;
                         }
@@ -647,6 +703,14 @@ pub async fn carry(
                         if let Err(why) = admission.joining(&who, Joining::Preempt) {
                             refuse(&relay, peer, "not_the_source", &format!("a preempt connection: {why}"));
                             continue;
+                        }
+                        if opts.own_preempt {
+                            // The source has preempt after all. It opens the channel before
+                            // it stops the VM, so failing now leaves the VM on the source.
+                            break Err(ReceiveError::Setup(
+                                "the source opened a postcopy-preempt channel, but the sidecar \
+                                 opens the destination's itself (--own-preempt): turn preempt off \
+                                 on the source, or drop --own-preempt".into()));
                         }
                         if let Err(e) = relay.with(|s| s.source_preempt_connected()) {
                             tracing::warn!(%peer, "refused a preempt connection: {e}");
@@ -672,7 +736,7 @@ pub async fn carry(
                             pumps.preempt = Some(tx);
                         }
                         if let Some(tx) = &pumps.preempt {
-                            let _ = tx.send(Feed { source: r, epoch, destination }).await;
+                            let _ = tx.send(Feed { source: r, epoch, destination, own_preempt: None }).await;
                         }
                         preempt_up = true;
                         tracing::info!(%peer, "preempt channel connected");
@@ -727,6 +791,9 @@ pub async fn carry(
                                     }
                                 }
                             }
+                            CutDecision::Fail(why) if port_closed => break Err(ReceiveError::Setup(format!(
+                                "{why}; the source port was closed to a preempt channel (--own-preempt): \
+                                 a source with postcopy-preempt fails this way, its VM running"))),
                             CutDecision::Fail(why) => break Err(ReceiveError::Setup(why)),
                         }
                     }
@@ -803,9 +870,23 @@ pub async fn carry(
                     "no source connected within {:.0} s", opts.accept_timeout.as_secs_f64())));
             }
             _ = tick.tick() => {}
+            // The source port opens again soon after the package passed.
+            _ = tokio::time::sleep(Duration::from_millis(20)), if port_closed => {}
+        }
+        if port_closed && relay.with(|s| s.phase()) >= PostcopyPhase::Listening {
+            // Past the package: the source is committed to no preempt channel, and a
+            // resume after a cut must find the port.
+            match reopen_source_port(port) {
+                Ok(l) => {
+                    listener = l;
+                    port_closed = false;
+                    tracing::info!(%port, "source port open again");
+                }
+                Err(e) => tracing::warn!(%port, "reopening the source port: {e}; trying again"),
+            }
         }
         for ev in relay.with(|s| s.take_events()) {
-            log_event(&ev, listener);
+            log_event(&ev, &listener);
             // Metrics first: whoever watches the events may read them at once.
             if let Some(m) = &relay.metrics {
                 match &ev {

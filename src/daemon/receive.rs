@@ -101,6 +101,10 @@ pub struct ReceiveOptions {
     /// Ask the source for a window of pages after a fault while the guest walks memory in
     /// order (protocol-spec/postcopy-sequence.md#sequence-prefetch).
     pub prefetch: bool,
+    /// Open the destination's preempt channel from the sidecar (the source has no
+    /// preempt) and send requested pages there, ahead of main
+    /// (protocol-spec/postcopy-sequence.md#sequence-own-preempt). Private incoming only.
+    pub own_preempt: bool,
     /// How many bytes of the main stream the sidecar reads ahead of the destination.
     pub read_ahead: usize,
     /// Write the JSON report here.
@@ -194,6 +198,7 @@ impl ReceiveOptions {
             preempt: false,
             requests_first: true,
             prefetch: true,
+            own_preempt: false,
             read_ahead: crate::daemon::relay::DEFAULT_READ_AHEAD,
             report: None,
             live: false,
@@ -573,6 +578,15 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     } else {
         None
     };
+    // The sidecar's own preempt channel is a promise to the destination, made before it
+    // listens; takeover keeps the first sidecar's promise.
+    let own_preempt = match &takeover {
+        Some(state) => state.own_preempt,
+        None => opts.own_preempt,
+    };
+    if opts.own_preempt && takeover.is_none() {
+        check_own_preempt(&opts)?;
+    }
     let qmp = attach_for(&opts).await?;
     let mut dest = destination_info(qmp.as_ref()).await?;
     if takeover.is_none()
@@ -600,6 +614,7 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
         check_placement: opts.verify,
         requests_first: opts.requests_first,
         prefetch: opts.prefetch,
+        own_preempt,
     };
     let session = match &takeover {
         Some(state) => Session::takeover(cfg, state, Instant::now()),
@@ -652,7 +667,7 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
                 ("return-path", true),
                 ("postcopy-blocktime", true),
             ];
-            if opts.preempt {
+            if opts.preempt || own_preempt {
                 caps.push(("postcopy-preempt", true));
             }
             qmp.set_capabilities(&caps).await?;
@@ -696,12 +711,19 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
     tracing::info!(%listen, %endpoint, on_cut = policy.name(), "waiting for the source");
 
     let (source_tls, destination_tls) = tls_ends(&opts.tls, qmp.as_ref()).await?;
+    if own_preempt && destination_tls.is_some() {
+        // QEMU finishes the two TLS handshakes in any order, and must take main first.
+        return Err(ReceiveError::Setup(
+            "--own-preempt does not work with a destination that expects TLS yet".into(),
+        ));
+    }
     let live = opts.live.then(|| LiveView::start(relay.clone()));
     let carried = carry::carry(
-        &listener,
+        listener,
         CarryOptions {
             endpoint,
             preempt,
+            own_preempt,
             recover: match opts.incoming {
                 Incoming::Private => Recover::Private(private.path().to_path_buf()),
                 Incoming::Follow => Recover::Follow,
@@ -854,6 +876,23 @@ async fn takeover_endpoint(
                 .into(),
         )),
     }
+}
+
+/// Refuses `--own-preempt` where it cannot work: the sidecar must set the destination's
+/// capability before it listens, requested pages must pass the queue to reach the channel,
+/// and a source with preempt opens its own.
+fn check_own_preempt(opts: &ReceiveOptions) -> Result<(), ReceiveError> {
+    let why = if opts.incoming != Incoming::Private {
+        "it needs the private incoming mode: the sidecar turns postcopy-preempt on before the \
+         destination listens"
+    } else if opts.preempt {
+        "--preempt says the source opens the preempt channel itself"
+    } else if !opts.requests_first {
+        "it sends queued pages ahead, which --no-requests-first turns off"
+    } else {
+        return Ok(());
+    };
+    Err(ReceiveError::Setup(format!("--own-preempt: {why}")))
 }
 
 /// Reads the state a first sidecar left for a takeover.

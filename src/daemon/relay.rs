@@ -10,7 +10,10 @@
 //! The main channel's pump reads the source ahead, up to [`Relay::read_ahead`] bytes queued
 //! in the session (twice that while the source owes an answer to a request), and gives the
 //! destination what the session hands out, requested pages first
-//! (protocol-spec/postcopy-sequence.md#sequence-requests-first).
+//! (protocol-spec/postcopy-sequence.md#sequence-requests-first). With a preempt connection
+//! of the sidecar's own to the destination (`--own-preempt`), the same pump writes the
+//! requested pages there, ahead of everything on main, and ends that channel with EOS
+//! (postcopy-sequence.md#sequence-own-preempt).
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -126,6 +129,9 @@ pub struct Relay {
     pub reports: mpsc::UnboundedSender<PumpReport>,
     /// Main-stream bytes the reader may queue ahead of the destination.
     pub read_ahead: usize,
+    /// Woken when a request promoted a queued page, so the main pump writes it on its own
+    /// preempt connection at once instead of after its current main batch.
+    pub promoted: tokio::sync::Notify,
 }
 
 impl Relay {
@@ -144,6 +150,7 @@ impl Relay {
             layout_ready: watch::Sender::new(false),
             reports,
             read_ahead: DEFAULT_READ_AHEAD,
+            promoted: tokio::sync::Notify::new(),
         }
     }
 
@@ -156,6 +163,11 @@ impl Relay {
     /// it is of the generation the bytes were made for. Taking and writing happen under
     /// the writer's lock, so the source gets them in the order the session made them.
     pub async fn flush_to_source(&self) {
+        // Every step that may have promoted a queued page ends here: the main pump writes
+        // it on its own preempt connection at once.
+        if self.with(|s| s.preempt_out_pending()) {
+            self.promoted.notify_one();
+        }
         let mut w = self.source.w.lock().await;
         let (epoch, bytes) = self.with(Session::take_to_source);
         if bytes.is_empty() {
@@ -302,6 +314,19 @@ pub struct Feed {
     pub epoch: u64,
     /// A new destination connection to write to, if it changed.
     pub destination: Option<Writer>,
+    /// With it, a new preempt connection of the sidecar's own to the destination.
+    pub own_preempt: Option<OwnPreempt>,
+}
+
+/// The write half of a preempt connection the sidecar opened to the destination itself,
+/// and where the pump hands it once the channel ended with EOS: the watcher of the
+/// connection's read half keeps it open until the destination closes the connection
+/// (closing it first would break the destination's preempt thread, and with it main).
+pub struct OwnPreempt {
+    /// Where requested pages are written.
+    pub writer: Writer,
+    /// Takes the writer after EOS; see [`watch_own_preempt`].
+    pub keep: tokio::sync::oneshot::Sender<Writer>,
 }
 
 /// How a pump's source connection ended.
@@ -324,6 +349,9 @@ pub async fn main_pump(
 ) -> Result<(), RelayError> {
     let ch = Channel::Main;
     let mut dst: Option<Writer> = None;
+    // The sidecar's own preempt connection, and what was taken for it and is being written.
+    let mut pre: Option<OwnPreempt> = None;
+    let mut pout: VecDeque<Bytes> = VecDeque::new();
     let mut src: Option<(Reader, u64)> = None;
     let mut rb = ReadBuffer::default();
     // Taken from the session's queue and being written.
@@ -332,6 +360,38 @@ pub async fn main_pump(
     let mut fatal: Option<RelayError> = None;
     let mut ended = false;
     loop {
+        if pout.is_empty() && pre.is_some() && fatal.is_none() {
+            relay.with(|s| {
+                pout.extend(s.take_preempt_out(WRITE_BATCH));
+                if pout.is_empty()
+                    && let Some(eos) = s.take_own_preempt_eos()
+                {
+                    pout.push_back(eos);
+                }
+            });
+        }
+        // Requested pages go out before anything else, whole: the preempt connection
+        // carries a few pages at a time, so its socket buffer is seldom full.
+        if !pout.is_empty()
+            && let Some(p) = pre.as_mut()
+        {
+            // One vectored write for the lot where the socket takes it: the destination's
+            // preempt thread then wakes once for whole records, not once per piece.
+            let written = async {
+                while !pout.is_empty() {
+                    match write_opt(Some(&mut p.writer), &pout).await? {
+                        0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                        n => advance(&mut pout, n),
+                    }
+                }
+                p.writer.flush().await
+            }
+            .await;
+            if let Err(e) = written {
+                own_preempt_lost(&relay, &mut pre, &mut pout, e);
+            }
+            continue;
+        }
         if out.is_empty() && dst.is_some() {
             out.extend(relay.with(|s| s.take_main_out(WRITE_BATCH)));
         }
@@ -355,8 +415,10 @@ pub async fn main_pump(
             src = None;
             rb.cur.clear();
         }
-        let drained =
-            out.is_empty() && (dst.is_none() || relay.with(|s| s.main_queued_bytes()) == 0);
+        let drained = out.is_empty()
+            && pout.is_empty()
+            && (dst.is_none() || relay.with(|s| s.main_queued_bytes()) == 0)
+            && (pre.is_none() || fatal.is_some() || relay.with(|s| s.own_preempt_ended()));
         if (ended || fatal.is_some()) && drained {
             break;
         }
@@ -373,6 +435,8 @@ pub async fn main_pump(
             };
         let writing = dst.is_some() && !out.is_empty();
         tokio::select! {
+            // A request promoted a queued page: write it on the preempt connection now.
+            _ = relay.promoted.notified(), if pre.is_some() => {}
             feed = feeds.recv(), if !ended && fatal.is_none() => match feed {
                 None => {
                     ended = true;
@@ -385,8 +449,10 @@ pub async fn main_pump(
                         // destination's received bitmap says what arrived.
                         relay.with(Session::main_destination_changed);
                         out.clear();
+                        pout.clear();
                         unflushed = false;
                         dst = Some(d);
+                        pre = f.own_preempt;
                     }
                     rb.cur.clear();
                     src = Some((f.source, f.epoch));
@@ -434,17 +500,9 @@ pub async fn main_pump(
             },
             w = write_opt(dst.as_mut(), &out), if writing => match w {
                 Ok(0) => destination_lost(&relay, &mut dst, &mut out, std::io::ErrorKind::WriteZero.into()),
-                Ok(mut n) => {
+                Ok(n) => {
                     unflushed = true;
-                    while n > 0 {
-                        let Some(front) = out.front_mut() else { break };
-                        let k = n.min(front.len());
-                        front.advance(k);
-                        n -= k;
-                        if front.is_empty() {
-                            out.pop_front();
-                        }
-                    }
+                    advance(&mut out, n);
                     if let Some(g) = relay.guard.get() {
                         g.poke();
                     }
@@ -457,10 +515,43 @@ pub async fn main_pump(
     if let Some(mut d) = dst {
         let _ = d.shutdown().await;
     }
+    if let Some(p) = pre {
+        // Never closed from here: the watcher holds it until the destination closes it.
+        let _ = p.keep.send(p.writer);
+    }
     match fatal {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Drops the first `n` bytes of `out`, which were written.
+fn advance(out: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = out.front_mut() else { break };
+        let k = n.min(front.len());
+        front.advance(k);
+        n -= k;
+        if front.is_empty() {
+            out.pop_front();
+        }
+    }
+}
+
+/// The sidecar's own preempt connection failed: reported (the carrier ends the migration
+/// for it: the destination's loader stops on a broken preempt channel too).
+fn own_preempt_lost(
+    relay: &Relay,
+    pre: &mut Option<OwnPreempt>,
+    pout: &mut VecDeque<Bytes>,
+    e: std::io::Error,
+) {
+    relay.report(PumpReport::DestinationLost {
+        channel: Channel::Preempt,
+        error: Some(e),
+    });
+    *pre = None;
+    pout.clear();
 }
 
 /// The destination's main connection failed: reported, and nothing more is written to it.
@@ -631,6 +722,19 @@ pub async fn return_path_pump(
         }
     }
     Ok(())
+}
+
+/// Watches the read half of the sidecar's own preempt connection to the destination like
+/// [`watch_preempt_reverse`], and keeps the write half the main pump hands over after EOS
+/// open until the destination closes the connection.
+pub async fn watch_own_preempt(
+    from_dst: Reader,
+    writer: tokio::sync::oneshot::Receiver<Writer>,
+) -> Result<(), RelayError> {
+    let r = watch_preempt_reverse(from_dst).await;
+    // A writer handed over (or on its way) closes only now.
+    drop(writer);
+    r
 }
 
 /// Watches the destination side of a preempt connection, which QEMU never writes to; it

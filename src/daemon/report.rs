@@ -230,6 +230,13 @@ impl Report {
             q.window_pages,
             q.peak_queued_bytes >> 10
         );
+        if q.preempt_pages > 0 {
+            let _ = writeln!(
+                s,
+                "own preempt  {} of them on the sidecar's own preempt channel to the destination",
+                q.preempt_pages
+            );
+        }
         if let Some(bt) = d.postcopy_blocktime_ms {
             let _ = writeln!(s, "blocktime    {bt} ms (destination's own vCPU blocktime)");
         }

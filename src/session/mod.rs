@@ -95,6 +95,10 @@ pub struct SessionConfig {
     /// Ask the source for a window of pages after a faulting one while the guest walks
     /// memory in order ([`prefetch`]).
     pub prefetch: bool,
+    /// The sidecar opens a preempt channel to the destination itself and sends requested
+    /// pages there (protocol-spec/postcopy-sequence.md#sequence-own-preempt); needs
+    /// `requests_first`, a destination with `postcopy-preempt` and a source without it.
+    pub own_preempt: bool,
 }
 
 impl Default for SessionConfig {
@@ -108,6 +112,7 @@ impl Default for SessionConfig {
             decoder: DecoderOptions::default(),
             requests_first: true,
             prefetch: true,
+            own_preempt: false,
         }
     }
 }
@@ -124,6 +129,10 @@ pub struct TakeoverState {
     pub blocks: Vec<(String, u64)>,
     /// Whether the migration uses the preempt channel.
     pub preempt: bool,
+    /// Whether the sidecar opened the destination's preempt channel itself (the source
+    /// has none): a resumed destination then waits for one from the sidecar.
+    #[serde(default)]
+    pub own_preempt: bool,
     /// Where the first sidecar reached the destination (`unix:PATH`, `tcp:ADDR`): QEMU
     /// keeps listening there while paused.
     #[serde(default)]
@@ -268,6 +277,11 @@ pub struct Session {
     marking: bool,
     /// Page records of the current step: input position, length, mark.
     marks: Vec<(usize, usize, PageMark)>,
+    /// Blocks whose host page is larger than a target page: their records assemble one
+    /// host page in order on one channel, so none of them may move.
+    huge_blocks: Vec<usize>,
+    /// The EOS that ends the sidecar's own preempt channel was given out.
+    own_preempt_ended: bool,
 }
 
 impl Session {
@@ -305,8 +319,18 @@ impl Session {
             answered_last: false,
             marking: false,
             marks: Vec::new(),
+            huge_blocks: Vec::new(),
+            own_preempt_ended: false,
             cfg,
         }
+        .with_own_preempt()
+    }
+
+    fn with_own_preempt(mut self) -> Session {
+        if self.cfg.own_preempt && self.cfg.requests_first {
+            self.outbox.use_preempt_channel();
+        }
+        self
     }
 
     /// A session that takes over a migration paused in postcopy (a restarted sidecar):
@@ -361,6 +385,7 @@ impl Session {
                 .map(|b| (String::from_utf8_lossy(&b.name).into_owned(), b.used_length))
                 .collect(),
             preempt: self.preempt_used,
+            own_preempt: self.cfg.own_preempt,
             destination: None,
         })
     }
@@ -738,7 +763,8 @@ impl Session {
                     offset: h.offset,
                     continues: h.idstr.is_none(),
                     movable: matches!(rec, RamRecord::Page { .. } | RamRecord::Zero { .. })
-                        && !self.main.in_package(),
+                        && !self.main.in_package()
+                        && !self.huge_blocks.contains(&h.block),
                     answers: self.answered_last,
                 };
                 self.marks.push((pos, len, mark));
@@ -842,6 +868,43 @@ impl Session {
         self.outbox.take(max)
     }
 
+    /// The next records for the sidecar's own preempt connection to the destination,
+    /// about `max` bytes: requested pages taken out of the main queue, each named
+    /// (see [`outbox`]). Empty without [`SessionConfig::own_preempt`].
+    pub fn take_preempt_out(&mut self, max: usize) -> Vec<bytes::Bytes> {
+        self.outbox.take_preempt(max)
+    }
+
+    /// Whether requested pages wait for the sidecar's own preempt connection.
+    pub fn preempt_out_pending(&self) -> bool {
+        self.outbox.preempt_pending()
+    }
+
+    /// The EOS that ends the sidecar's own preempt channel, once: when the main stream's
+    /// EOF was decoded and every page for the destination was given out. A 7.2
+    /// destination's preempt thread ends only on it, and it waits for that thread before
+    /// it completes; a later one takes it as a pre-7.2-style source's end.
+    pub fn take_own_preempt_eos(&mut self) -> Option<bytes::Bytes> {
+        if !self.cfg.own_preempt
+            || self.own_preempt_ended
+            || !self.ended
+            || !self.outbox.is_empty()
+            || self.outbox.preempt_pending()
+        {
+            return None;
+        }
+        self.own_preempt_ended = true;
+        let mut eos = Vec::new();
+        RamRecord::Eos.encode(&mut eos);
+        Some(bytes::Bytes::from(eos))
+    }
+
+    /// Whether the sidecar's own preempt channel was given its EOS (nothing more goes
+    /// there).
+    pub fn own_preempt_ended(&self) -> bool {
+        self.own_preempt_ended
+    }
+
     /// Bytes queued for the destination's main connection.
     pub fn main_queued_bytes(&self) -> usize {
         self.outbox.queued_bytes()
@@ -904,6 +967,13 @@ impl Session {
                 } else if *rec == RamRecord::Eos && !self.layout_published {
                     self.publish_layout();
                     step.layout_ready = true;
+                } else if let RamRecord::Block(b) = rec
+                    && b.page_size
+                        .is_some_and(|ps| ps > self.main.target_page_size())
+                    && let Some(id) = self.main.layout().find(b.idstr)
+                    && !self.huge_blocks.contains(&id)
+                {
+                    self.huge_blocks.push(id);
                 }
             }
             Event::Command(c) => {

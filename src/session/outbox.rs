@@ -9,6 +9,12 @@
 //! place where a page record may stand (between two page records of a RAM section),
 //! instead of behind the queue.
 //!
+//! With a preempt channel of the sidecar's own towards the destination
+//! ([`Outbox::use_preempt_channel`], protocol-spec/postcopy-sequence.md#sequence-own-preempt),
+//! promoted pages leave by [`Outbox::take_preempt`] instead, each record named (the
+//! destination keeps a previous block per channel), and the main channel only skips
+//! their places: nothing on main waits for a place where a page may stand.
+//!
 //! Exactly once: a promoted page leaves its place in the queue, a page that is not
 //! promoted leaves in stream order, and a promoted page never goes out later than its own
 //! place. A page record that relied on CONTINUE (the block of the record before it) gets
@@ -69,6 +75,8 @@ pub struct OutboxFigures {
     pub named_records: u64,
     /// Most bytes queued at once.
     pub peak_queued_bytes: u64,
+    /// Promoted and window pages that left on the sidecar's own preempt channel.
+    pub preempt_pages: u64,
 }
 
 /// The queue of decoded main-stream bytes not yet written to the destination.
@@ -92,6 +100,8 @@ pub struct Outbox {
     between_pages: bool,
     /// Block names, to write out a name a moved record's neighbour relied on.
     names: Vec<Vec<u8>>,
+    /// Promoted pages leave on the destination's preempt channel, not on main.
+    preempt: bool,
     figures: OutboxFigures,
 }
 
@@ -104,6 +114,13 @@ impl Outbox {
     /// Learns the block names (the block table), needed to name a record.
     pub fn set_block_names(&mut self, names: Vec<Vec<u8>>) {
         self.names = names;
+    }
+
+    /// Sends promoted pages on a preempt channel ([`Self::take_preempt`]) from now on
+    /// instead of inserting them into main: a requested page then never waits for the
+    /// main channel's socket buffers or for a place where a page may stand.
+    pub fn use_preempt_channel(&mut self) {
+        self.preempt = true;
     }
 
     /// Queues stream bytes that go out as they are. `then_between_pages`: after them a
@@ -225,9 +242,11 @@ impl Outbox {
     pub fn reset(&mut self) {
         let names = std::mem::take(&mut self.names);
         let figures = self.figures;
+        let preempt = self.preempt;
         *self = Outbox::default();
         self.names = names;
         self.figures = figures;
+        self.preempt = preempt;
     }
 
     /// Gives out the next bytes for the destination, about `max` of them (at least one
@@ -236,7 +255,8 @@ impl Outbox {
         let mut out = Vec::new();
         let mut n = 0;
         while n < max {
-            if self.between_pages
+            if !self.preempt
+                && self.between_pages
                 && let Some((bytes, mark, urgent)) = self.pop_promoted()
             {
                 if urgent {
@@ -281,6 +301,45 @@ impl Outbox {
         out
     }
 
+    /// Gives out the promoted pages for the preempt channel, about `max` bytes (at least
+    /// one page when any is promoted), urgent ones first, each record named. Empty unless
+    /// [`Self::use_preempt_channel`] was called.
+    pub fn take_preempt(&mut self, max: usize) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        let mut n = 0;
+        while self.preempt && n < max {
+            let Some((bytes, mark, urgent)) = self.pop_promoted() else {
+                break;
+            };
+            if urgent {
+                self.figures.promoted_pages += 1;
+            } else {
+                self.figures.window_pages += 1;
+            }
+            self.figures.preempt_pages += 1;
+            self.queued_bytes -= bytes.len();
+            // Movable records are of named blocks only (`push_page`).
+            match self.names.get(mark.block) {
+                Some(name) if mark.continues && bytes.len() >= 8 => {
+                    let (head, len) = named_head(&bytes, name);
+                    out.push(head);
+                    out.push(bytes.slice(8..));
+                    n += len;
+                }
+                _ => {
+                    n += bytes.len();
+                    out.push(bytes);
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether promoted pages wait for the preempt channel.
+    pub fn preempt_pending(&self) -> bool {
+        self.preempt && !(self.urgent.is_empty() && self.ahead.is_empty())
+    }
+
     /// Gives out one page record, naming its block if the record relied on a block the
     /// destination did not see last.
     fn give_page(&mut self, bytes: Bytes, mark: PageMark, out: &mut Vec<Bytes>) -> usize {
@@ -293,12 +352,9 @@ impl Outbox {
             && self.last_block != Some(mark.block)
             && let Some(name) = name
         {
-            let mut head = Vec::with_capacity(8 + 1 + name.len());
-            let word = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes checked"));
-            head.extend_from_slice(&(word & !FLAG_CONTINUE).to_be_bytes());
-            put_counted(&mut head, name);
-            len = head.len() + bytes.len() - 8;
-            out.push(Bytes::from(head));
+            let (head, n) = named_head(&bytes, name);
+            len = n;
+            out.push(head);
             out.push(bytes.slice(8..));
             self.figures.named_records += 1;
         } else {
@@ -309,6 +365,17 @@ impl Outbox {
         self.between_pages = true;
         len
     }
+}
+
+/// The header word of the page record `record` (at least 8 bytes) without CONTINUE and
+/// followed by `name`, and the length of the named record.
+fn named_head(record: &Bytes, name: &[u8]) -> (Bytes, usize) {
+    let mut head = Vec::with_capacity(8 + 1 + name.len());
+    let word = u64::from_be_bytes(record[..8].try_into().expect("8 bytes checked"));
+    head.extend_from_slice(&(word & !FLAG_CONTINUE).to_be_bytes());
+    put_counted(&mut head, name);
+    let len = head.len() + record.len() - 8;
+    (Bytes::from(head), len)
 }
 
 #[cfg(test)]
@@ -552,5 +619,72 @@ mod tests {
             flat(o.take(usize::MAX)),
             page(Some(b"pc.ram"), 4096, 1).to_vec()
         );
+    }
+
+    #[test]
+    fn with_a_preempt_channel_promoted_pages_leave_there_named_and_main_skips_them() {
+        let mut o = outbox();
+        o.use_preempt_channel();
+        o.push_bytes(Bytes::from_static(b"H"), true, false);
+        o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
+        o.push_page(page(None, 4096, 2), mark(0, 4096, true));
+        o.push_page(page(Some(b"other"), 0, 3), mark(1, 0, false));
+        o.push_page(page(None, 4096, 4), mark(1, 4096, true));
+        // Promoted before main gave out anything: no place on main is needed.
+        assert!(o.promote(0, 4096));
+        assert!(o.send_ahead(1, 4096));
+        assert!(o.preempt_pending());
+        let pre = flat(o.take_preempt(usize::MAX));
+        let want = cat(&[
+            page(Some(b"pc.ram"), 4096, 2),
+            page(Some(b"other"), 4096, 4),
+        ]);
+        assert!(pre == want, "each record named, urgent first");
+        assert!(!o.preempt_pending());
+        assert!(o.take_preempt(usize::MAX).is_empty());
+        let main = flat(o.take(usize::MAX));
+        let want = cat(&[
+            Bytes::from_static(b"H"),
+            page(Some(b"pc.ram"), 0, 1),
+            page(Some(b"other"), 0, 3),
+        ]);
+        assert!(main == want, "main skips the moved places");
+        let f = o.figures();
+        assert_eq!(
+            (f.promoted_pages, f.window_pages, f.preempt_pages),
+            (1, 1, 2)
+        );
+        assert_eq!(o.queued_bytes(), 0);
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn a_preempt_channel_survives_a_reset() {
+        let mut o = outbox();
+        o.use_preempt_channel();
+        o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
+        assert!(o.promote(0, 0));
+        o.reset();
+        assert!(!o.preempt_pending(), "pending promotions are dropped");
+        o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
+        assert!(o.promote(0, 0));
+        assert_eq!(
+            flat(o.take_preempt(usize::MAX)),
+            page(Some(b"pc.ram"), 0, 1).to_vec()
+        );
+        assert!(o.take(usize::MAX).is_empty(), "main skips the moved page");
+    }
+
+    #[test]
+    fn a_promoted_page_that_main_reaches_first_leaves_on_main_once() {
+        let mut o = outbox();
+        o.use_preempt_channel();
+        o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
+        assert!(o.promote(0, 0));
+        assert_eq!(
+            flat(o.take(usize::MAX)),
+            page(Some(b"pc.ram"), 0, 1).to_vec()
+        );
+        assert!(o.take_preempt(usize::MAX).is_empty(), "given out once");
     }
 }

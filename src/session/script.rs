@@ -108,11 +108,12 @@ struct Rig {
 }
 
 impl Rig {
-    fn new(precopy_every: u64, queued: Option<usize>) -> Rig {
+    fn new(precopy_every: u64, queued: Option<usize>, own_preempt: bool) -> Rig {
         let now = Instant::now();
         let mut s = Session::new(
             SessionConfig {
                 on_cut: CutPolicy::Hold,
+                own_preempt,
                 ..Default::default()
             },
             now,
@@ -139,6 +140,17 @@ impl Rig {
 
     /// The destination reads up to `max` bytes of what the session queued for it.
     fn drain(&mut self, max: usize) -> Result<(), Stop> {
+        // The sidecar writes its own preempt channel first (the daemon's main pump does).
+        for b in self.s.take_preempt_out(usize::MAX) {
+            if let Err(e) = self.dst.feed_preempt(&b) {
+                if self.hostile {
+                    return Err(Stop::End(Outcome::Refused(format!(
+                        "destination preempt: {e}"
+                    ))));
+                }
+                panic!("the destination fails on the sidecar's preempt channel: {e}");
+            }
+        }
         for b in self.s.take_main_out(max) {
             if let Err(e) = self.dst.feed(&b) {
                 if self.hostile {
@@ -513,6 +525,16 @@ impl Rig {
         self.drain(usize::MAX)?;
         assert_eq!(self.s.main_queued_bytes(), 0, "bytes left in the queue");
         assert!(self.dst.ended, "the destination saw EOF");
+        if let Some(eos) = self.s.take_own_preempt_eos() {
+            self.dst
+                .feed_preempt(&eos)
+                .expect("the destination takes the sidecar's EOS");
+        }
+        assert_eq!(
+            self.dst.preempt_ended,
+            self.s.own_preempt_ended(),
+            "an own preempt channel ends with EOS once the stream did"
+        );
         assert_eq!(self.dst.missing(), vec![], "pages never delivered");
         assert!(self.s.ended(), "the session saw EOF");
         let t = self.s.tracker().expect("a tracker after the block list");
@@ -535,7 +557,9 @@ pub fn run(script: &[u8]) -> Outcome {
     // through the daemon's queue and how fast the destination reads it.
     let first = r.u8();
     let queued = (first >= 0x80).then(|| 512 * usize::from(first & 0x78));
-    let mut rig = Rig::new(u64::from(first % 5), queued);
+    // Queued, bit 2 also opens the sidecar's own preempt channel.
+    let own_preempt = queued.is_some() && first & 0x04 != 0;
+    let mut rig = Rig::new(u64::from(first % 5), queued, own_preempt);
     let mut steps = 0;
     while !r.done() && steps < 4096 {
         if let Err(Stop::End(outcome)) = rig.step(&mut r) {
@@ -586,7 +610,8 @@ mod tests {
 
     #[test]
     fn the_same_cuts_through_the_daemons_queue_complete_exactly_once() {
-        for first in [0x83u8, 0x8b, 0xfb] {
+        // Bit 2 set: the sidecar's own preempt channel too.
+        for first in [0x83u8, 0x8b, 0xfb, 0x87, 0x8f, 0xff] {
             let script = [
                 first, 1, 0xff, 0xff, 0, 5, 1, 50, 1, 2, 9, 4, 2, 3, 5, 64, 1, 3, 0, 1, 0, 1, 0, 7,
                 1, 0xff, 0xff, 4, 5, 9, 8, 5, 17, 1,

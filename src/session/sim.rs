@@ -16,8 +16,8 @@ use crate::wire::compose::{
 };
 use crate::wire::stream::SectionIdent;
 use crate::wire::{
-    Command, Event, PostcopyPhase, RamRecord, RpDecoder, RpMessage, SectionHeader, SectionKind,
-    Step, StreamDecoder,
+    Command, Event, PostcopyPhase, PreemptDecoder, RamRecord, RpDecoder, RpMessage, SectionHeader,
+    SectionKind, Step, StreamDecoder,
 };
 
 /// Target page size of the simulated migration.
@@ -301,6 +301,14 @@ pub struct SimDestination {
     pub ended: bool,
     /// Pages placed in postcopy.
     pub postcopy_pages: u64,
+    /// The preempt channel's reader: QEMU starts it at POSTCOPY_LISTEN.
+    preempt: Option<PreemptDecoder>,
+    /// Preempt bytes not decoded yet.
+    preempt_buf: Vec<u8>,
+    /// Pages placed from the preempt channel.
+    pub preempt_pages: u64,
+    /// The preempt channel's EOS arrived.
+    pub preempt_ended: bool,
 }
 
 impl SimDestination {
@@ -316,7 +324,56 @@ impl SimDestination {
             names: blocks.iter().map(|(n, _)| n.to_vec()).collect(),
             ended: false,
             postcopy_pages: 0,
+            preempt: None,
+            preempt_buf: Vec::new(),
+            preempt_pages: 0,
+            preempt_ended: false,
         }
+    }
+
+    /// Bytes that reached the destination's preempt channel; read once the main channel
+    /// got to POSTCOPY_LISTEN, as QEMU's preempt thread does. An error is what QEMU's
+    /// preempt thread would stop on.
+    pub fn feed_preempt(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.preempt_buf.extend_from_slice(bytes);
+        if self.dec.phase() < PostcopyPhase::Listening {
+            return Ok(());
+        }
+        let dec = self.preempt.get_or_insert_with(|| {
+            PreemptDecoder::new(self.dec.target_page_size(), self.dec.layout().clone())
+        });
+        let mut pos = 0;
+        loop {
+            let (len, rec) = match dec.next(&self.preempt_buf[pos..]) {
+                Ok(Step::Event { len, event, .. }) => (len, event),
+                Ok(Step::NeedMore) => break,
+                Err(e) => return Err(format!("the destination's preempt channel: {e}")),
+            };
+            pos += len;
+            match &rec {
+                RamRecord::Eos => self.preempt_ended = true,
+                RamRecord::Page { header, .. } | RamRecord::Zero { header, .. } => {
+                    let page = header.offset / PAGE;
+                    let slot = &mut self.present[header.block][page as usize];
+                    if *slot {
+                        return Err(format!(
+                            "EEXIST on preempt: page {page:#x} of block {} placed twice",
+                            header.block
+                        ));
+                    }
+                    match (&rec, page_content(header.block, page)) {
+                        (RamRecord::Page { data, .. }, Some(e)) if **data == e[..] => {}
+                        (RamRecord::Zero { .. }, None) => {}
+                        _ => return Err(format!("preempt page {page:#x} has the wrong content")),
+                    }
+                    *slot = true;
+                    self.preempt_pages += 1;
+                }
+                other => return Err(format!("{other:?} on the preempt channel")),
+            }
+        }
+        self.preempt_buf.drain(..pos);
+        Ok(())
     }
 
     /// Bytes that reached the destination; an error is what QEMU would fail with.

@@ -62,8 +62,30 @@ impl Wire {
         }
     }
 
-    /// The destination reads up to `max` bytes of what the session queued for it.
+    /// A queued wire whose sidecar opened the destination's preempt channel itself.
+    fn own_preempt(policy: CutPolicy, drain: usize) -> Wire {
+        let now = Instant::now();
+        let mut s = Session::new(
+            SessionConfig {
+                on_cut: policy,
+                own_preempt: true,
+                ..Default::default()
+            },
+            now,
+        );
+        s.source_main_connected(now).unwrap();
+        Wire {
+            s,
+            ..Wire::queued(policy, drain)
+        }
+    }
+
+    /// The destination reads up to `max` bytes of what the session queued for it, and
+    /// whatever waits for its preempt channel.
     fn drain(&mut self, max: usize) {
+        for b in self.s.take_preempt_out(usize::MAX) {
+            self.dst.feed_preempt(&b).unwrap();
+        }
         for b in self.s.take_main_out(max) {
             self.to_dst.extend_from_slice(&b);
             self.dst.feed(&b).unwrap();
@@ -175,6 +197,15 @@ impl Wire {
         self.drain(usize::MAX);
         assert_eq!(self.s.main_queued_bytes(), 0);
         assert!(self.dst.ended, "the destination saw EOF");
+        if self.s.cfg.own_preempt {
+            let eos = self
+                .s
+                .take_own_preempt_eos()
+                .expect("EOS once the stream ended");
+            self.dst.feed_preempt(&eos).unwrap();
+            assert!(self.dst.preempt_ended);
+            assert!(self.s.take_own_preempt_eos().is_none(), "EOS once");
+        }
         assert_eq!(self.dst.missing(), vec![], "pages never delivered");
         assert!(self.s.ended());
     }
@@ -343,6 +374,55 @@ fn twenty_cuts(wire: impl Fn(u64) -> Wire) -> u64 {
         promoted += w.s.outbox_figures().promoted_pages;
     }
     promoted
+}
+
+#[test]
+fn twenty_cuts_with_the_sidecars_own_preempt_channel_lose_no_page_and_place_none_twice() {
+    // With its own preempt channel the queue promotes onto that channel only.
+    let promoted =
+        twenty_cuts(|seed| Wire::own_preempt(CutPolicy::Hold, 1500 + seed as usize * 700));
+    assert!(promoted > 0, "requested pages left on the preempt channel");
+}
+
+#[test]
+fn with_its_own_preempt_channel_a_requested_page_overtakes_all_of_main() {
+    let mut w = Wire::own_preempt(CutPolicy::Hold, 0);
+    let start = w.src.start(4);
+    w.carry(&start, 4096);
+    w.drain(usize::MAX);
+    let part = w.src.part(60);
+    w.carry(&part, 8192);
+    let queued = w.s.main_queued_bytes();
+    assert!(queued > 40 * PAGE as usize, "{queued} bytes queued");
+    // The destination faults on a page queued last; it has read nothing of the part.
+    let (block, offset) = w
+        .dst
+        .missing()
+        .into_iter()
+        .rev()
+        .find(|(b, o)| {
+            let t = w.s.tracker().unwrap();
+            let i = t.block_index(b).unwrap();
+            t.received_bitmap(i)
+                .is_some_and(|bm| bm[(*o / PAGE / 8) as usize] & (1 << (*o / PAGE % 8)) != 0)
+        })
+        .expect("a queued page the destination lacks");
+    let req = w.dst.request(&block, offset);
+    assert!(w.s.on_destination_rp(&req, w.now).error.is_none());
+    assert!(w.s.preempt_out_pending());
+    // Not a byte of main is read: the page arrives on preempt.
+    for b in w.s.take_preempt_out(usize::MAX) {
+        w.dst.feed_preempt(&b).unwrap();
+    }
+    assert_eq!(w.dst.preempt_pages, 1);
+    assert!(!w.dst.missing().contains(&(block.clone(), offset)));
+    assert!(w.s.take_own_preempt_eos().is_none(), "not before the end");
+    let f = w.s.outbox_figures();
+    assert_eq!((f.promoted_pages, f.preempt_pages), (1, 1));
+    w.drain(usize::MAX);
+    w.run_to_end(20, 3000);
+    w.assert_complete();
+    assert!(w.dst.preempt_pages >= 1);
 }
 
 #[test]
