@@ -183,13 +183,6 @@ async fn snapshot_and_restore_a_running_guest_10_0() {
         "{:?}",
         replayed.served
     );
-    eprintln!(
-        "remote faults: {} without the working set, {} with it; first progress {:?} vs {:?} ms",
-        report.requests,
-        replayed.requests,
-        report.timeline.first_progress_ms,
-        replayed.timeline.first_progress_ms
-    );
     // Without it (--no-working-set): nothing replayed, nothing recorded.
     again.kill().await;
     let plain = destination(&spec, QemuVersion::V10_0, "plain", dir.path()).await;
@@ -202,6 +195,16 @@ async fn snapshot_and_restore_a_running_guest_10_0() {
         (None, None)
     );
     assert_eq!(r.served.working_set_pages, 0);
+    eprintln!(
+        "remote faults: {} without a working set, {} recording it, {} replaying it; \
+         first progress {:?}, {:?}, {:?} ms",
+        r.requests,
+        report.requests,
+        replayed.requests,
+        r.timeline.first_progress_ms,
+        report.timeline.first_progress_ms,
+        replayed.timeline.first_progress_ms
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

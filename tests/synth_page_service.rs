@@ -93,3 +93,50 @@ fn with_prefetch_and_background_every_page_arrives_once() {
     assert_eq!(f.duplicates, 0);
     assert_eq!(f.wrong_pages, 0);
 }
+
+/// A restore that records the snapshot's working set holds its sweep while the guest keeps
+/// asking (protocol-spec/snapshot.md#snapshot-working-set): a worker walking every page in
+/// order gets each one by its own request or the prefetch window after it, never from the
+/// sweep, so the record holds every page it touched. Without recording, the sweep runs
+/// from the start and brings pages ahead of the worker.
+#[test]
+fn a_recording_restore_holds_its_sweep_while_the_guest_keeps_asking() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = through_restore(
+        workload(1, Pattern::Sequential),
+        snap(&dir),
+        ServeKnobs::default(),
+    )
+    .unwrap();
+    let s = f.served.expect("the service's figures");
+    assert_eq!(s.background_pages, 0, "the sweep waited: {s:?}");
+    assert_eq!(
+        s.requested_pages + s.prefetched_pages,
+        PAGES as u64,
+        "{s:?}"
+    );
+    assert_eq!(
+        (f.placed, f.duplicates, f.wrong_pages),
+        (PAGES as u64, 0, 0)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let g = through_restore(
+        workload(1, Pattern::Sequential),
+        snap(&dir),
+        ServeKnobs {
+            working_set: false,
+            ..ServeKnobs::default()
+        },
+    )
+    .unwrap();
+    let s = g.served.expect("the service's figures");
+    assert!(
+        s.background_pages > 0,
+        "not recording, the sweep ran: {s:?}"
+    );
+    assert_eq!(
+        (g.placed, g.duplicates, g.wrong_pages),
+        (PAGES as u64, 0, 0)
+    );
+}

@@ -201,6 +201,15 @@ pub const RESTORE_SNDBUF: usize = 64 * 1024;
 /// Data pages per background section (one section is written at a time).
 pub const BACKGROUND_BATCH: usize = 16;
 
+/// While a restore records the snapshot's working set, the background sweep waits until
+/// the guest has asked for nothing for this long: a page the sweep brings before the
+/// guest touches it is never asked for, so it would be missing from the record and fault
+/// in every later restore.
+pub const RECORD_QUIET: Duration = Duration::from_millis(300);
+/// ... but no longer than this after the device state went out: the recording restore
+/// pays for the record with this much of a late sweep at most.
+pub const RECORD_HOLD: Duration = Duration::from_secs(5);
+
 /// Restores `snapshot` into the destination behind `opts.qmp`.
 pub async fn restore(snapshot: &Snapshot, opts: &RestoreOptions) -> RestoreReport {
     let begun = Instant::now();

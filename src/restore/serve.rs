@@ -117,6 +117,11 @@ impl PageServer {
         self
     }
 
+    /// Whether this restore records a working set.
+    pub fn is_recording(&self) -> bool {
+        self.recorder.is_some()
+    }
+
     /// The working set recorded so far (`None` when not recording).
     pub fn take_recorded(&mut self) -> Option<WorkingSet> {
         self.recorder.take().map(Recorder::into_set)

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::serve::{PREFETCH_PAGES, PageServer, RequestError, ServeError, ServeFigures};
 use super::working_set::WorkingSet;
-use super::{BACKGROUND_BATCH, RestoreError, Snapshot, net, timed_out};
+use super::{BACKGROUND_BATCH, RECORD_HOLD, RECORD_QUIET, RestoreError, Snapshot, net, timed_out};
 use crate::wire::compose::RamSections;
 use crate::wire::{RpDecoder, RpMessage, Step};
 
@@ -131,7 +131,14 @@ where
     let mut ended = false;
     let mut rp_open = true;
     let mut requests = Vec::new();
+    // Recording: the sweep waits while the guest keeps asking (see RECORD_QUIET), until
+    // the hold's end at the latest.
+    let hold_end = server.is_recording().then(|| o.package_sent + RECORD_HOLD);
+    let mut last_request = o.package_sent;
     loop {
+        let now = Instant::now();
+        let holding =
+            rp_open && hold_end.is_some_and(|end| now < end && now < last_request + RECORD_QUIET);
         // Whatever the destination has sent by now, without waiting.
         if rp_open {
             match rd.read_buf(&mut rp.buf).now_or_never() {
@@ -147,6 +154,7 @@ where
         }
         // Requests first, all of them, then one background batch.
         if !requests.is_empty() {
+            last_request = Instant::now();
             let mut served_at = Vec::new();
             for r in requests.drain(..) {
                 o.requests += 1;
@@ -162,7 +170,7 @@ where
             }
             continue;
         }
-        if more {
+        if more && !holding {
             more = server.background(BACKGROUND_BATCH, &mut out)?;
             write(&mut wr, &mut out, &mut o.bytes_sent).await?;
             if !more {
@@ -176,8 +184,14 @@ where
         if !rp_open {
             break;
         }
-        // Nothing to send and no request for a while: sleep until the destination speaks.
-        match tokio::time::timeout(timeout, rd.read_buf(&mut rp.buf)).await {
+        // Nothing to send and no request for a while: sleep until the destination speaks
+        // (or, holding the sweep, until the guest has been quiet long enough).
+        let wait = match hold_end {
+            Some(end) if holding => (last_request + RECORD_QUIET).min(end) - now,
+            _ => timeout,
+        };
+        match tokio::time::timeout(wait, rd.read_buf(&mut rp.buf)).await {
+            Err(_) if holding => {}
             Err(_) => return Err(net("waiting for the destination to finish", timed_out())),
             Ok(Ok(0)) => rp_open = false,
             Ok(Ok(_)) => {}

@@ -45,6 +45,8 @@ pub struct RunFigures {
     pub duplicates: u64,
     /// Pages whose content differs from the source's (must be 0).
     pub wrong_pages: u64,
+    /// What the restore page service sent, by kind (`None` for the bare loop and echo).
+    pub served: Option<crate::restore::serve::ServeFigures>,
 }
 
 impl RunFigures {
@@ -86,6 +88,7 @@ pub fn bare(w: Workload) -> Result<RunFigures, super::SynthError> {
         fault_events: clock.faults(),
         duplicates: 0,
         wrong_pages: wrong_pages(&ram, w.seed),
+        served: None,
     })
 }
 
@@ -118,6 +121,8 @@ pub fn through_restore(
     socket2::SockRef::from(&ours)
         .set_send_buffer_size(crate::restore::RESTORE_SNDBUF)
         .map_err(|e| setup(&e))?;
+    let served = Arc::new(std::sync::Mutex::new(None));
+    let kept = served.clone();
     let sidecar = std::thread::spawn(move || -> Result<(), RunError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -129,12 +134,13 @@ pub fn through_restore(
             let sock = tokio::net::UnixStream::from_std(ours)
                 .map_err(|e| RunError::Setup(e.to_string()))?;
             let (rd, wr) = sock.into_split();
-            serve(&snapshot, rd, wr, knobs, Duration::from_secs(600)).await?;
+            let outcome = serve(&snapshot, rd, wr, knobs, Duration::from_secs(600)).await?;
+            *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.served);
             Ok(())
         })
     });
     // Without a background sweep, closing the return path is what ends the stream.
-    drive(
+    let mut f = drive(
         w,
         ram,
         clock,
@@ -142,7 +148,9 @@ pub fn through_restore(
         !knobs.background,
         sidecar,
         "the page service",
-    )
+    )?;
+    f.served = served.lock().unwrap_or_else(|p| p.into_inner()).take();
+    Ok(f)
 }
 
 /// Faults answered over the same protocol by the least a page service can do: a plain
@@ -237,5 +245,6 @@ fn drive(
         placed: heard.placed,
         duplicates: heard.already_present,
         wrong_pages: wrong_pages(&ram, w.seed),
+        served: None,
     })
 }
