@@ -750,3 +750,42 @@ fn a_cut_right_after_the_packages_last_byte_is_held() {
     w.run_to_end(10, 777);
     w.assert_complete();
 }
+
+/// QEMU 10.2 puts PING(0x42) in the package after PING(3) and waits for its PONG before it
+/// goes postcopy-active (10.2.2 `migration.c:postcopy_start`, QEMU_VM_PING_PACKAGED_LOADED,
+/// and `migration_iteration_run`). The sidecar owns the return path: the package passes
+/// unchanged and the PONG reaches the source. Composed from the spec; no 10.2 ran here.
+#[test]
+fn a_10_2_package_ping_passes_and_its_pong_reaches_the_source() {
+    use crate::wire::compose::{put_opening, put_package};
+    let mut w = Wire::new(CutPolicy::Hold);
+    let mut stream = Vec::new();
+    put_opening(&mut stream, b"pc-q35-10.2", 2, BLOCKS);
+    Command::Ping(2).encode(&mut stream);
+    let mut blob = Vec::new();
+    Command::PostcopyListen.encode(&mut blob);
+    Command::Ping(3).encode(&mut blob);
+    Command::Ping(0x42).encode(&mut blob);
+    Command::PostcopyRun.encode(&mut blob);
+    put_package(&mut stream, &blob);
+    w.carry(&stream, 1000);
+    assert!(w.to_dst == stream, "the package passes unchanged");
+    assert_eq!(w.s.phase(), PostcopyPhase::Running);
+    let mut rp = Vec::new();
+    for v in [2u32, 3, 0x42] {
+        RpMessage::Pong(v).encode(&mut rp);
+    }
+    let step = w.s.on_destination_rp(&rp, w.now);
+    assert!(step.error.is_none(), "{:?}", step.error);
+    let (_, to_source) = w.s.take_to_source();
+    let mut d = RpDecoder::new();
+    let mut at = 0;
+    let mut pongs = Vec::new();
+    while let crate::wire::Step::Event { len, event, .. } = d.next(&to_source[at..]).unwrap() {
+        at += len;
+        if let RpMessage::Pong(v) = event {
+            pongs.push(v);
+        }
+    }
+    assert_eq!(pongs, [2, 3, 0x42]);
+}
