@@ -352,3 +352,66 @@ async fn tls_destination_reached_with_the_hosts_client_credentials_10_0() {
     need(dst.check_workload_clean());
     need(src.check_workload_clean());
 }
+
+/// `--own-preempt` cannot order the TLS handshakes of main and preempt at a destination
+/// that expects TLS, so it is refused, before the destination is made to listen with
+/// preempt on (it would then wait for a preempt channel nobody opens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_preempt_is_refused_for_a_tls_destination_before_it_listens_10_0() {
+    let dir = tempfile::Builder::new()
+        .prefix("tls-own-")
+        .tempdir()
+        .unwrap();
+    let c = creds(dir.path());
+    let host = dir.path().join("host-creds");
+    c.ca.write_dir(
+        &host,
+        Some(&c.ca.server("dst-host", &[SIDECAR_NAME, "127.0.0.1"])),
+        Some(&c.ca.client("dst-host")),
+    );
+    let spec = VmSpec::new(need(QemuBinary::find(QemuVersion::V10_0)))
+        .name("dst")
+        .ram_mib(128)
+        .firmware_only()
+        .arg("-object")
+        .arg(format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=server",
+            host.display()
+        ));
+    let dst = need(
+        Vm::spawn(
+            &spec.destination(need(QemuBinary::find(QemuVersion::V10_0))),
+            dir.path(),
+        )
+        .await,
+    );
+    dst.qmp()
+        .set_parameters(serde_json::json!({"tls-creds": "tls0"}))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let r = receive_on(
+        listener,
+        ReceiveOptions {
+            own_preempt: true,
+            tls: TlsOptions {
+                host_creds: host.clone(),
+                ..TlsOptions::default()
+            },
+            ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
+        },
+    )
+    .await;
+    let e = r.expect_err("refused").to_string();
+    assert!(e.contains("--own-preempt") && e.contains("TLS"), "{e}");
+    assert_eq!(
+        dst.qmp().incoming_address().await.unwrap(),
+        None,
+        "the destination was never made to listen"
+    );
+    assert!(
+        !dst.qmp().capability("postcopy-preempt").await.unwrap(),
+        "nor given preempt"
+    );
+}

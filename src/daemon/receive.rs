@@ -670,6 +670,11 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
             if opts.preempt || own_preempt {
                 caps.push(("postcopy-preempt", true));
             }
+            // Before the destination listens with preempt on, waiting for a channel the
+            // sidecar could not open.
+            if own_preempt && tls_ends(&opts.tls, Some(qmp)).await?.1.is_some() {
+                return Err(own_preempt_tls());
+            }
             qmp.set_capabilities(&caps).await?;
             qmp.migrate_incoming(&format!("unix:{}", path.display()))
                 .await?;
@@ -712,10 +717,8 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
 
     let (source_tls, destination_tls) = tls_ends(&opts.tls, qmp.as_ref()).await?;
     if own_preempt && destination_tls.is_some() {
-        // QEMU finishes the two TLS handshakes in any order, and must take main first.
-        return Err(ReceiveError::Setup(
-            "--own-preempt does not work with a destination that expects TLS yet".into(),
-        ));
+        // Checked before the destination listens too; a takeover lands here.
+        return Err(own_preempt_tls());
     }
     let live = opts.live.then(|| LiveView::start(relay.clone()));
     let carried = carry::carry(
@@ -893,6 +896,14 @@ fn check_own_preempt(opts: &ReceiveOptions) -> Result<(), ReceiveError> {
         return Ok(());
     };
     Err(ReceiveError::Setup(format!("--own-preempt: {why}")))
+}
+
+/// QEMU finishes the TLS handshakes of main and preempt in any order, and must take main
+/// first: not supported yet.
+fn own_preempt_tls() -> ReceiveError {
+    ReceiveError::Setup(
+        "--own-preempt does not work with a destination that expects TLS yet".into(),
+    )
 }
 
 /// Reads the state a first sidecar left for a takeover.
