@@ -531,9 +531,9 @@ impl Rig {
                 .expect("the destination takes the sidecar's EOS");
         }
         assert_eq!(
-            self.dst.preempt_ended,
-            self.s.own_preempt_ended(),
-            "an own preempt channel ends with EOS once the stream did"
+            (self.dst.preempt_ended, self.s.own_preempt_ended()),
+            (self.s.cfg.own_preempt, self.s.cfg.own_preempt),
+            "an own preempt channel (and only one) ends with EOS once the stream did"
         );
         assert_eq!(self.dst.missing(), vec![], "pages never delivered");
         assert!(self.s.ended(), "the session saw EOF");

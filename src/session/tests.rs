@@ -192,6 +192,29 @@ impl Wire {
         self.carry(&fin, chunk);
     }
 
+    /// After the start, a long PART is read whole while the destination reads none of
+    /// it; returns a page of it, queued last, that the destination lacks.
+    fn queue_a_long_part(&mut self) -> (Vec<u8>, u64) {
+        let start = self.src.start(4);
+        self.carry(&start, 4096);
+        self.drain(usize::MAX);
+        let part = self.src.part(60);
+        self.carry(&part, 8192);
+        let queued = self.s.main_queued_bytes();
+        assert!(queued > 40 * PAGE as usize, "{queued} bytes queued");
+        let t = self.s.tracker().unwrap();
+        self.dst
+            .missing()
+            .into_iter()
+            .rev()
+            .find(|(b, o)| {
+                let i = t.block_index(b).unwrap();
+                t.received_bitmap(i)
+                    .is_some_and(|bm| bm[(*o / PAGE / 8) as usize] & (1 << (*o / PAGE % 8)) != 0)
+            })
+            .expect("a queued page the destination lacks")
+    }
+
     fn assert_complete(&mut self) {
         // The destination reads what is still queued for it.
         self.drain(usize::MAX);
@@ -387,26 +410,8 @@ fn twenty_cuts_with_the_sidecars_own_preempt_channel_lose_no_page_and_place_none
 #[test]
 fn with_its_own_preempt_channel_a_requested_page_overtakes_all_of_main() {
     let mut w = Wire::own_preempt(CutPolicy::Hold, 0);
-    let start = w.src.start(4);
-    w.carry(&start, 4096);
-    w.drain(usize::MAX);
-    let part = w.src.part(60);
-    w.carry(&part, 8192);
-    let queued = w.s.main_queued_bytes();
-    assert!(queued > 40 * PAGE as usize, "{queued} bytes queued");
     // The destination faults on a page queued last; it has read nothing of the part.
-    let (block, offset) = w
-        .dst
-        .missing()
-        .into_iter()
-        .rev()
-        .find(|(b, o)| {
-            let t = w.s.tracker().unwrap();
-            let i = t.block_index(b).unwrap();
-            t.received_bitmap(i)
-                .is_some_and(|bm| bm[(*o / PAGE / 8) as usize] & (1 << (*o / PAGE % 8)) != 0)
-        })
-        .expect("a queued page the destination lacks");
+    let (block, offset) = w.queue_a_long_part();
     let req = w.dst.request(&block, offset);
     assert!(w.s.on_destination_rp(&req, w.now).error.is_none());
     assert!(w.s.preempt_out_pending());
@@ -485,27 +490,9 @@ fn random_faults_ask_only_for_the_faulting_pages() {
 #[test]
 fn a_requested_page_in_the_queue_reaches_the_destination_before_the_bulk_queued_ahead() {
     let mut w = Wire::queued(CutPolicy::Hold, 0);
-    let start = w.src.start(4);
-    w.carry(&start, 4096);
-    w.drain(usize::MAX);
-    // Postcopy: a long PART is read whole while the destination reads nothing.
-    let part = w.src.part(60);
-    w.carry(&part, 8192);
-    let queued = w.s.main_queued_bytes();
-    assert!(queued > 40 * PAGE as usize, "{queued} bytes queued");
-    // The destination faults on the last page queued.
-    let (block, offset) = w
-        .dst
-        .missing()
-        .into_iter()
-        .rev()
-        .find(|(b, o)| {
-            let step = w.s.tracker().unwrap();
-            let i = step.block_index(b).unwrap();
-            step.received_bitmap(i)
-                .is_some_and(|bm| bm[(*o / PAGE / 8) as usize] & (1 << (*o / PAGE % 8)) != 0)
-        })
-        .expect("a queued page the destination lacks");
+    // Postcopy: a long PART is read whole while the destination reads nothing; it
+    // faults on the last page queued.
+    let (block, offset) = w.queue_a_long_part();
     let req = w.dst.request(&block, offset);
     let step = w.s.on_destination_rp(&req, w.now);
     assert!(step.error.is_none());
