@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzz smoke run: builds the cargo-fuzz targets in fuzz/ (stream_decoder,
-# return_path_decoder, preempt_decoder; session_logic, the session core driven by a
+# return_path_decoder, preempt_decoder, multifd_decoder; session_logic, the session core driven by a
 # script; snapshot_open, an untrusted snapshot directory) and runs each over its committed seed corpus for a
 # bounded number of runs. Inputs the fuzzer finds go to a scratch directory, so the
 # committed corpus is never modified; a crash fails the script and is kept under
@@ -10,7 +10,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUNS="${1:-${FUZZ_RUNS:-5000}}"
 SECONDS_PER_TARGET="${2:-${FUZZ_SECONDS:-30}}"
-TARGETS=(stream_decoder return_path_decoder preempt_decoder session_logic snapshot_open)
+TARGETS=(stream_decoder return_path_decoder preempt_decoder multifd_decoder session_logic snapshot_open)
 
 # cargo-fuzz passes nightly-only flags (-Z sanitizer=..., sancov passes); the stable
 # toolchain accepts them when RUSTC_BOOTSTRAP is set.

@@ -12,15 +12,19 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use postcopy_sidecar::wire::check::{self, CHECK_PAGE_SIZE, check_layout, roundtrip_check};
-use postcopy_sidecar::wire::{Channel, ErrorKind, PreemptDecoder, RpDecoder, StreamDecoder};
+use postcopy_sidecar::wire::multifd::{FLAG_SYNC, MultifdInit, compose as mf};
+use postcopy_sidecar::wire::{
+    Channel, ErrorKind, MultifdDecoder, PreemptDecoder, RpDecoder, StreamDecoder,
+};
 
 /// Largest seed file: the fuzzers work on small inputs.
 const MAX_SEED: usize = 64 << 10;
 
-const TARGETS: [(&str, Channel); 3] = [
+const TARGETS: [(&str, Channel); 4] = [
     ("stream_decoder", Channel::Main),
     ("return_path_decoder", Channel::ReturnPath),
     ("preempt_decoder", Channel::Preempt),
+    ("multifd_decoder", Channel::Multifd(0)),
 ];
 
 fn corpus_dir(target: &str) -> PathBuf {
@@ -58,6 +62,10 @@ fn seed_corpus_replays_cleanly() {
                 Channel::ReturnPath => check::feed_bytewise(RpDecoder::new(), &data),
                 Channel::Preempt => check::feed_bytewise(
                     PreemptDecoder::new(CHECK_PAGE_SIZE, check_layout()),
+                    &data,
+                ),
+                Channel::Multifd(_) => check::feed_bytewise(
+                    MultifdDecoder::new(CHECK_PAGE_SIZE, check_layout()),
                     &data,
                 ),
             };
@@ -178,4 +186,37 @@ fn seed_corpus_matches_its_generator() {
         p.zero(block, (i % 32) * 0x1000);
     }
     write_seed("preempt_decoder", "synthetic-zero-pages", &p.build().0);
+
+    // A multifd channel as 10.x sends it: its initial packet, the setup sync, pages and
+    // zero pages of two blocks, a sync point; and 7.2's sync packet that carries pages.
+    let ps = CHECK_PAGE_SIZE as usize;
+    let mut m = Vec::new();
+    MultifdInit {
+        uuid: [0; 16],
+        id: 1,
+    }
+    .encode(&mut m);
+    mf::put_sync(&mut m, ps, 0);
+    let pages: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i + 1; ps]).collect();
+    let refs: Vec<(u64, &[u8])> = pages
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i as u64 * 0x1000, p.as_slice()))
+        .collect();
+    mf::put_ram_packet(&mut m, ps, 0, 1, b"m", &refs, &[0x10000, 0x20000]);
+    mf::put_ram_packet(&mut m, ps, 0, 2, b"pc.rom", &refs[..2], &[]);
+    mf::put_sync(&mut m, ps, 3);
+    write_seed("multifd_decoder", "synthetic-10-pages-and-syncs", &m);
+    let mut m72 = Vec::new();
+    MultifdInit {
+        uuid: [9; 16],
+        id: 0,
+    }
+    .encode(&mut m72);
+    mf::put_ram_packet(&mut m72, ps, FLAG_SYNC, 7, b"m", &refs[..3], &[]);
+    write_seed("multifd_decoder", "synthetic-7.2-sync-with-pages", &m72);
+    let mut bad = m.clone();
+    bad[64 + 1344 + 8 + 3] |= 0x02; // zlib on the first packet with pages
+    bad.truncate(64 + 1344 * 2 + 5 * ps);
+    write_seed("multifd_decoder", "bad-compressed-zlib", &bad);
 }

@@ -16,11 +16,12 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use super::decoder::{Event, Step, StreamDecoder, coalesce};
 use super::error::{Channel, DecodeError};
+use super::multifd::{MultifdDecoder, MultifdEvent};
 use super::preempt::PreemptDecoder;
 use super::ram::{RamLayout, RamRecord};
 use super::return_path::{RpDecoder, RpMessage};
 
-/// The common shape of the three channel decoders, as [`feed`] drives them.
+/// The common shape of the channel decoders, as [`feed`] drives them.
 pub trait ChannelDecoder {
     /// The decoded item, borrowing the input.
     type Event<'a>;
@@ -101,6 +102,55 @@ impl ChannelDecoder for PreemptDecoder {
 
     fn describe(_: u64, event: &RamRecord<'_>) -> String {
         format!("{event:?}")
+    }
+
+    fn describe_run(_: u64, kind: &'static str, data: &[u8]) -> String {
+        format!("{kind}:{}", hex(data))
+    }
+}
+
+impl ChannelDecoder for MultifdDecoder {
+    type Event<'a> = MultifdEvent<'a>;
+
+    fn next_event<'a>(&mut self, input: &'a [u8]) -> Result<Step<MultifdEvent<'a>>, DecodeError> {
+        self.next(input)
+    }
+
+    fn finish_input(&mut self, rest: &[u8]) -> Result<String, DecodeError> {
+        self.finish(rest).map(|()| "end".to_string())
+    }
+
+    fn encode_event(event: &MultifdEvent<'_>, out: &mut Vec<u8>) {
+        event.encode(out)
+    }
+
+    fn passthrough<'e, 'b: 'e>(_: &'e MultifdEvent<'b>) -> Option<(&'static str, &'e [u8])> {
+        None
+    }
+
+    fn describe(_: u64, event: &MultifdEvent<'_>) -> String {
+        match event {
+            MultifdEvent::Init(i) => format!("{i:?}"),
+            MultifdEvent::Ram(p) => format!(
+                "ram flags={:#x} num={} block={:?} pages={:?} zeros={:?} data={:016x}",
+                p.flags,
+                p.packet_num,
+                p.block,
+                p.pages().map(|(o, _)| o).collect::<Vec<_>>(),
+                p.zero_pages().collect::<Vec<_>>(),
+                xxhash_rust::xxh3::xxh3_64(
+                    &p.pages()
+                        .flat_map(|(_, d)| d.iter().copied())
+                        .collect::<Vec<_>>()
+                )
+            ),
+            MultifdEvent::DeviceState {
+                idstr,
+                instance_id,
+                data,
+                ..
+            } => format!("device {} {instance_id} {}", hex(idstr), hex(data)),
+        }
     }
 
     fn describe_run(_: u64, kind: &'static str, data: &[u8]) -> String {
@@ -295,6 +345,10 @@ pub fn roundtrip_check(channel: Channel, data: &[u8]) -> Outcome {
         ),
         Channel::Preempt => {
             let dec = || PreemptDecoder::new(CHECK_PAGE_SIZE, check_layout());
+            (feed_whole(dec(), data), feed_split(dec(), data, at))
+        }
+        Channel::Multifd(_) => {
+            let dec = || MultifdDecoder::new(CHECK_PAGE_SIZE, check_layout());
             (feed_whole(dec(), data), feed_split(dec(), data, at))
         }
         Channel::ReturnPath => (

@@ -13,6 +13,8 @@ pub enum Channel {
     Preempt,
     /// Destination → source return path (on the main channel's socket).
     ReturnPath,
+    /// Source → destination multifd channel with this id (multifd.md#multifd-channels).
+    Multifd(u8),
 }
 
 impl Channel {
@@ -22,17 +24,19 @@ impl Channel {
             Channel::Main => "main",
             Channel::Preempt => "preempt",
             Channel::ReturnPath => "return-path",
+            Channel::Multifd(_) => "multifd",
         }
     }
 }
 
 impl fmt::Display for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Channel::Main => "main stream",
-            Channel::Preempt => "preempt channel",
-            Channel::ReturnPath => "return path",
-        })
+        match self {
+            Channel::Main => f.write_str("main stream"),
+            Channel::Preempt => f.write_str("preempt channel"),
+            Channel::ReturnPath => f.write_str("return path"),
+            Channel::Multifd(id) => write!(f, "multifd channel {id}"),
+        }
     }
 }
 
@@ -177,6 +181,22 @@ pub enum ErrorKind {
     /// CONTINUE with no earlier block on this channel (ram.md#ram-continue).
     #[error("CONTINUE flag with no previous block on this channel")]
     ContinueWithoutBlock,
+    /// A multifd packet that does not start with 0x11223344 (multifd.md#multifd-packet).
+    #[error("bad multifd magic {0:#010x}, expected 0x11223344")]
+    MultifdMagic(u32),
+    /// Only multifd version 1 exists (QEMU 7.2–10.2).
+    #[error("multifd packet version {0}, expected 1")]
+    MultifdVersion(u32),
+    /// Header flags outside sync, compression and device state.
+    #[error("unknown multifd flags {0:#x}")]
+    MultifdFlags(u32),
+    /// Compressed multifd pages: a compressor's state spans packets, so they cannot be
+    /// checked one by one.
+    #[error("multifd pages compressed with {0}: only uncompressed multifd is relayed")]
+    MultifdCompressed(&'static str),
+    /// A multifd header whose fields contradict each other.
+    #[error("malformed multifd packet: {0}")]
+    MultifdMalformed(&'static str),
     /// A page offset at or past the end of its block.
     #[error("page offset {offset:#x} is past the end of block {block:?} (length {length:#x})")]
     OffsetOutOfRange {
@@ -306,6 +326,11 @@ impl ErrorKind {
             ErrorKind::UnknownBlockPageSize(..) => "unknown_block_page_size",
             ErrorKind::UnknownRamBlock(..) => "unknown_ram_block",
             ErrorKind::ContinueWithoutBlock => "continue_without_block",
+            ErrorKind::MultifdMagic(..) => "multifd_magic",
+            ErrorKind::MultifdVersion(..) => "multifd_version",
+            ErrorKind::MultifdFlags(..) => "multifd_flags",
+            ErrorKind::MultifdCompressed(..) => "multifd_compressed",
+            ErrorKind::MultifdMalformed(..) => "multifd_malformed",
             ErrorKind::OffsetOutOfRange { .. } => "offset_out_of_range",
             ErrorKind::ZeroPageFill(..) => "zero_page_fill",
             ErrorKind::BadXbzrle(..) => "bad_xbzrle",

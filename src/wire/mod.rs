@@ -1,11 +1,12 @@
 //! Sans-IO codec for QEMU's migration protocol, specified in `protocol-spec/`.
 //!
-//! Pure parse/encode over byte slices: no sockets, no async, no clocks. Three incremental
-//! decoders cover the three byte streams of a postcopy migration:
+//! Pure parse/encode over byte slices: no sockets, no async, no clocks. Four incremental
+//! decoders cover the byte streams of a migration:
 //! - [`StreamDecoder`]: the main channel (file header, configuration, sections, RAM
 //!   records, commands, the device-state package, EOF, VMDESCRIPTION);
 //! - [`PreemptDecoder`]: the postcopy-preempt channel (bare RAM records);
-//! - [`RpDecoder`]: the return path (PONGs, page requests, received bitmaps, ...).
+//! - [`RpDecoder`]: the return path (PONGs, page requests, received bitmaps, ...);
+//! - [`MultifdDecoder`]: a multifd channel (its initial packet, then page packets).
 //!
 //! Each decoder borrows the caller's buffer and returns one event at a time with its
 //! absolute offset and length; every event re-encodes to exactly the bytes it came from.
@@ -15,6 +16,7 @@ pub mod command;
 pub mod compose;
 pub mod decoder;
 pub mod error;
+pub mod multifd;
 pub mod preempt;
 pub mod primitives;
 pub mod ram;
@@ -27,6 +29,7 @@ pub use decoder::{
     StreamEnd, coalesce,
 };
 pub use error::{Channel, DecodeError, ErrorKind};
+pub use multifd::{MultifdDecoder, MultifdEvent, MultifdInit};
 pub use preempt::PreemptDecoder;
 pub use ram::{BlockEntry, BlockId, BlockLimit, PageHeader, RamLayout, RamRecord};
 pub use return_path::{RpDecoder, RpMessage, RpType};
