@@ -196,6 +196,7 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
         to: addr,
         postcopy_after: Some(load.postcopy_after),
         preempt,
+        multifd: None,
         timeout: Duration::from_secs(300),
     })
     .await

@@ -95,6 +95,7 @@ async fn migrate(
             to: addr,
             postcopy_after: Some(Duration::from_millis(500)),
             preempt: false,
+            multifd: None,
             timeout: MIGRATION,
         })
         .await

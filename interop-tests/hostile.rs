@@ -6,7 +6,8 @@
 //! refused with its reason and counted, nothing of theirs reaches the destination, and the
 //! real postcopy migration completes with the guest intact. A flood of page requests on
 //! the return path (a compromised destination side) is bounded and never reaches the
-//! source.
+//! source. Forged multifd channels are refused; a corrupt multifd packet fails the
+//! migration with the VM still on the source.
 //!
 //! They need `scripts/setup.sh` to have run; without it they fail (never skip).
 
@@ -24,6 +25,7 @@ use postcopy_sidecar::lab::{
 use postcopy_sidecar::qmp::{MigrationStatus, migration_event_status};
 use postcopy_sidecar::session::admission::AllowList;
 use postcopy_sidecar::source::{SendOptions, send};
+use postcopy_sidecar::wire::MultifdInit;
 use postcopy_sidecar::wire::compose::put_opening;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -207,6 +209,7 @@ async fn hostile_peers_never_keep_the_real_source_out_10_0() {
             to: addr,
             postcopy_after: Some(Duration::ZERO),
             preempt: true,
+            multifd: None,
             timeout: MIGRATION,
         };
         (send(&opts).await, src)
@@ -523,6 +526,7 @@ async fn a_request_flood_on_the_return_path_is_bounded_and_never_reaches_the_sou
         to: addr,
         postcopy_after: Some(Duration::ZERO),
         preempt: false,
+        multifd: None,
         timeout: MIGRATION,
     })
     .await
@@ -558,4 +562,247 @@ async fn a_request_flood_on_the_return_path_is_bounded_and_never_reaches_the_sou
     assert!(seen.iter().all(|p| p.mismatches == 0), "{seen:?}");
     need(dst.check_workload_clean());
     need(src.check_workload_clean());
+}
+
+/// A multifd initial packet (protocol-spec/multifd.md#multifd-init) for channel `id`.
+fn multifd_init(id: u8) -> Vec<u8> {
+    let mut v = Vec::new();
+    MultifdInit { uuid: [0; 16], id }.encode(&mut v);
+    v
+}
+
+/// Forged multifd channels (protocol-spec/multifd.md#multifd-relay), before and while a
+/// real 10.0 source migrates with four: one from another host, one with a bad magic, one
+/// naming a channel the destination does not expect, one whose initial packet never ends,
+/// and, once the real channels are up, a second channel 1 from the source's own address
+/// (refused unread: every channel is up).
+/// Each is refused with its reason; the destination gets main and the four real channels
+/// only, and the migration completes with the guest intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_multifd_channels_never_reach_the_destination_10_0() {
+    let dir = tempfile::Builder::new()
+        .prefix("hostile-multifd-")
+        .tempdir()
+        .unwrap();
+    let spec = VmSpec::new(need(QemuBinary::find(QemuVersion::V10_0)))
+        .name("src")
+        .ram_mib(256)
+        .linux(Workload {
+            mib: 64,
+            mode: WorkloadMode::Hot,
+            hot_mib: 16,
+            seed: 29,
+        });
+    let src = need(Vm::spawn(&spec, dir.path()).await);
+    need(src.wait_workload_ready(BOOT).await);
+    let dst = need(
+        Vm::spawn(
+            &spec.destination(need(QemuBinary::find(QemuVersion::V10_0))),
+            dir.path(),
+        )
+        .await,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst_active = dst.qmp().event_cursor();
+    let sidecar = tokio::spawn(receive_on(
+        listener,
+        ReceiveOptions {
+            multifd: Some(4),
+            handshake_timeout: Duration::from_secs(3),
+            report: Some(dir.path().join("report.json")),
+            ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
+        },
+    ));
+    // An initial packet that never ends is dropped at the handshake deadline.
+    let mut slow = peer_sending(addr, &multifd_init(3)[..30]).await;
+    let mut buf = [0u8; 16];
+    let dropped = tokio::time::timeout(Duration::from_secs(30), slow.read(&mut buf)).await;
+    assert!(
+        matches!(dropped, Ok(Ok(0)) | Ok(Err(_))),
+        "the slow peer is dropped: {dropped:?}"
+    );
+    let mut other_host = connect_from("127.0.0.2", addr).await;
+    other_host.write_all(&multifd_init(0)).await.unwrap();
+    let mut bad_magic = multifd_init(2);
+    bad_magic[3] = 0x45;
+    let mut hostile = vec![
+        other_host,
+        peer_sending(addr, &bad_magic).await,
+        peer_sending(addr, &multifd_init(9)).await,
+    ];
+    let migration = tokio::spawn(async move {
+        let opts = SendOptions {
+            qmp: src.spare_qmp_path().to_path_buf(),
+            to: addr,
+            postcopy_after: None,
+            preempt: false,
+            multifd: Some(4),
+            timeout: MIGRATION,
+        };
+        (send(&opts).await, src)
+    });
+    dst.qmp()
+        .wait_for_event_after(
+            dst_active,
+            |e| migration_event_status(e) == Some(MigrationStatus::Active),
+            MIGRATION,
+        )
+        .await
+        .expect("the destination starts receiving");
+    // The destination is active only once it has main and all four channels.
+    hostile.push(peer_sending(addr, &multifd_init(1)).await);
+
+    let (sent, src) = migration.await.unwrap();
+    let sent = sent.expect("source QMP");
+    let report = tokio::time::timeout(MIGRATION, sidecar)
+        .await
+        .expect("the sidecar ends")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("sidecar: {e}"));
+    drop(hostile);
+    eprintln!("{}", report.table());
+    eprintln!("{:#?}", report.refused_connections);
+    assert_eq!(sent.status, "completed", "{sent:?}");
+    assert_eq!(report.outcome, "completed", "{:?}", report.error);
+    assert_eq!(report.multifd.len(), 4, "{:?}", report.multifd);
+    let r = &report.refused_connections;
+    let said = |what: &str| r.first.iter().any(|c| c.reason.contains(what));
+    for what in [
+        "the source is 127.0.0.1",
+        "bad multifd magic",
+        "multifd channel id 9",
+        "multifd initial packet did not arrive in time",
+        "the source's channels are all up",
+    ] {
+        assert!(said(what), "no refusal saying {what:?}: {r:#?}");
+    }
+    let seen = need(dst.wait_progress(0, 2, PROGRESS).await);
+    assert!(seen.iter().all(|p| p.mismatches == 0), "{seen:?}");
+    need(dst.check_workload_clean());
+    need(src.check_workload_clean());
+}
+
+/// Relays every connection from its own port to `to`, and on the first multifd channel
+/// turns the magic of its second packet (right after the 64-byte initial packet and the
+/// 1344-byte setup sync packet) into garbage, as a corrupting network would.
+async fn corrupting_forwarder(to: SocketAddr) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut corrupted = false;
+        loop {
+            let Ok((inbound, _)) = l.accept().await else {
+                return;
+            };
+            let outbound = TcpStream::connect(to).await.unwrap();
+            let (mut ir, mut iw) = inbound.into_split();
+            let (mut or, mut ow) = outbound.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut or, &mut iw).await;
+            });
+            let mut first = [0u8; 1];
+            if ir.read_exact(&mut first).await.is_err() {
+                continue;
+            }
+            let spoil = first[0] == 0x11 && !std::mem::replace(&mut corrupted, true);
+            tokio::spawn(async move {
+                let mut pos = 1u64;
+                let mut buf = vec![0u8; 64 << 10];
+                if ow.write_all(&first).await.is_err() {
+                    return;
+                }
+                loop {
+                    let n = match ir.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let target = 64 + 1344;
+                    if spoil && (pos..pos + n as u64).contains(&target) {
+                        buf[(target - pos) as usize] ^= 0xff;
+                    }
+                    pos += n as u64;
+                    if ow.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = ow.shutdown().await;
+            });
+        }
+    });
+    at
+}
+
+/// A multifd packet that does not decode (protocol-spec/multifd.md#multifd-relay) fails
+/// the precopy migration with its channel and offset, before a byte of it reaches the
+/// destination, and the VM keeps running on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_multifd_packet_fails_the_migration_and_the_vm_stays_on_the_source_10_0() {
+    let dir = tempfile::Builder::new()
+        .prefix("hostile-multifd-")
+        .tempdir()
+        .unwrap();
+    let spec = VmSpec::new(need(QemuBinary::find(QemuVersion::V10_0)))
+        .name("src")
+        .ram_mib(256)
+        .linux(Workload {
+            mib: 64,
+            mode: WorkloadMode::Hot,
+            hot_mib: 16,
+            seed: 31,
+        });
+    let src = need(Vm::spawn(&spec, dir.path()).await);
+    need(src.wait_workload_ready(BOOT).await);
+    let dst = need(
+        Vm::spawn(
+            &spec.destination(need(QemuBinary::find(QemuVersion::V10_0))),
+            dir.path(),
+        )
+        .await,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sidecar = tokio::spawn(receive_on(
+        listener,
+        ReceiveOptions {
+            multifd: Some(4),
+            ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
+        },
+    ));
+    let via = corrupting_forwarder(addr).await;
+    let sent = send(&SendOptions {
+        qmp: src.spare_qmp_path().to_path_buf(),
+        to: via,
+        postcopy_after: None,
+        preempt: false,
+        multifd: Some(4),
+        timeout: MIGRATION,
+    })
+    .await
+    .expect("source QMP");
+    let report = tokio::time::timeout(MIGRATION, sidecar)
+        .await
+        .expect("the sidecar ends")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("sidecar: {e}"));
+    assert_eq!(report.outcome, "failed");
+    let err = report.error.clone().unwrap_or_default();
+    // Channel 0's setup sync passed; nothing after it did.
+    assert_eq!(
+        report.multifd.get(&0).map(|f| f.bytes),
+        Some(1408),
+        "{:?}",
+        report.multifd
+    );
+    assert!(
+        err.contains("multifd channel")
+            && err.contains("offset 1408")
+            && err.contains("bad multifd magic"),
+        "{err}"
+    );
+    assert_eq!(sent.status, "failed", "{sent:?}");
+    assert_eq!(src.qmp().run_state().await.unwrap(), "running");
+    let from = src.serial().len();
+    let seen = need(src.wait_progress(from, 2, PROGRESS).await);
+    assert!(seen.iter().all(|p| p.mismatches == 0), "{seen:?}");
 }

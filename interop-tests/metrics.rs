@@ -120,6 +120,7 @@ async fn scrapes_during_a_real_migration_agree_with_the_final_report() {
             to: addr,
             postcopy_after: Some(Duration::from_millis(500)),
             preempt: false,
+            multifd: None,
             timeout: MIGRATION,
         })
         .await

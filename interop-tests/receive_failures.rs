@@ -60,6 +60,7 @@ fn start_send(
         to,
         postcopy_after,
         preempt: false,
+        multifd: None,
         timeout: LIMIT,
     };
     tokio::spawn(async move { send(&opts).await })
@@ -260,6 +261,7 @@ async fn a_source_with_preempt_fails_an_own_preempt_migration_before_the_switch(
         to: addr,
         postcopy_after: Some(Duration::ZERO),
         preempt: true,
+        multifd: None,
         timeout: LIMIT,
     })
     .await

@@ -1002,7 +1002,14 @@ async fn takeover(with_qmp: bool, own_preempt: bool) {
                 dst.stderr().tail(10)
             )
         });
-    assert_eq!(s, MigrationStatus::Completed);
+    assert_eq!(
+        s,
+        MigrationStatus::Completed,
+        "source events {:?}\nsidecar log:\n{}\ndestination stderr:\n{}",
+        src.qmp().events_since(cursor),
+        second.log.tail(30),
+        dst.stderr().tail(10)
+    );
     if own_preempt {
         // The resumed destination waited for a preempt connection only a sidecar makes.
         second

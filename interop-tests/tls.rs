@@ -145,6 +145,7 @@ async fn migrate(src: &Vm, to: SocketAddr, preempt: bool) -> SendReport {
         to,
         postcopy_after: Some(Duration::ZERO),
         preempt,
+        multifd: None,
         timeout: MIGRATION,
     })
     .await

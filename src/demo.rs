@@ -103,6 +103,7 @@ pub async fn demo(opts: DemoOptions) -> Result<Report, DemoError> {
         to: addr,
         postcopy_after: Some(Duration::from_millis(500)),
         preempt: opts.preempt,
+        multifd: None,
         timeout: Duration::from_secs(600),
     })
     .await

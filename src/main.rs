@@ -83,6 +83,9 @@ enum Cmd {
         /// Use the postcopy-preempt channel.
         #[arg(long)]
         preempt: bool,
+        /// Migrate with multifd and this many channels.
+        #[arg(long)]
+        multifd: Option<u8>,
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 600.0)]
         timeout: f64,
@@ -219,6 +222,7 @@ fn main() -> ExitCode {
             to,
             postcopy_after,
             preempt,
+            multifd,
             timeout,
         } => {
             let opts = SendOptions {
@@ -226,6 +230,7 @@ fn main() -> ExitCode {
                 to,
                 postcopy_after: postcopy_after.map(std::time::Duration::from_secs_f64),
                 preempt,
+                multifd,
                 timeout: std::time::Duration::from_secs_f64(timeout),
             };
             runtime().block_on(async move {
@@ -348,6 +353,11 @@ struct ReceiveArgs {
     /// migration then needs a sidecar (this one, or one started with --recover).
     #[arg(long, conflicts_with_all = ["preempt", "no_requests_first", "follow_incoming"])]
     own_preempt: bool,
+    /// The source migrates with multifd and this many channels: the sidecar turns multifd
+    /// on at the destination and relays every channel, checking each packet. (Following a
+    /// manager, the destination's own multifd settings decide.)
+    #[arg(long, conflicts_with = "own_preempt")]
+    multifd: Option<u8>,
     /// MiB of the main stream read ahead of the destination (at least 1).
     #[arg(long, default_value_t = 32)]
     read_ahead_mib: usize,
@@ -470,6 +480,7 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
         requests_first: !a.no_requests_first,
         prefetch: !a.no_prefetch,
         own_preempt: a.own_preempt,
+        multifd: a.multifd,
         read_ahead: a.read_ahead_mib.max(1) << 20,
         report: a.report,
         live: !a.quiet && std::io::stderr().is_terminal(),

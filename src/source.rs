@@ -22,6 +22,8 @@ pub struct SendOptions {
     pub postcopy_after: Option<Duration>,
     /// Use the postcopy-preempt channel.
     pub preempt: bool,
+    /// Migrate with multifd and this many channels, uncompressed.
+    pub multifd: Option<u8>,
     /// Give up waiting for the end after this long.
     pub timeout: Duration,
 }
@@ -63,11 +65,16 @@ pub fn source_capabilities(postcopy: bool, preempt: bool) -> Vec<(&'static str, 
 pub async fn send(opts: &SendOptions) -> Result<SendReport, QmpError> {
     // The operator's own QEMU: its socket sits in a directory of its uid.
     let qmp = Qmp::connect_checked(&opts.qmp, PeerPolicy::DirOwner).await?;
-    qmp.set_capabilities(&source_capabilities(
-        opts.postcopy_after.is_some(),
-        opts.preempt,
-    ))
-    .await?;
+    let mut caps = source_capabilities(opts.postcopy_after.is_some(), opts.preempt);
+    if let Some(n) = opts.multifd {
+        let mut params = serde_json::json!({ "multifd-channels": n });
+        if qmp.parameters().await?.get("multifd-compression").is_some() {
+            params["multifd-compression"] = "none".into();
+        }
+        qmp.set_parameters(params).await?;
+        caps.push(("multifd", true));
+    }
+    qmp.set_capabilities(&caps).await?;
     qmp.migrate_to(&format!("tcp:{}", opts.to)).await?;
     if let Some(after) = opts.postcopy_after {
         // A user-chosen delay (like virsh's --timeout), not a synchronisation.

@@ -89,6 +89,7 @@ async fn send_refuses_a_qmp_socket_planted_in_a_shared_directory() {
             to: "127.0.0.1:9".parse().unwrap(),
             postcopy_after: None,
             preempt: false,
+            multifd: None,
             timeout: Duration::from_secs(5),
         }),
     )

@@ -25,6 +25,7 @@ use crate::session::admission::{
     Admission, DistinguishedName, Joining, OpeningCheck, OpeningVerdict, PeerId,
 };
 use crate::session::{CutDecision, LinkEvent, TimerAction};
+use crate::wire::multifd::{self, MultifdInit};
 use crate::wire::{Channel, DecoderOptions, PostcopyPhase};
 
 /// Where the sidecar reaches the destination QEMU's incoming side.
@@ -98,6 +99,9 @@ pub struct CarryOptions {
     /// connection to it, and the source must not open one
     /// (protocol-spec/postcopy-sequence.md#sequence-own-preempt).
     pub own_preempt: bool,
+    /// The source opens this many multifd channels (protocol-spec/multifd.md#multifd-relay);
+    /// the destination waits for all of them.
+    pub multifd: Option<u8>,
     /// How a paused destination gets recovered (pass-through).
     pub recover: Recover,
     /// How long to wait for the source's first connection.
@@ -139,6 +143,8 @@ enum Classified {
     ResumedMain(Vec<u8>),
     /// Silent while a main connection came up: a preempt channel.
     Preempt,
+    /// Starts with a valid multifd initial packet; the bytes read after it.
+    Multifd(MultifdInit, Vec<u8>),
     /// Anything else, or silent too long.
     Refused(String),
 }
@@ -178,6 +184,7 @@ impl Classified {
             Classified::FreshMain(_) => "fresh main",
             Classified::ResumedMain(_) => "resumed main",
             Classified::Preempt => "preempt",
+            Classified::Multifd(..) => "multifd",
             Classified::Refused(_) => "refused",
         }
     }
@@ -235,6 +242,9 @@ struct Judging {
     /// The main channel is up: the connection is the preempt channel (after TLS).
     expect_preempt: bool,
     main_up: watch::Receiver<bool>,
+    /// Multifd channels may still come: a connection is judged by its first bytes only,
+    /// never taken for the silent preempt channel because main came up meanwhile.
+    multifd_pending: bool,
     check: OpeningCheck,
     timeout: Duration,
 }
@@ -247,6 +257,7 @@ async fn judge(s: TcpStream, peer: SocketAddr, seq: u64, how: Judging) -> Judged
         tls,
         expect_preempt,
         main_up,
+        multifd_pending,
         check,
         timeout,
     } = how;
@@ -276,8 +287,9 @@ async fn judge(s: TcpStream, peer: SocketAddr, seq: u64, how: Judging) -> Judged
     let class = if expect_preempt {
         Classified::Preempt
     } else {
-        match classify(&mut stream, main_up, deadline).await {
+        match classify(&mut stream, main_up, multifd_pending, deadline).await {
             Classified::FreshMain(first) => read_opening(&mut stream, check, first, deadline).await,
+            Classified::Multifd(_, first) => read_multifd_init(&mut stream, first, deadline).await,
             other => other,
         }
     };
@@ -291,24 +303,162 @@ async fn judge(s: TcpStream, peer: SocketAddr, seq: u64, how: Judging) -> Judged
     }
 }
 
-/// Waits for a connection's first bytes, or for a main connection to come up.
+/// Waits for a connection's first bytes, or for a main connection to come up (unless
+/// multifd channels may still come). A multifd channel comes back with its first bytes
+/// and a placeholder init, for [`read_multifd_init`].
 async fn classify(
     s: &mut SourceStream,
     mut main_up: watch::Receiver<bool>,
+    multifd_pending: bool,
     deadline: tokio::time::Instant,
 ) -> Classified {
     let mut b = vec![0u8; 16 * 1024];
+    let placeholder = MultifdInit {
+        uuid: [0; 16],
+        id: 0,
+    };
     tokio::select! {
         r = s.read(&mut b) => match r {
             Ok(0) => Classified::Refused("closed before sending anything".into()),
             Ok(n) if b[0] == b'Q' => Classified::FreshMain(b[..n].to_vec()),
             Ok(n) if b[0] == crate::wire::command::SECTION_COMMAND => Classified::ResumedMain(b[..n].to_vec()),
+            Ok(n) if b[0] == (multifd::MAGIC >> 24) as u8 => Classified::Multifd(placeholder, b[..n].to_vec()),
             Ok(_) => Classified::Refused(format!("starts with {:#04x}, not a migration stream", b[0])),
             Err(e) => Classified::Refused(e.to_string()),
         },
-        _ = main_up.wait_for(|up| *up) => Classified::Preempt,
+        _ = main_up.wait_for(|up| *up), if !multifd_pending => Classified::Preempt,
         _ = tokio::time::sleep_until(deadline) => Classified::Refused("silent since it connected".into()),
     }
+}
+
+/// Reads a multifd channel's 64-byte initial packet (after the `first` bytes already read)
+/// and checks it, within `deadline`; the bytes after it come back for the pump.
+async fn read_multifd_init(
+    s: &mut SourceStream,
+    mut have: Vec<u8>,
+    deadline: tokio::time::Instant,
+) -> Classified {
+    let mut chunk = vec![0u8; 4096];
+    loop {
+        match MultifdInit::parse(&have) {
+            Ok(Some(init)) => return Classified::Multifd(init, have.split_off(multifd::INIT_LEN)),
+            Ok(None) => {}
+            Err((at, kind)) => {
+                return Classified::Refused(format!("multifd initial packet, byte {at}: {kind}"));
+            }
+        }
+        let n = match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Err(_) => {
+                return Classified::Refused(
+                    "its multifd initial packet did not arrive in time".into(),
+                );
+            }
+            Ok(Err(e)) => {
+                return Classified::Refused(format!("reading its multifd initial packet: {e}"));
+            }
+            Ok(Ok(0)) => {
+                return Classified::Refused("closed inside its multifd initial packet".into());
+            }
+            Ok(Ok(n)) => n,
+        };
+        have.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A multifd channel that showed its initial packet, waiting for the source's main
+/// channel to be admitted (a 10.x source opens its multifd channels before it writes a
+/// byte on main) or being connected now.
+struct MultifdChannel {
+    init: MultifdInit,
+    rest: Vec<u8>,
+    stream: SourceStream,
+    sock: Option<socket2::Socket>,
+    peer: SocketAddr,
+    who: PeerId,
+}
+
+/// The multifd channels of this migration: held until main is admitted, then each
+/// connected to the destination after main (QEMU 7.2 takes its first connection as main).
+#[derive(Default)]
+struct MultifdChannels {
+    /// Held before main was admitted; any peer may be among them, so they are judged
+    /// only against the admitted source.
+    waiting: Vec<MultifdChannel>,
+    /// Channel ids connected, with the UUID they all carry.
+    connected: std::collections::BTreeSet<u8>,
+    uuid: Option<[u8; 16]>,
+    /// The source halves, which the source never reads: kept open until the end.
+    source_writers: Vec<Writer>,
+}
+
+impl MultifdChannels {
+    /// Whether more channels are expected.
+    fn pending(&self, expected: Option<u8>) -> bool {
+        expected.is_some_and(|n| self.connected.len() < usize::from(n))
+    }
+
+    /// Judges a channel from the admitted source: the reason it may not join, if any.
+    fn refusal(&self, expected: u8, init: &MultifdInit) -> Option<String> {
+        if init.id >= expected {
+            Some(format!(
+                "multifd channel id {} but the destination expects {expected} channels",
+                init.id
+            ))
+        } else if self.connected.contains(&init.id) {
+            Some(format!("a second multifd channel {}", init.id))
+        } else if self.uuid.is_some_and(|u| u != init.uuid) {
+            Some("a multifd channel of another VM (its UUID differs)".into())
+        } else {
+            None
+        }
+    }
+}
+
+/// Connects one multifd channel of the admitted source to the destination and starts its
+/// pump and the watcher of the destination side. Returns the sockets to cut on failure:
+/// the destination's, and the source's.
+async fn open_multifd(
+    ch: MultifdChannel,
+    channels: &mut MultifdChannels,
+    endpoint: &Endpoint,
+    opts: &CarryOptions,
+    relay: &Arc<Relay>,
+    pumps: &mut Pumps,
+) -> Result<(socket2::Socket, Option<socket2::Socket>), ReceiveError> {
+    let MultifdChannel {
+        init,
+        rest,
+        stream,
+        sock,
+        who,
+        ..
+    } = ch;
+    let (dr, dw, dsock) = connect_destination(
+        endpoint,
+        opts.sockets.dst_sndbuf,
+        opts.destination_tls.as_ref(),
+    )
+    .await?;
+    channels.connected.insert(init.id);
+    channels.uuid.get_or_insert(init.uuid);
+    let (r, w) = stream.into_split();
+    channels.source_writers.push(w);
+    let r: Reader = if rest.is_empty() {
+        r
+    } else {
+        use tokio::io::AsyncReadExt;
+        Box::new(std::io::Cursor::new(rest).chain(r))
+    };
+    let channel = Channel::Multifd(init.id);
+    pumps
+        .tasks
+        .spawn(async move { ("multifd reverse", relay::watch_reverse(dr, channel).await) });
+    let r2 = relay.clone();
+    pumps
+        .tasks
+        .spawn(async move { ("multifd", relay::multifd_pump(r2, init, r, dw).await) });
+    tracing::info!(source = %who, id = init.id, "multifd channel connected");
+    Ok((dsock, sock))
 }
 
 /// Reads a fresh main connection's opening (after the `first` bytes already read) until
@@ -533,6 +683,7 @@ pub async fn carry(
         source: e,
     })?;
     let mut port_closed = false;
+    let mut multifd = MultifdChannels::default();
     let mut accept_backoff = super::backoff::AcceptBackoff::new(
         "source port",
         Duration::from_millis(5),
@@ -566,9 +717,10 @@ pub async fn carry(
                 }
                 tracing::debug!(%peer, main_up = *main_up_tx.borrow(), preempt_up, "accepted a source connection");
                 let main_up = *main_up_tx.borrow();
+                let multifd_pending = multifd.pending(opts.multifd);
                 // With --own-preempt a source's preempt connection is let in to be judged:
                 // it fails the migration while the VM is still on the source.
-                if main_up && (preempt_up || !(opts.preempt || opts.own_preempt)) {
+                if main_up && !multifd_pending && (preempt_up || !(opts.preempt || opts.own_preempt)) {
                     refuse(&relay, peer, "extra", "the source's channels are all up");
                     continue;
                 }
@@ -577,8 +729,9 @@ pub async fn carry(
                 let sock = dup(&s);
                 let judging = judge(s, peer, seq, Judging {
                     tls: opts.source_tls.clone(),
-                    expect_preempt: main_up,
+                    expect_preempt: main_up && !multifd_pending,
                     main_up: main_up_tx.subscribe(),
+                    multifd_pending,
                     check: OpeningCheck::new(opts.decoder.clone()),
                     timeout: opts.handshake_timeout,
                 });
@@ -679,6 +832,28 @@ pub async fn carry(
                         if first_main {
                             tracing::info!(source = %who, "source connected");
                             admission.admitted(who);
+                            // After main, in any order: each names its id in its first packet.
+                            if let Some(n) = opts.multifd {
+                                for ch in std::mem::take(&mut multifd.waiting) {
+                                    let refusal = match admission.joining(&ch.who, Joining::Multifd) {
+                                        Err(why) => Some(("not_the_source", format!("a multifd connection: {why}"))),
+                                        Ok(()) => multifd.refusal(n, &ch.init).map(|why| ("extra", why)),
+                                    };
+                                    match refusal {
+                                        Some((kind, why)) => {
+                                            refuse(&relay, ch.peer, kind, &why);
+                                            if let Some(sock) = &ch.sock {
+                                                cut_socket(sock);
+                                            }
+                                        }
+                                        None => {
+                                            let (d, src) = open_multifd(ch, &mut multifd, &endpoint, &opts, &relay, &mut pumps).await?;
+                                            dst_socks.push(d);
+                                            src_socks.extend(src);
+                                        },
+                                    }
+                                }
+                            }
                             if opts.own_preempt && relay.with(|s| s.phase()) < PostcopyPhase::Listening {
                                 close_source_port(&listener);
                                 port_closed = true;
@@ -690,6 +865,33 @@ pub async fn carry(
                         first_main = false;
                         preempt_up = false;
                         main_up_tx.send_replace(true);
+                    }
+                    Classified::Multifd(init, rest) => {
+                        let Some(n) = opts.multifd else {
+                            refuse(&relay, peer, "extra", "a multifd channel, but the sidecar expects none (--multifd)");
+                            continue;
+                        };
+                        let ch = MultifdChannel { init, rest, stream: s, sock, peer, who: who.clone() };
+                        if first_main {
+                            // Main is not in yet (a 10.x source connects these first).
+                            if multifd.waiting.len() >= 4 * usize::from(n) {
+                                refuse(&relay, peer, "extra", "too many multifd connections before the main channel");
+                                continue;
+                            }
+                            multifd.waiting.push(ch);
+                            continue;
+                        }
+                        if let Err(why) = admission.joining(&who, Joining::Multifd) {
+                            refuse(&relay, peer, "not_the_source", &format!("a multifd connection: {why}"));
+                            continue;
+                        }
+                        if let Some(why) = multifd.refusal(n, &init) {
+                            refuse(&relay, peer, "extra", &why);
+                            continue;
+                        }
+                        let (d, src) = open_multifd(ch, &mut multifd, &endpoint, &opts, &relay, &mut pumps).await?;
+                        dst_socks.push(d);
+                        src_socks.extend(src);
                     }
                     Classified::Preempt => {
                         if !(opts.preempt || opts.own_preempt) || preempt_up {
@@ -727,7 +929,7 @@ pub async fn carry(
                             dst_socks.push(dsock);
                             destination = Some(dw);
                             dst_preempt_open = true;
-                            pumps.tasks.spawn(async move { ("preempt reverse", relay::watch_preempt_reverse(dr).await) });
+                            pumps.tasks.spawn(async move { ("preempt reverse", relay::watch_reverse(dr, Channel::Preempt).await) });
                         }
                         if pumps.preempt.is_none() {
                             let (tx, rx) = mpsc::channel(1);

@@ -39,7 +39,7 @@ macro_rules! label_values {
 }
 
 label_values!(PhaseLabel { Precopy => "precopy", Postcopy => "postcopy" });
-label_values!(ChannelLabel { Main => "main", Preempt => "preempt", ReturnPath => "return_path" });
+label_values!(ChannelLabel { Main => "main", Preempt => "preempt", ReturnPath => "return_path", Multifd => "multifd" });
 label_values!(PageKind { Page => "page", Zero => "zero" });
 label_values!(RequestDecision {
     Forward => "forwarded",
@@ -65,6 +65,8 @@ pub enum ChannelLabel {
     Preempt,
     /// Destination → source return path.
     ReturnPath,
+    /// The multifd channels, together.
+    Multifd,
 }
 
 impl From<Channel> for ChannelLabel {
@@ -73,6 +75,7 @@ impl From<Channel> for ChannelLabel {
             Channel::Main => ChannelLabel::Main,
             Channel::Preempt => ChannelLabel::Preempt,
             Channel::ReturnPath => ChannelLabel::ReturnPath,
+            Channel::Multifd(_) => ChannelLabel::Multifd,
         }
     }
 }

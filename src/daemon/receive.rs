@@ -105,6 +105,11 @@ pub struct ReceiveOptions {
     /// preempt) and send requested pages there, ahead of main
     /// (protocol-spec/postcopy-sequence.md#sequence-own-preempt). Private incoming only.
     pub own_preempt: bool,
+    /// The source migrates with `multifd` and this many channels
+    /// (protocol-spec/multifd.md#multifd-relay): with the private incoming mode the sidecar
+    /// turns multifd on at the destination; following a manager, the destination's own
+    /// settings decide and this is ignored.
+    pub multifd: Option<u8>,
     /// How many bytes of the main stream the sidecar reads ahead of the destination.
     pub read_ahead: usize,
     /// Write the JSON report here.
@@ -199,6 +204,7 @@ impl ReceiveOptions {
             requests_first: true,
             prefetch: true,
             own_preempt: false,
+            multifd: None,
             read_ahead: crate::daemon::relay::DEFAULT_READ_AHEAD,
             report: None,
             live: false,
@@ -651,10 +657,10 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
         .map_err(io(
             "creating the private directory for the destination endpoint",
         ))?;
-    let (endpoint, dest_addr, preempt) = match (&takeover, &qmp, opts.incoming) {
+    let (endpoint, dest_addr, preempt, multifd) = match (&takeover, &qmp, opts.incoming) {
         (Some(state), _, _) => {
             let e = takeover_endpoint(state, qmp.as_ref(), private.path()).await?;
-            (e.clone(), e.incoming_address(), state.preempt)
+            (e.clone(), e.incoming_address(), state.preempt, None)
         }
         (None, None, _) => unreachable!("QMP is required without --recover"),
         (None, Some(qmp), Incoming::Private) => {
@@ -675,11 +681,14 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
             if own_preempt && tls_ends(&opts.tls, Some(qmp)).await?.1.is_some() {
                 return Err(own_preempt_tls());
             }
-            qmp.set_capabilities(&caps).await?;
+            match opts.multifd {
+                None => qmp.set_capabilities(&caps).await?,
+                Some(n) => set_multifd(qmp, &mut caps, n, opts.preempt || own_preempt).await?,
+            }
             qmp.migrate_incoming(&format!("unix:{}", path.display()))
                 .await?;
             let addr = IncomingAddress::Unix(path.clone());
-            (Endpoint::Unix(path), addr, opts.preempt)
+            (Endpoint::Unix(path), addr, opts.preempt, opts.multifd)
         }
         (None, Some(qmp), Incoming::Follow) => {
             let addr = wait_incoming(qmp, opts.attach_timeout).await?;
@@ -699,8 +708,9 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
             {
                 tracing::warn!("could not enable events/postcopy-blocktime: {e}");
             }
-            tracing::info!(destination = %addr, preempt, "following the destination's manager");
-            (endpoint, addr, preempt)
+            let multifd = followed_multifd(qmp).await?;
+            tracing::info!(destination = %addr, preempt, ?multifd, "following the destination's manager");
+            (endpoint, addr, preempt, multifd)
         }
     };
     let listener = match listener {
@@ -727,6 +737,7 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
             endpoint,
             preempt,
             own_preempt,
+            multifd,
             recover: match opts.incoming {
                 Incoming::Private => Recover::Private(private.path().to_path_buf()),
                 Incoming::Follow => Recover::Follow,
@@ -881,6 +892,65 @@ async fn takeover_endpoint(
     }
 }
 
+/// Turns multifd on at a private destination with `n` channels and uncompressed pages,
+/// beside `caps`. QEMU 10.0 refuses postcopy together with multifd (10.2 allows it,
+/// protocol-spec/multifd.md#multifd-postcopy): then the destination is set up for precopy
+/// only, unless the preempt channel was asked for, which needs postcopy.
+async fn set_multifd(
+    qmp: &Qmp,
+    caps: &mut Vec<(&'static str, bool)>,
+    n: u8,
+    preempt: bool,
+) -> Result<(), ReceiveError> {
+    if n == 0 {
+        return Err(ReceiveError::Setup(
+            "--multifd: at least one channel".into(),
+        ));
+    }
+    let mut params = serde_json::json!({ "multifd-channels": n });
+    if qmp.parameters().await?.get("multifd-compression").is_some() {
+        params["multifd-compression"] = "none".into();
+    }
+    qmp.set_parameters(params).await?;
+    caps.push(("multifd", true));
+    let Err(e) = qmp.set_capabilities(caps).await else {
+        return Ok(());
+    };
+    if preempt {
+        return Err(ReceiveError::Setup(format!(
+            "the destination refuses multifd with postcopy-preempt: {e}"
+        )));
+    }
+    tracing::warn!("the destination refuses multifd with postcopy ({e}): precopy only");
+    caps.retain(|(c, _)| !c.starts_with("postcopy-"));
+    qmp.set_capabilities(caps).await?;
+    Ok(())
+}
+
+/// The multifd channels a manager's destination waits for, if it has multifd on; refuses
+/// compressed multifd, which the sidecar cannot check packet by packet.
+async fn followed_multifd(qmp: &Qmp) -> Result<Option<u8>, ReceiveError> {
+    if !qmp.capability("multifd").await? {
+        return Ok(None);
+    }
+    let params = qmp.parameters().await?;
+    let compression = params
+        .get("multifd-compression")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("none");
+    if compression != "none" {
+        return Err(ReceiveError::Setup(format!(
+            "the destination expects multifd compressed with {compression}: the sidecar relays              uncompressed multifd only"
+        )));
+    }
+    let n = params
+        .get("multifd-channels")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|n| u8::try_from(n).ok())
+        .unwrap_or(2);
+    Ok(Some(n))
+}
+
 /// Refuses `--own-preempt` where it cannot work: the sidecar must set the destination's
 /// capability before it listens, requested pages must pass the queue to reach the channel,
 /// and a source with preempt opens its own.
@@ -892,6 +962,9 @@ fn check_own_preempt(opts: &ReceiveOptions) -> Result<(), ReceiveError> {
         "--preempt says the source opens the preempt channel itself"
     } else if !opts.requests_first {
         "it sends queued pages ahead, which --no-requests-first turns off"
+    } else if opts.multifd.is_some() {
+        "with multifd the destination takes its preempt channel only after every multifd \
+         channel, which the sidecar does not order yet"
     } else {
         return Ok(());
     };

@@ -28,7 +28,7 @@ use super::metrics::Metrics;
 use crate::guard::{GuardedRam, Phase};
 use crate::session::{CutCause, Delta, Piece, Session, SessionError};
 use crate::verify::placement::PlacementVerifier;
-use crate::wire::Channel;
+use crate::wire::{Channel, MultifdInit, PostcopyPhase};
 
 /// Read size per socket read: small enough that bulk pages never pile up in the sidecar
 /// ahead of an urgent one (reference: head-of-line blocking behind a relay's buffers).
@@ -66,8 +66,13 @@ pub enum RelayError {
         source: std::io::Error,
     },
     /// The destination sent bytes on a channel where it never sends any.
-    #[error("destination sent {0} unexpected bytes on the preempt channel")]
-    UnexpectedPreemptData(usize),
+    #[error("destination sent {bytes} unexpected bytes on the {channel}")]
+    UnexpectedDestinationData {
+        /// The channel (preempt or multifd).
+        channel: Channel,
+        /// How many bytes one read returned.
+        bytes: usize,
+    },
 }
 
 /// What a pump tells the carrier.
@@ -725,30 +730,80 @@ pub async fn return_path_pump(
 }
 
 /// Watches the read half of the sidecar's own preempt connection to the destination like
-/// [`watch_preempt_reverse`], and keeps the write half the main pump hands over after EOS
+/// [`watch_reverse`], and keeps the write half the main pump hands over after EOS
 /// open until the destination closes the connection.
 pub async fn watch_own_preempt(
     from_dst: Reader,
     writer: tokio::sync::oneshot::Receiver<Writer>,
 ) -> Result<(), RelayError> {
-    let r = watch_preempt_reverse(from_dst).await;
+    let r = watch_reverse(from_dst, Channel::Preempt).await;
     // A writer handed over (or on its way) closes only now.
     drop(writer);
     r
 }
 
-/// Watches the destination side of a preempt connection, which QEMU never writes to; it
-/// only closes it at the end.
-pub async fn watch_preempt_reverse(mut from_dst: Reader) -> Result<(), RelayError> {
+/// Watches the destination side of a preempt or multifd connection, which QEMU never
+/// writes to; it only closes it at the end.
+pub async fn watch_reverse(mut from_dst: Reader, channel: Channel) -> Result<(), RelayError> {
     let mut b = [0u8; 512];
     let n = from_dst
         .read(&mut b)
         .await
-        .map_err(io_err(Channel::Preempt, "reading from the destination"))?;
+        .map_err(io_err(channel, "reading from the destination"))?;
     if n > 0 {
-        return Err(RelayError::UnexpectedPreemptData(n));
+        return Err(RelayError::UnexpectedDestinationData { channel, bytes: n });
     }
     Ok(())
+}
+
+/// Carries one multifd channel (protocol-spec/multifd.md#multifd-relay) from the source
+/// to its own destination connection: the initial packet the carrier checked, then whole
+/// packets as the session validates them, never a byte of one that does not decode.
+/// Packets wait for the main stream's block table (QEMU 7.2 sends the first sync point
+/// before main's EOS). A source connection lost before postcopy fails the migration,
+/// which leaves the VM on the source; after the switch multifd carries nothing, and the
+/// main channel's cut rule decides (the destination side is left open).
+pub async fn multifd_pump(
+    relay: Arc<Relay>,
+    init: MultifdInit,
+    mut src: Reader,
+    mut dst: Writer,
+) -> Result<(), RelayError> {
+    let ch = Channel::Multifd(init.id);
+    let mut opening = Vec::with_capacity(crate::wire::multifd::INIT_LEN);
+    init.encode(&mut opening);
+    dst.write_all(&opening)
+        .await
+        .map_err(io_err(ch, "writing to the destination"))?;
+    relay.with(|s| s.multifd_connected(init));
+    let mut buf = BytesMut::with_capacity(4 * READ_CHUNK);
+    let mut layout = relay.layout_ready.subscribe();
+    loop {
+        let n = match read_more(&mut src, &mut buf).await {
+            Ok(n) => n,
+            Err(e) if relay.with(|s| s.phase()) >= PostcopyPhase::Running => {
+                tracing::warn!(channel = %ch, "lost in postcopy ({e}); main's cut rule decides");
+                std::mem::forget(dst);
+                return Ok(());
+            }
+            Err(e) => return Err(io_err(ch, "reading from the source")(e)),
+        };
+        if relay.with(|s| s.layout().is_none()) && layout.wait_for(|ready| *ready).await.is_err() {
+            return Ok(());
+        }
+        let step = relay.with(|s| s.on_source_multifd(init, &buf, Instant::now()));
+        apply_pieces(&mut dst, &mut buf, step.pieces, ch).await?;
+        relay.apply(&step.delta);
+        relay.flush_to_source().await;
+        if let Some(e) = step.error {
+            return Err(e.into());
+        }
+        if n == 0 {
+            relay.with(|s| s.finish_multifd(init.id, &buf))?;
+            let _ = dst.shutdown().await;
+            return Ok(());
+        }
+    }
 }
 
 #[cfg(test)]

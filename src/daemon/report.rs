@@ -72,6 +72,8 @@ pub struct Report {
     pub opaque_bytes: u64,
     /// Bytes by channel.
     pub bytes: ChannelBytes,
+    /// What each multifd channel carried, by channel id (protocol-spec/multifd.md).
+    pub multifd: BTreeMap<u8, crate::session::stats::MultifdFigures>,
     /// Commands by name.
     pub commands: BTreeMap<String, u64>,
     /// Return-path messages other than requests, by name.
@@ -133,6 +135,7 @@ impl Report {
             postcopy: stats.postcopy.clone(),
             opaque_bytes: stats.opaque_bytes,
             bytes: stats.bytes.clone(),
+            multifd: stats.multifd.clone(),
             commands: stats.commands.clone(),
             return_path_messages: stats.rp_messages.clone(),
             requests_first: session.outbox_figures(),
@@ -205,6 +208,31 @@ impl Report {
             "channels     main {} B, preempt {} B, return path {} B",
             b.main, b.preempt, b.return_path
         );
+        if !self.multifd.is_empty() {
+            let m = &self.multifd;
+            let sum = |f: fn(&crate::session::stats::MultifdFigures) -> u64| {
+                m.values().map(f).sum::<u64>()
+            };
+            let syncs: Vec<u64> = m.values().map(|f| f.syncs).collect();
+            let _ = writeln!(
+                s,
+                "multifd      {} channels, {} B: {} pages, {} zero pages, {} packets; pages by channel {}, sync points {}",
+                m.len(),
+                b.multifd,
+                sum(|f| f.pages),
+                sum(|f| f.zero_pages),
+                sum(|f| f.packets),
+                m.values()
+                    .map(|f| f.pages.to_string())
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                syncs
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join("/")
+            );
+        }
         let r = &self.requests;
         let _ = writeln!(
             s,

@@ -236,6 +236,8 @@ pub enum Joining {
     Preempt,
     /// A main channel resuming after a cut.
     Resume,
+    /// A multifd channel.
+    Multifd,
 }
 
 /// The admission policy: the allow list and, once a source is in, who it is.

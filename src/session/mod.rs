@@ -28,6 +28,7 @@ pub mod sim;
 pub mod stats;
 pub mod tracker;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -41,9 +42,10 @@ use tracker::{Origin, PageTracker, RequestDecision};
 
 use crate::verify::PageDigests;
 use crate::verify::placement::PlacementCheck;
+use crate::wire::multifd::{self, MultifdDecoder, MultifdEvent, MultifdInit};
 use crate::wire::{
-    Channel, Command, DecodeError, DecoderOptions, Event, PostcopyPhase, PreemptDecoder, RamLayout,
-    RamRecord, RpDecoder, RpMessage, Step, StreamDecoder,
+    Channel, Command, DecodeError, DecoderOptions, ErrorKind, Event, PageHeader, PostcopyPhase,
+    PreemptDecoder, RamLayout, RamRecord, RpDecoder, RpMessage, Step, StreamDecoder,
 };
 
 /// Most bytes a prefetch adds to one request: what may queue at the source ahead of an
@@ -237,6 +239,8 @@ pub struct Session {
     cfg: SessionConfig,
     main: StreamDecoder,
     preempt: Option<PreemptDecoder>,
+    /// One decoder per multifd channel, made once the block table is known.
+    multifd: BTreeMap<u8, MultifdDecoder>,
     rp: RpDecoder,
     tracker: Option<PageTracker>,
     digests: Option<PageDigests>,
@@ -291,6 +295,7 @@ impl Session {
         Session {
             main,
             preempt: None,
+            multifd: BTreeMap::new(),
             rp: RpDecoder::new(),
             tracker: None,
             digests: None,
@@ -1226,6 +1231,109 @@ impl Session {
         step.delta.in_flight = self.tracker.as_ref().map(PageTracker::outstanding_pages);
         self.stats.channel_bytes(Channel::Preempt, pos as u64);
         step
+    }
+
+    /// Bytes from multifd channel `init.id` after its initial packet (which the carrier
+    /// checked before connecting the destination). Call only once [`Self::layout`] is
+    /// known: a packet's pages name a block of the main stream's table. Multifd pages
+    /// count as precopy pages: the source sends none after the switch to postcopy
+    /// (protocol-spec/multifd.md#multifd-postcopy).
+    pub fn on_source_multifd(
+        &mut self,
+        init: MultifdInit,
+        input: &[u8],
+        now: Instant,
+    ) -> SourceStep {
+        let ch = Channel::Multifd(init.id);
+        let mut step = SourceStep {
+            delta: Delta::on(ch, false),
+            ..Default::default()
+        };
+        let Some((layout, tps)) = self.layout() else {
+            return step;
+        };
+        let mut dec = self
+            .multifd
+            .remove(&init.id)
+            .unwrap_or_else(|| MultifdDecoder::after_init(init, tps, layout));
+        let mut pos = 0;
+        while pos < input.len() {
+            let (len, event) = match dec.next(&input[pos..]) {
+                Ok(Step::Event { len, event, .. }) => (len, event),
+                Ok(Step::NeedMore) => break,
+                Err(e) => {
+                    step.error = Some(e.into());
+                    break;
+                }
+            };
+            let fig = self.stats.multifd.entry(init.id).or_default();
+            fig.packets += 1;
+            fig.bytes += len as u64;
+            if let MultifdEvent::Ram(p) = &event {
+                fig.syncs += u64::from(p.is_sync());
+                fig.pages += p.normal_count() as u64;
+                fig.zero_pages += p.zero_count() as u64;
+                if let Some(block) = p.block {
+                    for (offset, data) in p.pages() {
+                        let header = PageHeader {
+                            offset,
+                            idstr: None,
+                            block,
+                        };
+                        let rec = RamRecord::Page { header, data };
+                        self.deliver(
+                            block,
+                            offset,
+                            false,
+                            false,
+                            data.len(),
+                            &rec,
+                            now,
+                            &mut step,
+                        );
+                    }
+                    for offset in p.zero_pages() {
+                        let header = PageHeader {
+                            offset,
+                            idstr: None,
+                            block,
+                        };
+                        let rec = RamRecord::Zero { header };
+                        self.deliver(block, offset, true, false, 0, &rec, now, &mut step);
+                    }
+                }
+            }
+            pos += len;
+            push_piece(&mut step.pieces, Piece::Forward(len));
+        }
+        self.multifd.insert(init.id, dec);
+        step.consumed = pos;
+        step.delta.bytes = pos as u64;
+        self.stats.channel_bytes(ch, pos as u64);
+        step
+    }
+
+    /// Multifd channel `init.id` is connected to the destination, its initial packet
+    /// forwarded.
+    pub fn multifd_connected(&mut self, init: MultifdInit) {
+        let fig = self.stats.multifd.entry(init.id).or_default();
+        fig.bytes += multifd::INIT_LEN as u64;
+        self.stats
+            .channel_bytes(Channel::Multifd(init.id), multifd::INIT_LEN as u64);
+    }
+
+    /// Judges the end of multifd channel `id`: clean only between packets.
+    pub fn finish_multifd(&mut self, id: u8, rest: &[u8]) -> Result<(), SessionError> {
+        match self.multifd.get_mut(&id) {
+            Some(d) => d.finish(rest).map_err(Into::into),
+            None if rest.is_empty() => Ok(()),
+            None => Err(DecodeError {
+                channel: Channel::Multifd(id),
+                offset: multifd::INIT_LEN as u64,
+                kind: ErrorKind::Truncated("a multifd packet"),
+            }
+            .into()),
+        }
     }
 
     /// Whether preempt bytes of connection generation `epoch` can be decoded now (false

@@ -28,6 +28,8 @@ pub struct ChannelBytes {
     pub preempt: u64,
     /// Return path, destination → source (as received from the destination).
     pub return_path: u64,
+    /// Multifd channels, source → destination, together.
+    pub multifd: u64,
 }
 
 /// Live counters.
@@ -61,6 +63,23 @@ pub struct Stats {
     pub recent_requests: std::collections::VecDeque<Instant>,
     /// Connections that were not let in.
     pub refused: RefusedConnections,
+    /// Per multifd channel id: what it carried.
+    pub multifd: BTreeMap<u8, MultifdFigures>,
+}
+
+/// What one multifd channel carried (protocol-spec/multifd.md#multifd-packet).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MultifdFigures {
+    /// Packets, sync points included.
+    pub packets: u64,
+    /// Sync points: each is a barrier the destination waits on across all channels.
+    pub syncs: u64,
+    /// Pages with data.
+    pub pages: u64,
+    /// Zero pages (named by offset only; QEMU 10.0+).
+    pub zero_pages: u64,
+    /// Bytes, the initial packet included.
+    pub bytes: u64,
 }
 
 /// Connections refused at the sidecar's port: the count by kind, and the first few
@@ -121,6 +140,7 @@ impl Default for Stats {
             served: 0,
             recent_requests: std::collections::VecDeque::new(),
             refused: RefusedConnections::default(),
+            multifd: BTreeMap::new(),
         }
     }
 }
@@ -132,6 +152,7 @@ impl Stats {
             Channel::Main => self.bytes.main += n,
             Channel::Preempt => self.bytes.preempt += n,
             Channel::ReturnPath => self.bytes.return_path += n,
+            Channel::Multifd(_) => self.bytes.multifd += n,
         }
     }
 

@@ -776,3 +776,78 @@ fn a_10_2_package_ping_passes_and_its_pong_reaches_the_source() {
     }
     assert_eq!(pongs, [2, 3, 0x42]);
 }
+
+/// Multifd channels in memory (protocol-spec/multifd.md#multifd-relay): nothing is taken
+/// before main's block table, then whole packets only, each page counted once for its
+/// block, and a packet that does not decode leaves the channel with none of its bytes.
+#[test]
+fn multifd_packets_pass_whole_after_the_block_table_and_a_bad_one_not_at_all() {
+    use crate::wire::multifd::{INIT_LEN, MultifdInit, compose as mf};
+    let now = Instant::now();
+    let mut s = Session::new(SessionConfig::default(), now);
+    s.source_main_connected(now).unwrap();
+    let init = MultifdInit {
+        uuid: [0; 16],
+        id: 2,
+    };
+    let page = vec![5u8; PAGE as usize];
+    let mut chan = Vec::new();
+    mf::put_sync(&mut chan, PAGE as usize, 0);
+    mf::put_ram_packet(
+        &mut chan,
+        PAGE as usize,
+        0,
+        1,
+        b"m",
+        &[(0, &page), (PAGE, &page)],
+        &[3 * PAGE],
+    );
+    let first = chan.len();
+    // Before the block table nothing is consumed.
+    let step = s.on_source_multifd(init, &chan, now);
+    assert_eq!((step.consumed, step.error.is_none()), (0, true));
+
+    let mut main = Vec::new();
+    crate::wire::compose::put_opening(&mut main, b"pc-q35-10.0", 2, BLOCKS);
+    let step = s.on_source_main(1, &main, now);
+    assert!(step.layout_ready && step.error.is_none());
+    // Half a packet waits; the rest completes it.
+    let step = s.on_source_multifd(init, &chan[..first - 100], now);
+    assert_eq!(step.consumed, 1344);
+    let step = s.on_source_multifd(init, &chan[1344..], now);
+    assert_eq!(step.consumed, first - 1344);
+    assert_eq!(step.pieces, vec![Piece::Forward(first - 1344)]);
+    let fig = &s.stats().multifd[&2];
+    assert_eq!(
+        (fig.packets, fig.syncs, fig.pages, fig.zero_pages),
+        (2, 1, 2, 1)
+    );
+    assert_eq!(s.stats().precopy.pages, 2);
+
+    // A page past the end of its block: refused with where, nothing of it forwarded.
+    let mut bad = Vec::new();
+    mf::put_ram_packet(
+        &mut bad,
+        PAGE as usize,
+        0,
+        2,
+        b"pc.bios",
+        &[(8 * PAGE, &page)],
+        &[],
+    );
+    let step = s.on_source_multifd(init, &bad, now);
+    assert_eq!((step.consumed, step.pieces.len()), (0, 0));
+    let e = step.error.expect("refused").to_string();
+    assert!(
+        e.contains("multifd channel 2") && e.contains("past the end"),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!("offset {}", INIT_LEN + first + 320)),
+        "{e}"
+    );
+    assert!(
+        s.finish_multifd(2, &[]).is_err(),
+        "a failed channel never ends clean"
+    );
+}
