@@ -25,5 +25,8 @@ cap 10.0-linux-preempt --mode preempt --guest linux --ram-mib 96 --workload-mib 
 cap 7.2-idle-precopy --src 7.2 --dst 7.2 --mode precopy --guest idle
 cap 7.2-idle-postcopy --src 7.2 --dst 7.2 --mode postcopy --guest idle --postcopy-after-ms 0
 cap 7.2-linux-preempt --src 7.2 --dst 7.2 --mode preempt --guest linux --ram-mib 96 --workload-mib 4
+# Multifd with four channels: each channel in its own file, named by its id.
+cap 10.0-idle-multifd --mode precopy --guest idle --multifd 4
+cap 7.2-idle-multifd --src 7.2 --dst 7.2 --mode precopy --guest idle --multifd 4
 cap 7.2-to-10.0-idle-postcopy --src 7.2 --dst 10.0 --machine pc-q35-7.2 --mode postcopy --guest idle --postcopy-after-ms 0
 du -sh "$OUT"/*

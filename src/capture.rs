@@ -5,7 +5,9 @@
 //!
 //! Files: connection 0 is the main channel (`main.fwd`, and `return-path.rp` for the
 //! destination's replies); connection N ≥ 1 is a preempt channel (`preempt{N}.fwd`,
-//! `preempt{N}.rp`, the latter always empty with stock QEMU).
+//! `preempt{N}.rp`, the latter always empty with stock QEMU), unless it is a multifd
+//! channel, which [`name_multifd_files`] renames after the run by the id in its first
+//! packet (`multifd{id}.fwd`, `multifd{id}.rp`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,6 +26,34 @@ pub fn channel_files(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
             dir.join(format!("preempt{n}.rp")),
         )
     }
+}
+
+/// Renames the files of every connection that starts with a multifd initial packet to
+/// `multifd{id}.*`, so a capture says which file is which channel (protocol-spec/multifd.md).
+pub fn name_multifd_files(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        let name = p
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let Some(n) = name
+            .strip_prefix("preempt")
+            .and_then(|r| r.strip_suffix(".fwd"))
+        else {
+            continue;
+        };
+        let head: Vec<u8> = std::fs::read(&p)?.into_iter().take(64).collect();
+        if let Ok(Some(init)) = crate::wire::MultifdInit::parse(&head) {
+            std::fs::rename(&p, dir.join(format!("multifd{}.fwd", init.id)))?;
+            let rp = dir.join(format!("preempt{n}.rp"));
+            if rp.exists() {
+                std::fs::rename(rp, dir.join(format!("multifd{}.rp", init.id)))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn copy_logged<R, W>(mut from: R, mut to: W, log: PathBuf) -> std::io::Result<u64>

@@ -1,5 +1,5 @@
 //! `postcopy-sidecar inspect`: decodes a captured migration (main stream, optional return
-//! path and preempt channels) into a timeline and a summary, like QEMU's
+//! path, preempt and multifd channels) into a timeline and a summary, like QEMU's
 //! `analyze-migration.py` but for both directions. It reuses the live decoders unchanged,
 //! so a capture that inspects cleanly is one the daemon would have carried.
 
@@ -10,8 +10,8 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::wire::{
-    Command, DecodeError, Event, PreemptDecoder, RamLayout, RamRecord, RpDecoder, RpMessage, Step,
-    StreamDecoder, StreamEnd,
+    Command, DecodeError, Event, MultifdDecoder, MultifdEvent, PreemptDecoder, RamLayout,
+    RamRecord, RpDecoder, RpMessage, Step, StreamDecoder, StreamEnd,
 };
 
 /// Errors reading a capture file (decode errors are part of the report instead).
@@ -69,6 +69,8 @@ pub struct RamSummary {
     pub compressed_pages: u64,
     /// Full pages that came on the preempt channel.
     pub preempt_pages: u64,
+    /// Full pages that came on multifd channels.
+    pub multifd_pages: u64,
     /// Wire bytes of all RAM records, headers included.
     pub bytes: u64,
 }
@@ -82,6 +84,25 @@ pub struct ReturnPathSummary {
     pub requested_pages: u64,
     /// Bytes on the return path.
     pub bytes: u64,
+}
+
+/// One multifd channel (protocol-spec/multifd.md).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct MultifdSummary {
+    /// Channel id from its initial packet.
+    pub id: Option<u8>,
+    /// Bytes of the channel.
+    pub bytes: u64,
+    /// Packets after the initial one.
+    pub packets: u64,
+    /// Sync points.
+    pub syncs: u64,
+    /// Full pages.
+    pub pages: u64,
+    /// Zero pages (offsets only).
+    pub zero_pages: u64,
+    /// Device-state packets.
+    pub device_state_packets: u64,
 }
 
 /// Offsets of the postcopy milestones in the main stream.
@@ -137,6 +158,8 @@ pub struct Summary {
     pub opaque_bytes: u64,
     /// Return path, when given.
     pub return_path: Option<ReturnPathSummary>,
+    /// Multifd channels, in the order given.
+    pub multifd: Vec<MultifdSummary>,
     /// Postcopy milestones, or null for a precopy stream.
     pub postcopy: Option<PostcopySummary>,
     /// How the stream ended ("eof", "opaque-then-eof").
@@ -162,8 +185,14 @@ struct RamRun {
     other: u64,
 }
 
-/// Decodes the main stream, then each preempt channel, then the return path.
-pub fn inspect(main: &[u8], return_path: Option<&[u8]>, preempt: &[Vec<u8>]) -> Report {
+/// Decodes the main stream, then each preempt channel, each multifd channel, then the
+/// return path.
+pub fn inspect(
+    main: &[u8],
+    return_path: Option<&[u8]>,
+    preempt: &[Vec<u8>],
+    multifd: &[Vec<u8>],
+) -> Report {
     let mut r = Report::default();
     let s = &mut r.summary;
     s.stream_bytes = main.len() as u64;
@@ -316,6 +345,9 @@ pub fn inspect(main: &[u8], return_path: Option<&[u8]>, preempt: &[Vec<u8>]) -> 
     for (n, ch) in preempt.iter().enumerate() {
         inspect_preempt(&mut r, n, ch, tps, dec.layout().clone());
     }
+    for ch in multifd {
+        inspect_multifd(&mut r, ch, tps, dec.layout().clone());
+    }
     if let Some(rp) = return_path {
         inspect_return_path(&mut r, rp, tps);
     }
@@ -380,6 +412,60 @@ fn inspect_preempt(r: &mut Report, n: usize, ch: &[u8], tps: u64, layout: RamLay
         "preempt#{n}: {} bytes, {pages} pages, {zero} zero pages",
         ch.len()
     ));
+}
+
+fn inspect_multifd(r: &mut Report, ch: &[u8], tps: u64, layout: RamLayout) {
+    let mut dec = MultifdDecoder::new(tps, layout);
+    let mut m = MultifdSummary {
+        bytes: ch.len() as u64,
+        ..Default::default()
+    };
+    let mut pos = 0;
+    loop {
+        match dec.next(&ch[pos..]) {
+            Ok(Step::Event { len, event, .. }) => {
+                pos += len;
+                match &event {
+                    MultifdEvent::Init(i) => m.id = Some(i.id),
+                    MultifdEvent::Ram(p) => {
+                        m.packets += 1;
+                        m.syncs += u64::from(p.is_sync());
+                        m.pages += p.normal_count() as u64;
+                        m.zero_pages += p.zero_count() as u64;
+                        let ram = &mut r.summary.ram;
+                        ram.pages += p.normal_count() as u64;
+                        ram.multifd_pages += p.normal_count() as u64;
+                        ram.zero_pages += p.zero_count() as u64;
+                        ram.bytes += len as u64;
+                    }
+                    MultifdEvent::DeviceState { .. } => {
+                        m.packets += 1;
+                        m.device_state_packets += 1;
+                    }
+                }
+            }
+            Ok(Step::NeedMore) => {
+                if let Err(e) = dec.finish(&ch[pos..]) {
+                    r.summary.error.get_or_insert((&e).into());
+                }
+                break;
+            }
+            Err(e) => {
+                r.summary.error.get_or_insert((&e).into());
+                break;
+            }
+        }
+    }
+    r.timeline.push(format!(
+        "multifd#{}: {} bytes, {} packets, {} sync points, {} pages, {} zero pages",
+        m.id.map_or("?".into(), |i| i.to_string()),
+        m.bytes,
+        m.packets,
+        m.syncs,
+        m.pages,
+        m.zero_pages
+    ));
+    r.summary.multifd.push(m);
 }
 
 fn inspect_return_path(r: &mut Report, rp: &[u8], tps: u64) {

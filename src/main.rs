@@ -50,6 +50,9 @@ enum Cmd {
         /// Preempt-channel capture; repeat for several.
         #[arg(long)]
         preempt: Vec<PathBuf>,
+        /// Multifd-channel capture (one file per channel); repeat for each.
+        #[arg(long)]
+        multifd: Vec<PathBuf>,
         /// Print the JSON summary instead of the timeline.
         #[arg(long)]
         json: bool,
@@ -192,8 +195,9 @@ fn main() -> ExitCode {
             stream,
             return_path,
             preempt,
+            multifd,
             json,
-        } => run_inspect(stream, return_path, preempt, json),
+        } => run_inspect(stream, return_path, preempt, multifd, json),
         Cmd::Receive(args) => run_receive(*args),
         Cmd::Demo {
             ram_mib,
@@ -701,6 +705,7 @@ fn run_inspect(
     stream: PathBuf,
     rp: Option<PathBuf>,
     preempt: Vec<PathBuf>,
+    multifd: Vec<PathBuf>,
     json: bool,
 ) -> ExitCode {
     let read = |p: &PathBuf| inspect::read_capture(p);
@@ -708,16 +713,17 @@ fn run_inspect(
         let main = read(&stream)?;
         let rp = rp.as_ref().map(read).transpose()?;
         let pre = preempt.iter().map(read).collect::<Result<Vec<_>, _>>()?;
-        Ok::<_, inspect::ReadCaptureError>((main, rp, pre))
+        let mf = multifd.iter().map(read).collect::<Result<Vec<_>, _>>()?;
+        Ok::<_, inspect::ReadCaptureError>((main, rp, pre, mf))
     })();
-    let (main, rp, pre) = match loaded {
+    let (main, rp, pre, mf) = match loaded {
         Ok(v) => v,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
-    let report = inspect::inspect(&main, rp.as_deref(), &pre);
+    let report = inspect::inspect(&main, rp.as_deref(), &pre, &mf);
     if json {
         println!(
             "{}",

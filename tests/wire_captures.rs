@@ -8,7 +8,9 @@ mod common;
 use common::*;
 use postcopy_sidecar::inspect;
 use postcopy_sidecar::wire::check::{self, ChannelDecoder};
-use postcopy_sidecar::wire::{PreemptDecoder, RamLayout, RpDecoder, Step, StreamDecoder};
+use postcopy_sidecar::wire::{
+    MultifdDecoder, PreemptDecoder, RamLayout, RpDecoder, Step, StreamDecoder,
+};
 
 /// Byte-at-a-time feeding covers this much of each stream.
 const BYTEWISE_LIMIT: usize = 2 << 20;
@@ -107,6 +109,14 @@ fn captures_decode_identically_in_any_chunking() {
                 &format!("{}/{name}", c.name),
             );
         }
+        for (name, data) in &c.multifd {
+            assert_chunkings(
+                || MultifdDecoder::new(tps, layout.clone()),
+                data,
+                seed,
+                &format!("{}/{name}", c.name),
+            );
+        }
         if let Some(rp) = &c.return_path {
             assert_chunkings(RpDecoder::new, rp, seed, &format!("{}/return path", c.name));
         }
@@ -121,7 +131,8 @@ fn captures_inspect_without_error() {
             continue;
         }
         let preempt: Vec<Vec<u8>> = c.preempt.iter().map(|(_, d)| d.clone()).collect();
-        let r = inspect::inspect(&c.main, c.return_path.as_deref(), &preempt);
+        let multifd: Vec<Vec<u8>> = c.multifd.iter().map(|(_, d)| d.clone()).collect();
+        let r = inspect::inspect(&c.main, c.return_path.as_deref(), &preempt, &multifd);
         assert_eq!(r.summary.error, None, "{}: inspect error", c.name);
         assert!(r.summary.end.is_some(), "{}: no end of stream", c.name);
         assert_eq!(r.summary.stream_bytes, c.main.len() as u64);
@@ -139,9 +150,44 @@ fn captures_inspect_without_error() {
 #[test]
 fn dev_capture_is_a_postcopy_migration() {
     let main = dev_capture_main();
-    let r = inspect::inspect(&main, None, &[]);
+    let r = inspect::inspect(&main, None, &[], &[]);
     let pc = r.summary.postcopy.expect("postcopy milestones");
     assert!(pc.advise.is_some() && pc.listen.is_some() && pc.run.is_some());
     assert!(pc.package.is_some());
     assert_eq!(r.summary.end.as_deref(), Some("eof"));
+}
+
+/// The multifd captures (protocol-spec/multifd.md#multifd-runs): four channels, each
+/// named by its id, one sync packet per channel per sync point, no full page on main;
+/// 10.0 sends zero pages as multifd offsets, 7.2 as ZERO records on main.
+#[test]
+fn multifd_captures_carry_every_full_page_on_their_channels() {
+    for (name, zero_on_multifd) in [("10.0-idle-multifd", true), ("7.2-idle-multifd", false)] {
+        let c = load_capture(&repo().join("protocol-spec/captures").join(name));
+        let multifd: Vec<Vec<u8>> = c.multifd.iter().map(|(_, d)| d.clone()).collect();
+        assert_eq!(multifd.len(), 4, "{name}");
+        let without = inspect::inspect(&c.main, None, &[], &[]);
+        assert_eq!(without.summary.ram.pages, 0, "{name}: a full page on main");
+        let r = inspect::inspect(&c.main, c.return_path.as_deref(), &[], &multifd);
+        assert_eq!(r.summary.error, None, "{name}");
+        let m = &r.summary.multifd;
+        assert_eq!(
+            m.iter().map(|x| x.id).collect::<Vec<_>>(),
+            [Some(0), Some(1), Some(2), Some(3)],
+            "{name}: files named by channel id"
+        );
+        assert!(
+            m.iter().all(|x| x.syncs > 0 && x.syncs == m[0].syncs),
+            "{name}: {m:?}"
+        );
+        assert_eq!(r.summary.ram.multifd_pages, r.summary.ram.pages, "{name}");
+        assert!(r.summary.ram.multifd_pages > 0, "{name}");
+        let zeros: u64 = m.iter().map(|x| x.zero_pages).sum();
+        assert_eq!(zeros > 0, zero_on_multifd, "{name}: {m:?}");
+        assert_eq!(
+            without.summary.ram.zero_pages > 0,
+            !zero_on_multifd,
+            "{name}"
+        );
+    }
 }

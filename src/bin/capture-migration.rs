@@ -56,6 +56,9 @@ struct Args {
     /// Switch to postcopy this long after `migrate`.
     #[arg(long, default_value_t = 300)]
     postcopy_after_ms: u64,
+    /// Migrate with multifd and this many channels (uncompressed).
+    #[arg(long)]
+    multifd: Option<u8>,
 }
 
 fn version(s: &str) -> QemuVersion {
@@ -122,6 +125,15 @@ async fn main() {
     if a.mode == Mode::Preempt {
         caps.push(("postcopy-preempt", true));
     }
+    if let Some(n) = a.multifd {
+        caps.push(("multifd", true));
+        for vm in [&src, &dst] {
+            vm.qmp()
+                .set_parameters(serde_json::json!({ "multifd-channels": n }))
+                .await
+                .expect("multifd-channels");
+        }
+    }
     src.qmp()
         .set_capabilities(&caps)
         .await
@@ -173,6 +185,7 @@ async fn main() {
     let machine = src.qmp().machine_type().await.unwrap();
     drop((src, dst));
 
+    postcopy_sidecar::capture::name_multifd_files(&a.out).expect("naming multifd channels");
     for entry in std::fs::read_dir(&a.out).unwrap() {
         let p = entry.unwrap().path();
         let name = p.file_name().unwrap().to_string_lossy().into_owned();

@@ -830,6 +830,8 @@ pub struct Capture {
     pub return_path: Option<Vec<u8>>,
     /// Preempt channels, in file-name order.
     pub preempt: Vec<(String, Vec<u8>)>,
+    /// Multifd channels (`multifd{id}.fwd.gz`), in file-name order.
+    pub multifd: Vec<(String, Vec<u8>)>,
     /// Decoder options from `meta.json` (`block_page_sizes`: name → bytes).
     pub options: DecoderOptions,
     /// Whether `meta.json` gave options the plain `inspect` cannot take.
@@ -862,21 +864,26 @@ pub fn load_capture(dir: &Path) -> Capture {
     let main_path = dir.join("main.fwd.gz");
     assert!(main_path.exists(), "{} has no main.fwd.gz", dir.display());
     let rp_path = dir.join("return-path.rp.gz");
-    let mut preempt: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .expect("capture dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| {
-            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            n.starts_with("preempt") && n.ends_with(".fwd.gz")
-        })
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                read(&p),
-            )
-        })
-        .collect();
-    preempt.sort_by(|a, b| a.0.cmp(&b.0));
+    let channels = |prefix: &str| {
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+            .expect("capture dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                n.starts_with(prefix) && n.ends_with(".fwd.gz")
+            })
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    read(&p),
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let preempt = channels("preempt");
+    let multifd = channels("multifd");
     let mut options = DecoderOptions::default();
     let meta = dir.join("meta.json");
     if meta.exists() {
@@ -897,6 +904,7 @@ pub fn load_capture(dir: &Path) -> Capture {
         main: read(&main_path),
         return_path: rp_path.exists().then(|| read(&rp_path)),
         preempt,
+        multifd,
         needs_options: !options.block_page_sizes.is_empty(),
         options,
     }
