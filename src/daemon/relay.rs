@@ -399,6 +399,18 @@ pub async fn main_pump(
         }
         if out.is_empty() && dst.is_some() {
             out.extend(relay.with(|s| s.take_main_out(WRITE_BATCH)));
+            // That may have been the stream's last bytes: the own preempt channel's EOS
+            // goes out before them. An 8.0+ destination shuts that connection down as
+            // soon as it has read main's EOF (`postcopy_ram_incoming_cleanup`), so an EOS
+            // written after them may meet a closed socket (EPIPE).
+            if pout.is_empty()
+                && pre.is_some()
+                && fatal.is_none()
+                && let Some(eos) = relay.with(|s| s.take_own_preempt_eos())
+            {
+                pout.push_back(eos);
+                continue;
+            }
         }
         if out.is_empty()
             && unflushed
