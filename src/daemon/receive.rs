@@ -808,14 +808,15 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
             .map(|s| s.to_string())
             .unwrap_or_else(|_| "unknown".into());
         let running = qmp.is_running().await.unwrap_or(false);
-        let blocktime = qmp.postcopy_blocktime_ms().await.ok().flatten();
-        (status, running, blocktime)
+        let faults = qmp.postcopy_fault_figures().await.ok();
+        (status, running, faults)
     })
     .await;
-    let (status, running, blocktime) =
+    let (status, running, faults) =
         final_state.unwrap_or_else(|_| ("unknown (QMP did not answer)".into(), false, None));
     dest.running = running;
-    dest.postcopy_blocktime_ms = blocktime;
+    dest.postcopy_blocktime_ms = faults.as_ref().and_then(|f| f.blocktime_ms);
+    dest.qemu_faults = faults.filter(|f| f.latency_ns.is_some());
     dest.migration_status = status.clone();
     let (guard, verify) = finish_guard(&relay, &opts, &status, running);
     let mismatch = verify

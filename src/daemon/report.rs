@@ -36,6 +36,8 @@ pub struct DestinationInfo {
     pub running: bool,
     /// Destination's own vCPU blocktime (ms), when QEMU reports it.
     pub postcopy_blocktime_ms: Option<u64>,
+    /// The destination's own fault latencies, when it reports them (QEMU 10.1+).
+    pub qemu_faults: Option<crate::qmp::QemuFaultFigures>,
 }
 
 /// Milestones, in ms since the sidecar accepted the source.
@@ -267,6 +269,23 @@ impl Report {
         }
         if let Some(bt) = d.postcopy_blocktime_ms {
             let _ = writeln!(s, "blocktime    {bt} ms (destination's own vCPU blocktime)");
+        }
+        if let Some(f) = &d.qemu_faults {
+            let us =
+                |ns: Option<u64>| ns.map_or("-".into(), |v| format!("{:.0} µs", v as f64 / 1000.0));
+            let edge = |q| {
+                f.latency_quantile_us(q)
+                    .map_or("-".into(), |v| format!("< {v} µs"))
+            };
+            let _ = writeln!(
+                s,
+                "QEMU latency {} remote faults: average {}, p50 {}, p99 {}; non-vCPU average {} (the destination's own figures)",
+                f.latency_faults(),
+                us(f.latency_ns),
+                edge(0.5),
+                edge(0.99),
+                us(f.non_vcpu_latency_ns)
+            );
         }
         for (i, r) in self.recoveries.iter().enumerate() {
             let _ = writeln!(

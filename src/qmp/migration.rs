@@ -175,6 +175,14 @@ impl Qmp {
         Ok(info.get("postcopy-blocktime").and_then(Value::as_u64))
     }
 
+    /// The destination's own blocktime and, from QEMU 10.1, its fault latencies (see
+    /// [`QemuFaultFigures`]), from one `query-migrate`.
+    pub async fn postcopy_fault_figures(&self) -> Result<QemuFaultFigures, QmpError> {
+        Ok(QemuFaultFigures::from_query_migrate(
+            &self.query_migrate_json().await?,
+        ))
+    }
+
     /// The source's count of page requests it received.
     pub async fn postcopy_requests(&self) -> Result<Option<u64>, QmpError> {
         let info = self.query_migrate_json().await?;
@@ -203,5 +211,102 @@ impl Qmp {
         }
         self.wait_migration_status_after(cursor, states, timeout)
             .await
+    }
+}
+
+/// What a destination QEMU with `postcopy-blocktime` measured itself: the blocktime (all
+/// versions) and the remote-fault latencies QEMU 10.1 added to `query-migrate`
+/// (`qapi/migration.json`, `MigrationInfo`, "Since 10.1"; no 10.1 has run here), shown in
+/// the report beside the sidecar's own fault-service figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QemuFaultFigures {
+    /// `postcopy-blocktime`: time all vCPUs were blocked at once, ms.
+    pub blocktime_ms: Option<u64>,
+    /// `postcopy-latency`: average latency of faults that needed a page request, ns.
+    pub latency_ns: Option<u64>,
+    /// `postcopy-latency-dist`: fault counts per bucket; bucket N holds latencies in
+    /// [2^N µs, 2^(N+1) µs).
+    pub latency_dist: Vec<u64>,
+    /// `postcopy-vcpu-latency`: average per vCPU, ns.
+    pub vcpu_latency_ns: Vec<u64>,
+    /// `postcopy-non-vcpu-latency`: average of faults not taken by a vCPU (QEMU's own
+    /// threads, the kernel for a syscall), ns.
+    pub non_vcpu_latency_ns: Option<u64>,
+}
+
+impl QemuFaultFigures {
+    /// Reads the figures from a `query-migrate` reply; absent fields stay empty.
+    pub fn from_query_migrate(info: &Value) -> QemuFaultFigures {
+        let list = |k: &str| {
+            info.get(k)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                .unwrap_or_default()
+        };
+        QemuFaultFigures {
+            blocktime_ms: info.get("postcopy-blocktime").and_then(Value::as_u64),
+            latency_ns: info.get("postcopy-latency").and_then(Value::as_u64),
+            latency_dist: list("postcopy-latency-dist"),
+            vcpu_latency_ns: list("postcopy-vcpu-latency"),
+            non_vcpu_latency_ns: info
+                .get("postcopy-non-vcpu-latency")
+                .and_then(Value::as_u64),
+        }
+    }
+
+    /// Faults counted in the distribution.
+    pub fn latency_faults(&self) -> u64 {
+        self.latency_dist.iter().sum()
+    }
+
+    /// The latency below which `q` of the distribution's faults fall, as the upper edge of
+    /// the bucket that holds that fault, µs.
+    pub fn latency_quantile_us(&self, q: f64) -> Option<u64> {
+        let total = self.latency_faults();
+        if total == 0 {
+            return None;
+        }
+        let want = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (n, c) in self.latency_dist.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return Some(1u64 << (n + 1).min(63));
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod fault_figures_tests {
+    use super::*;
+
+    /// A 10.1 reply, built from `qapi/migration.json`'s field list (no 10.1 ran here).
+    #[test]
+    fn a_10_1_reply_gives_the_latencies_and_a_10_0_reply_only_the_blocktime() {
+        let info = serde_json::json!({
+            "status": "completed",
+            "postcopy-blocktime": 41,
+            "postcopy-vcpu-blocktime": [20, 41],
+            "postcopy-latency": 180_000,
+            "postcopy-latency-dist": [0, 0, 0, 0, 0, 0, 0, 3, 10, 5, 2],
+            "postcopy-vcpu-latency": [150_000, 210_000],
+            "postcopy-non-vcpu-latency": 90_000
+        });
+        let f = QemuFaultFigures::from_query_migrate(&info);
+        assert_eq!(f.blocktime_ms, Some(41));
+        assert_eq!(f.latency_ns, Some(180_000));
+        assert_eq!(f.vcpu_latency_ns, [150_000, 210_000]);
+        assert_eq!(f.non_vcpu_latency_ns, Some(90_000));
+        assert_eq!(f.latency_faults(), 20);
+        // 10 of 20 faults fall below 512 µs (bucket 8 is [256, 512)).
+        assert_eq!(f.latency_quantile_us(0.5), Some(512));
+        assert_eq!(f.latency_quantile_us(0.99), Some(2048));
+        let old = QemuFaultFigures::from_query_migrate(&serde_json::json!({
+            "status": "completed", "postcopy-blocktime": 7
+        }));
+        assert_eq!(old.blocktime_ms, Some(7));
+        assert_eq!((old.latency_ns, old.latency_quantile_us(0.5)), (None, None));
     }
 }

@@ -38,7 +38,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 pub use introspect::{
     IncomingAddress, MemoryBackend, RamBlock, parse_incoming_address, parse_ramblock_table,
 };
-pub use migration::FINAL_STATES;
+pub use migration::{FINAL_STATES, QemuFaultFigures};
 pub use status::MigrationStatus;
 
 /// How long a command may take by default. QEMU answers in milliseconds when its main

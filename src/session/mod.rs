@@ -202,6 +202,9 @@ pub enum SessionError {
     /// A connection the link's state does not allow.
     #[error("{0}")]
     Link(String),
+    /// A feature the source asked for that the sidecar does not carry, named.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// A destination RECV_BITMAP being read (pass-through recovery).
@@ -980,6 +983,15 @@ impl Session {
                 {
                     self.huge_blocks.push(id);
                 }
+            }
+            Event::Command(Command::EnableColo) => {
+                // Refused before a byte of it reaches the destination: COLO sends
+                // checkpoints after the stream's end, which the sidecar does not carry
+                // (protocol-spec/versions.md#versions-after-10-0).
+                return Err(SessionError::Unsupported(
+                    "the source sent ENABLE_COLO: COLO (x-colo) checkpoints are not relayed by \
+                     the sidecar; migrate without x-colo",
+                ));
             }
             Event::Command(c) => {
                 self.stats.command(c.name(), now, self.main.phase());

@@ -851,3 +851,20 @@ fn multifd_packets_pass_whole_after_the_block_table_and_a_bad_one_not_at_all() {
         "a failed channel never ends clean"
     );
 }
+
+/// COLO (protocol-spec/versions.md#versions-after-10-0): ENABLE_COLO is refused by name,
+/// and none of its bytes reach the destination.
+#[test]
+fn enable_colo_is_refused_by_name_before_it_is_forwarded() {
+    let now = Instant::now();
+    let mut s = Session::new(SessionConfig::default(), now);
+    s.source_main_connected(now).unwrap();
+    let mut main = Vec::new();
+    crate::wire::compose::put_opening(&mut main, b"pc-q35-10.0", 2, BLOCKS);
+    let opening = main.len();
+    Command::EnableColo.encode(&mut main);
+    let step = s.on_source_main(1, &main, now);
+    assert_eq!(step.consumed, opening);
+    let e = step.error.expect("refused").to_string();
+    assert!(e.contains("ENABLE_COLO") && e.contains("x-colo"), "{e}");
+}
