@@ -604,10 +604,19 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
 
     // The destination's blocks bound every block list a source may announce.
     let decoder = match (&takeover, &qmp) {
-        (None, Some(q)) => DecoderOptions {
-            block_limits: Some(block_limits(&q.ram_blocks().await?)),
-            ..Default::default()
-        },
+        (None, Some(q)) => {
+            let blocks = q.ram_blocks().await?;
+            DecoderOptions {
+                // A hugepage block's MEM_SIZE entry carries its page size, which only the
+                // block's own page size tells apart from the next entry
+                // (protocol-spec/ram.md#ram-mem-size); source and destination must agree.
+                block_page_sizes: blocks
+                    .iter()
+                    .map(|b| (b.name.as_bytes().to_vec(), b.page_size))
+                    .collect(),
+                block_limits: Some(block_limits(&blocks)),
+            }
+        }
         _ => DecoderOptions::default(),
     };
     let policy = opts.cut_policy();

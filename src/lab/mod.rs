@@ -29,7 +29,7 @@ pub use accel::{Accel, resolve_accel, resolve_accel_for};
 pub use migrate::{DirectOptions, DirectReport, direct_postcopy};
 pub use qemu::{GuestImage, QemuBinary, QemuVersion};
 pub use serial::{SerialLog, WaitEnd};
-pub use vm::{Guest, Vm, VmSpec};
+pub use vm::{Guest, RamLayout, Vm, VmSpec, reserve_hugepages};
 pub use workload::{
     WlLine, WlMismatch, WlProgress, WlReady, Workload, WorkloadMode, parse_wl_line,
 };

@@ -25,10 +25,63 @@ pub enum Guest {
     Linux(Workload),
 }
 
+/// How guest RAM is laid out in memfd backends (all `share=on`, as the sidecar requires).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RamLayout {
+    /// One backend, id `m`, on 4 KiB pages.
+    #[default]
+    Single,
+    /// One backend, id `m`, on 2 MiB hugetlb pages (the host must have them reserved:
+    /// [`reserve_hugepages`]).
+    Hugepages2M,
+    /// Two backends `m0` and `m1`, half the RAM each, one NUMA node each.
+    TwoNodes,
+}
+
+impl RamLayout {
+    /// A short name for tables and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            RamLayout::Single => "1 memfd",
+            RamLayout::Hugepages2M => "1 memfd, 2M hugepages",
+            RamLayout::TwoNodes => "2 memfd, 2 NUMA nodes",
+        }
+    }
+}
+
+/// Makes sure the host has at least `pages` free 2 MiB hugepages, reserving more if it
+/// must (root): hugetlb memfd backends take theirs at start-up.
+pub fn reserve_hugepages(pages: u64) -> std::io::Result<()> {
+    let free = |what: &str| -> std::io::Result<u64> {
+        let info = std::fs::read_to_string("/proc/meminfo")?;
+        Ok(info
+            .lines()
+            .find_map(|l| l.strip_prefix(what))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    };
+    let have = free("HugePages_Free:")?;
+    if have >= pages {
+        return Ok(());
+    }
+    let total = free("HugePages_Total:")?;
+    std::fs::write(
+        "/proc/sys/vm/nr_hugepages",
+        (total + pages - have).to_string(),
+    )?;
+    let now = free("HugePages_Free:")?;
+    if now < pages {
+        return Err(std::io::Error::other(format!(
+            "only {now} free 2 MiB hugepages after asking for {pages} (memory too fragmented?)"
+        )));
+    }
+    Ok(())
+}
+
 /// A QEMU command line, built with chained setters.
 ///
-/// Guest RAM is always one `memory-backend-memfd` object with `share=on` (id `m`), as the
-/// sidecar requires, so every VM the lab starts is one the sidecar can serve.
+/// Guest RAM is always in `memory-backend-memfd` objects with `share=on` ([`RamLayout`]),
+/// as the sidecar requires, so every VM the lab starts is one the sidecar can serve.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmSpec {
     /// The QEMU to run.
@@ -53,6 +106,8 @@ pub struct VmSpec {
     pub extra_args: Vec<String>,
     /// Also append the serial console to this file.
     pub serial_log: Option<PathBuf>,
+    /// How guest RAM is split into backends.
+    pub ram_layout: RamLayout,
 }
 
 impl VmSpec {
@@ -70,7 +125,14 @@ impl VmSpec {
             kernel_args: Vec::new(),
             extra_args: Vec::new(),
             serial_log: None,
+            ram_layout: RamLayout::Single,
         }
+    }
+
+    /// Lays guest RAM out this way.
+    pub fn ram_layout(mut self, layout: RamLayout) -> VmSpec {
+        self.ram_layout = layout;
+        self
     }
 
     /// Sets the name.
@@ -170,14 +232,39 @@ impl VmSpec {
             .into(),
         );
         push("-machine".into());
-        push(format!("{},memory-backend=m", self.machine));
+        match self.ram_layout {
+            RamLayout::TwoNodes => push(self.machine.clone()),
+            _ => push(format!("{},memory-backend=m", self.machine)),
+        }
         push("-m".into());
         push(format!("{}M", self.ram_mib));
-        push("-object".into());
-        push(format!(
-            "memory-backend-memfd,id=m,size={}M,share=on",
-            self.ram_mib
-        ));
+        match self.ram_layout {
+            RamLayout::Single => {
+                push("-object".into());
+                push(format!(
+                    "memory-backend-memfd,id=m,size={}M,share=on",
+                    self.ram_mib
+                ));
+            }
+            RamLayout::Hugepages2M => {
+                push("-object".into());
+                push(format!(
+                    "memory-backend-memfd,id=m,size={}M,share=on,hugetlb=on,hugetlbsize=2M",
+                    self.ram_mib
+                ));
+            }
+            RamLayout::TwoNodes => {
+                let half = self.ram_mib / 2;
+                for (i, size) in [half, self.ram_mib - half].into_iter().enumerate() {
+                    push("-object".into());
+                    push(format!(
+                        "memory-backend-memfd,id=m{i},size={size}M,share=on"
+                    ));
+                    push("-numa".into());
+                    push(format!("node,nodeid={i},memdev=m{i}"));
+                }
+            }
+        }
         for (i, fd) in qmp_fds.iter().enumerate() {
             push("-chardev".into());
             push(format!("socket,id=qmp{i},fd={fd},server=on,wait=off"));
