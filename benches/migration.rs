@@ -9,7 +9,8 @@
 //!
 //! `cargo bench --bench migration` (env: BENCH_ROUNDS, default 5; BENCH_MODES, a comma
 //! list of the names in [`MODES`] (sidecar: requests first and prefetch; -plain: neither;
-//! -no-prefetch, -in-order: one of them), default [`DEFAULT_MODES`]; BENCH_WORKLOAD,
+//! -no-prefetch, -in-order: one of them; -multifd: precopy with four multifd channels,
+//! as QEMU 10.0 refuses postcopy beside multifd), default [`DEFAULT_MODES`]; BENCH_WORKLOAD,
 //! random or hot; BENCH_TLS=1 for TLS on every path: the source's
 //! migration is TLS, ended either by the destination QEMU or by the sidecar). Needs
 //! `scripts/setup.sh`.
@@ -108,8 +109,10 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
         requests_first,
         prefetch,
         own_preempt,
+        multifd,
         ..
     } = mode;
+    let multifd = multifd.then_some(4u8);
     let dir = tempfile::tempdir().unwrap();
     let spec = VmSpec::new(QemuBinary::find(QemuVersion::V10_0).expect("run scripts/setup.sh"))
         .name("bench")
@@ -162,6 +165,7 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
                 requests_first,
                 prefetch,
                 own_preempt,
+                multifd,
                 tls: TlsOptions {
                     source: tls
                         .map(|t| SourceTls::load(t.server.path(), true, Vec::new()).unwrap()),
@@ -173,12 +177,15 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
     } else {
         drop(listener);
         let q = dst.qmp();
-        let mut caps = vec![
-            ("events", true),
-            ("postcopy-ram", true),
-            ("return-path", true),
-            ("postcopy-blocktime", true),
-        ];
+        let mut caps = vec![("events", true), ("return-path", true)];
+        if let Some(n) = multifd {
+            q.set_parameters(serde_json::json!({"multifd-channels": n}))
+                .await
+                .unwrap();
+            caps.push(("multifd", true));
+        } else {
+            caps.extend([("postcopy-ram", true), ("postcopy-blocktime", true)]);
+        }
         if preempt {
             caps.push(("postcopy-preempt", true));
         }
@@ -194,9 +201,9 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
     let r = send(&SendOptions {
         qmp: src.spare_qmp_path().to_path_buf(),
         to: addr,
-        postcopy_after: Some(load.postcopy_after),
+        postcopy_after: multifd.is_none().then_some(load.postcopy_after),
         preempt,
-        multifd: None,
+        multifd,
         timeout: Duration::from_secs(300),
     })
     .await
@@ -238,6 +245,8 @@ struct Mode {
     preempt: bool,
     /// The sidecar opens the destination's preempt channel itself (the source has none).
     own_preempt: bool,
+    /// Precopy with four multifd channels instead of postcopy.
+    multifd: bool,
 }
 
 const fn mode(name: &'static str, sidecar: bool, rf: bool, pf: bool, preempt: bool) -> Mode {
@@ -248,11 +257,12 @@ const fn mode(name: &'static str, sidecar: bool, rf: bool, pf: bool, preempt: bo
         prefetch: pf,
         preempt,
         own_preempt: false,
+        multifd: false,
     }
 }
 
 /// Every mode; the default run leaves out the single-means sidecar modes.
-const MODES: [Mode; 9] = [
+const MODES: [Mode; 11] = [
     mode("direct", false, false, false, false),
     mode("sidecar", true, true, true, false),
     mode("sidecar-plain", true, false, false, false),
@@ -265,6 +275,14 @@ const MODES: [Mode; 9] = [
     mode("direct-preempt", false, false, false, true),
     mode("sidecar-preempt", true, true, true, true),
     mode("sidecar-preempt-plain", true, false, false, true),
+    Mode {
+        multifd: true,
+        ..mode("direct-multifd", false, false, false, false)
+    },
+    Mode {
+        multifd: true,
+        ..mode("sidecar-multifd", true, true, true, false)
+    },
 ];
 
 const DEFAULT_MODES: [&str; 7] = [
@@ -370,9 +388,14 @@ async fn main() {
         eprintln!("round {}/{rounds} done", i + 1);
     }
     println!(
-        "postcopy{} of a 512 MiB guest {}; medians of {rounds} rounds; fault latency pooled over rounds",
+        "postcopy{} of a 512 MiB guest {}{}; medians of {rounds} rounds; fault latency pooled over rounds",
         if tls.is_some() { " over TLS" } else { "" },
-        load.what
+        load.what,
+        if modes.iter().any(|m| m.multifd) {
+            " (-multifd modes: precopy with four multifd channels instead)"
+        } else {
+            ""
+        }
     );
     println!(
         "{:<16} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8}",
@@ -399,7 +422,9 @@ async fn main() {
             continue;
         }
         for (b, base) in modes.iter().zip(&rows).filter(|(b, _)| {
-            !b.through_sidecar && (b.preempt == m.preempt || (m.own_preempt && b.preempt))
+            !b.through_sidecar
+                && b.multifd == m.multifd
+                && (b.preempt == m.preempt || (m.own_preempt && b.preempt))
         }) {
             println!(
                 "ratio {}/{}: total {:.2}x, blocktime {:.2}x, p50 {:.2}x, p90 {:.2}x, p99 {:.2}x",
