@@ -21,8 +21,13 @@ step "building (release, used by the interop tests and benchmarks)"
 cargo build --release --all-targets
 
 step "tests: codec, daemon, interop against real QEMU and a real Linux guest"
-# Guests under TCG on two cores: run interop cases one at a time.
-cargo test --release -- --test-threads=1
+# Guests under TCG on two cores: run interop cases one at a time. The log feeds the matrix.
+LOG="$REPO/target/test-output.log"
+cargo test --release -- --test-threads=1 2>&1 | tee "$LOG"
+
+step "interop matrix (interop-tests/matrix.tsv; a cell whose test did not run fails)"
+"$REPO/target/release/interop-matrix" "$REPO/interop-tests/matrix.tsv" "$LOG" \
+    "$REPO/target/interop-matrix.md"
 
 step "Docker interop: postcopy across QEMU releases, one container per end (docker/)"
 # Builds the images on a clean machine (cached afterwards), then 7.2->7.2, 10.0->10.0 and

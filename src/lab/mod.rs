@@ -9,13 +9,15 @@
 //! - [`workload`]: parameters of the guest workload and a parser for its `WL ...` lines;
 //! - [`direct_postcopy`]: a plain QEMU→QEMU postcopy migration driven over QMP, the
 //!   "direct control" baseline the sidecar is compared with;
-//! - [`link::Link`]: a loopback forwarder that tests cut or freeze (a broken network).
+//! - [`link::Link`]: a loopback forwarder that tests cut or freeze (a broken network);
+//! - [`matrix`]: the interop matrix the test command prints from its own output.
 //!
 //! Files come from `scripts/setup.sh` (QEMU 7.2, guest kernel, initramfs) under the cache
 //! directory, `.cache/` at the repository root unless `POSTCOPY_SIDECAR_CACHE` says otherwise.
 
 mod accel;
 pub mod link;
+pub mod matrix;
 mod migrate;
 pub mod planted;
 mod qemu;
