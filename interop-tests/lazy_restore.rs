@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postcopy_sidecar::lab::{
-    LabError, QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode,
+    LabError, QemuBinary, QemuVersion, RamLayout, Vm, VmSpec, Workload, WorkloadMode,
+    reserve_hugepages,
 };
 use postcopy_sidecar::qmp::migration_event_status;
 use postcopy_sidecar::restore::progress::{DEFAULT_MARKER, ProgressWatch};
@@ -478,4 +479,49 @@ async fn a_killed_snapshot_leaves_the_vm_running_and_a_rerun_succeeds_10_0() {
     assert!(!partial.exists());
     Snapshot::open(&out, true).expect("the rerun's snapshot opens and verifies");
     assert_source_runs_on(&src).await;
+}
+
+/// Snapshot and lazy restore of a guest whose RAM is on two memfd backends (one per NUMA
+/// node), then of one on 2 MiB hugepages: every block is captured and served, a fault on a
+/// huge page is answered with the whole huge page, and the restored guest runs clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_and_restore_two_numa_nodes_and_hugepage_ram_10_0() {
+    for layout in [RamLayout::TwoNodes, RamLayout::Hugepages2M] {
+        if layout == RamLayout::Hugepages2M {
+            reserve_hugepages(256).expect("reserving 2 MiB hugepages (as root)");
+        }
+        let dir = tempfile::Builder::new().prefix("lazy-").tempdir().unwrap();
+        let spec = source_spec(QemuVersion::V10_0).ram_layout(layout);
+        let src = need(Vm::spawn(&spec, dir.path()).await);
+        need(src.wait_workload_ready(BOOT).await);
+        need(src.wait_progress(src.serial().len(), 1, PROGRESS).await);
+        let snap = snapshot(&snapshot_options(
+            &src,
+            &dir.path().join("snap"),
+            SnapshotMode::Precopy,
+            true,
+        ))
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: snapshot: {e}\n{}",
+                layout.name(),
+                src.stderr().tail(20)
+            )
+        });
+        assert!(snap.data_pages > 0, "{}", layout.name());
+        need(src.check_workload_clean());
+        src.kill().await;
+        let snapshot = Snapshot::open(&dir.path().join("snap"), false).expect("open snapshot");
+        let dst = destination(&spec, QemuVersion::V10_0, "restored", dir.path()).await;
+        let report = restore(&snapshot, &opts(&dst)).await;
+        assert!(
+            report.requests > 0,
+            "{}: the guest faulted: {report:?}\n{}",
+            layout.name(),
+            dst.stderr().tail(20)
+        );
+        assert_restored(&dst, &report).await;
+        dst.kill().await;
+    }
 }

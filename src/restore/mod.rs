@@ -234,8 +234,9 @@ pub async fn restore(snapshot: &Snapshot, opts: &RestoreOptions) -> RestoreRepor
     report
 }
 
-/// Checks the destination's machine type and RAM blocks against the snapshot.
-pub async fn check_destination(qmp: &Qmp, meta: &SnapshotMeta) -> Result<(), RestoreError> {
+/// Checks the destination's machine type and RAM blocks against the snapshot; returns
+/// each snapshot block's host page in target pages (512 for a 2 MiB hugepage block).
+pub async fn check_destination(qmp: &Qmp, meta: &SnapshotMeta) -> Result<Vec<u64>, RestoreError> {
     let machine = qmp.machine_type().await?;
     if !meta.source.machine.is_empty() && machine != meta.source.machine {
         return Err(RestoreError::Mismatch(format!(
@@ -261,6 +262,17 @@ pub async fn check_destination(qmp: &Qmp, meta: &SnapshotMeta) -> Result<(), Res
             Some(_) => {}
         }
     }
+    let tps = meta.stream.target_page_size.max(1);
+    let host = meta
+        .blocks
+        .iter()
+        .map(|b| {
+            blocks
+                .iter()
+                .find(|d| d.name == b.name)
+                .map_or(1, |d| (d.page_size / tps).max(1))
+        })
+        .collect();
     if let Some(extra) = blocks
         .iter()
         .find(|d| !meta.blocks.iter().any(|b| b.name == d.name))
@@ -270,7 +282,7 @@ pub async fn check_destination(qmp: &Qmp, meta: &SnapshotMeta) -> Result<(), Res
             extra.name, extra.used
         )));
     }
-    Ok(())
+    Ok(host)
 }
 
 async fn run(
@@ -313,7 +325,7 @@ async fn attach_and_serve(
     report: &mut RestoreReport,
 ) -> Result<(), RestoreError> {
     let qmp = Qmp::connect_checked(&opts.qmp, PeerPolicy::from_uid(opts.qmp_uid)).await?;
-    check_destination(&qmp, &snapshot.meta).await?;
+    let host_pages = check_destination(&qmp, &snapshot.meta).await?;
     let private = tempfile::Builder::new()
         .prefix("postcopy-sidecar-restore-")
         .tempdir()
@@ -343,7 +355,7 @@ async fn attach_and_serve(
         working_set: opts.working_set,
         ..ServeKnobs::default()
     };
-    let served = stream::serve(snapshot, rd, wr, knobs, opts.timeout).await?;
+    let served = stream::serve(snapshot, rd, wr, knobs, host_pages, opts.timeout).await?;
     report.timeline.package_sent_ms = Some(ms(served.package_sent));
     report.timeline.all_sent_ms = served.all_sent.map(ms);
     report.timeline.device_state_loaded_ms = served.pong3.map(ms);

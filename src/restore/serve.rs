@@ -63,6 +63,9 @@ pub struct PageServer {
     sections: RamSections,
     names: Vec<Vec<u8>>,
     sent: Vec<Vec<u64>>,
+    /// Target pages per host page, per block (512 for a 2 MiB hugepage block): a host page
+    /// always goes out whole, its target pages in order (protocol-spec/snapshot.md#snapshot-hugepages).
+    host: Vec<u64>,
     cursor: (usize, u64),
     /// The working set to replay and how far it went.
     replay: Option<(WorkingSet, usize)>,
@@ -83,12 +86,14 @@ impl PageServer {
             .map(|b| vec![0u64; store.block_pages(b).div_ceil(64) as usize])
             .collect();
         let page = vec![0u8; store.page_size() as usize];
+        let host = vec![1; store.blocks().len()];
         PageServer {
             store,
             prefetch: PREFETCH_PAGES,
             sections,
             names,
             sent,
+            host,
             cursor: (0, 0),
             replay: None,
             recorder: None,
@@ -101,6 +106,24 @@ impl PageServer {
     pub fn with_prefetch(mut self, pages: u64) -> PageServer {
         self.prefetch = pages;
         self
+    }
+
+    /// Sends block `b`'s pages in host pages of `host[b]` target pages (from the
+    /// destination's block page sizes): a destination places a huge page only once all
+    /// its target pages came, one after another on one channel, and fails on any other
+    /// page in between.
+    pub fn with_host_pages(mut self, host: Vec<u64>) -> PageServer {
+        if host.len() == self.host.len() {
+            self.host = host.into_iter().map(|h| h.max(1)).collect();
+        }
+        self
+    }
+
+    /// The target pages of the host page holding `page`.
+    fn host_range(&self, block: usize, page: u64) -> std::ops::Range<u64> {
+        let h = self.host[block];
+        let start = page - page % h;
+        start..(start + h).min(self.store.block_pages(block))
     }
 
     /// Streams `set` (a working set recorded by an earlier restore) ahead of the
@@ -224,7 +247,9 @@ impl PageServer {
         self.sections.open_part(out);
         let mut first = true;
         let mut served = 0;
-        for page in first_page..=last_page {
+        // Whole host pages around what was asked (a hugepage destination asks whole ones).
+        let pages = self.host_range(block, first_page).start..self.host_range(block, last_page).end;
+        for page in pages.clone() {
             if let Some(r) = self.recorder.as_mut() {
                 r.requested(block, page);
             }
@@ -239,7 +264,14 @@ impl PageServer {
             }
             served += 1;
         }
-        let end = (last_page + 1 + self.prefetch).min(self.store.block_pages(block));
+        let last_page = pages.end - 1;
+        // A huge page is window enough.
+        let prefetch = if self.host[block] > 1 {
+            0
+        } else {
+            self.prefetch
+        };
+        let end = (last_page + 1 + prefetch).min(self.store.block_pages(block));
         for page in last_page + 1..end {
             // The window is part of what the guest needed: it faulted no more there
             // because these pages came with the request.
@@ -290,9 +322,13 @@ impl PageServer {
             let Some((block, page)) = self.next_of_working_set() else {
                 break;
             };
-            self.put_in_section(out, mark, &mut first, &mut last_block, block, page)?;
-            self.figures.working_set_pages += 1;
-            n += 1;
+            for p in self.host_range(block, page) {
+                if !self.is_sent(block, p) {
+                    self.put_in_section(out, mark, &mut first, &mut last_block, block, p)?;
+                    self.figures.working_set_pages += 1;
+                    n += 1;
+                }
+            }
         }
         if out.len() > mark {
             self.sections.close(out);
@@ -323,13 +359,21 @@ impl PageServer {
                 self.cursor = (block + 1, 0);
                 continue;
             }
-            self.cursor.1 += 1;
-            if self.is_sent(block, page) || self.store.kind(block, page) == PageKind::Zero {
+            let host = self.host_range(block, page);
+            self.cursor.1 = host.end;
+            // A host page is sent whole or not at all; one of zeroes never.
+            if self.is_sent(block, host.start)
+                || host
+                    .clone()
+                    .all(|p| self.store.kind(block, p) == PageKind::Zero)
+            {
                 continue;
             }
-            self.put_in_section(out, mark, &mut first, &mut last_block, block, page)?;
-            self.figures.background_pages += 1;
-            n += 1;
+            for p in host {
+                self.put_in_section(out, mark, &mut first, &mut last_block, block, p)?;
+                self.figures.background_pages += 1;
+                n += 1;
+            }
         }
         if out.len() > mark {
             self.sections.close(out);
@@ -448,6 +492,38 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A hugepage block (here 16 target pages per host page, in a 64-page block): every
+    /// host page goes out whole and in order, wherever the request fell, one of zeroes
+    /// only when asked for, and never interleaved with another (a destination fails on
+    /// that: "Non-same host page detected").
+    #[test]
+    fn host_pages_go_out_whole_and_in_order() {
+        // Host page 1 (pages 16..32) is all zero; page 40 is zero inside host page 2.
+        let zero: Vec<u64> = (16..32).chain([40]).collect();
+        let (_d, s) = store(64, &zero);
+        let mut srv = PageServer::new(
+            s,
+            RamSections {
+                section_id: 3,
+                footers: true,
+            },
+        )
+        .with_host_pages(vec![16]);
+        let mut out = Vec::new();
+        // A request in the middle of host page 2, then one for the zero host page 1.
+        assert_eq!(srv.serve_request(0, 37 * 4096, 4096, &mut out).unwrap(), 16);
+        assert_eq!(srv.serve_request(0, 20 * 4096, 4096, &mut out).unwrap(), 16);
+        while srv.background(5, &mut out).unwrap() {}
+        srv.finish(&mut out);
+        let got: Vec<u64> = offsets(&out).iter().map(|p| p.0).collect();
+        let want: Vec<u64> = (32..48).chain(16..32).chain(0..16).chain(48..64).collect();
+        assert_eq!(got, want);
+        assert!(
+            offsets(&out)[8].1,
+            "page 40 went as a ZERO record inside its host page"
+        );
     }
 
     #[test]

@@ -82,6 +82,7 @@ pub async fn serve<R, W>(
     mut rd: R,
     mut wr: W,
     knobs: ServeKnobs,
+    host_pages: Vec<u64>,
     timeout: Duration,
 ) -> Result<ServeOutcome, RestoreError>
 where
@@ -96,7 +97,8 @@ where
             footers: snapshot.meta.stream.section_footers,
         },
     )
-    .with_prefetch(knobs.prefetch);
+    .with_prefetch(knobs.prefetch)
+    .with_host_pages(host_pages);
     if knobs.working_set {
         server = match &snapshot.working_set {
             Some(set) => server.with_working_set(set.clone()),

@@ -139,15 +139,20 @@ async fn take(
         machine: qmp.machine_type().await.unwrap_or_default(),
     };
     let was_running = qmp.is_running().await?;
+    let blocks = qmp.ram_blocks().await?;
+    // A hugepage block's MEM_SIZE entry carries its page size; only the block's own page
+    // size lets the decoder frame it (protocol-spec/ram.md#ram-mem-size).
+    let decoder = DecoderOptions {
+        block_page_sizes: blocks
+            .iter()
+            .map(|b| (b.name.as_bytes().to_vec(), b.page_size))
+            .collect(),
+        ..Default::default()
+    };
     if opts.mode == SnapshotMode::Background {
         // Without a return path the stream lacks ADVISE, and its block list carries no
         // page sizes; the opening the sink makes up is right for base pages only.
-        if let Some(b) = qmp
-            .ram_blocks()
-            .await?
-            .into_iter()
-            .find(|b| b.page_size != 4096)
-        {
+        if let Some(b) = blocks.iter().find(|b| b.page_size != 4096) {
             return Err(SnapshotError::Unsupported(format!(
                 "RAM block {} has {}-byte pages; background snapshots need 4 KiB pages \
                  (use --mode precopy)",
@@ -182,7 +187,7 @@ async fn take(
             .accept()
             .await
             .map_err(|e| net("accepting the source", e))?;
-        consume(sock, &partial.path, precopy).await
+        consume(sock, &partial.path, precopy, decoder).await
     };
     let (sink, dec, wr, device_at) = match tokio::time::timeout_at(deadline, received).await {
         Ok(Ok(v)) => v,
@@ -433,9 +438,10 @@ async fn consume(
     sock: tokio::net::UnixStream,
     dir: &Path,
     mut return_path: bool,
+    decoder: DecoderOptions,
 ) -> Result<(Sink, StreamDecoder, Option<OwnedWriteHalf>, Instant), SnapshotError> {
     let (mut rd, mut wr) = sock.into_split();
-    let mut dec = StreamDecoder::new(DecoderOptions::default());
+    let mut dec = StreamDecoder::new(decoder);
     let mut sink = Sink::new(dir);
     let mut buf = BytesMut::with_capacity(4 * READ_CHUNK);
     let mut replies = Vec::new();

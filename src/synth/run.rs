@@ -134,7 +134,15 @@ pub fn through_restore(
             let sock = tokio::net::UnixStream::from_std(ours)
                 .map_err(|e| RunError::Setup(e.to_string()))?;
             let (rd, wr) = sock.into_split();
-            let outcome = serve(&snapshot, rd, wr, knobs, Duration::from_secs(600)).await?;
+            let outcome = serve(
+                &snapshot,
+                rd,
+                wr,
+                knobs,
+                Vec::new(),
+                Duration::from_secs(600),
+            )
+            .await?;
             *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.served);
             Ok(())
         })
