@@ -630,6 +630,8 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
         requests_first: opts.requests_first,
         prefetch: opts.prefetch,
         own_preempt,
+        // Set below once the destination's capabilities are known.
+        no_postcopy: None,
     };
     let session = match &takeover {
         Some(state) => Session::takeover(cfg, state, Instant::now()),
@@ -666,6 +668,7 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
         .map_err(io(
             "creating the private directory for the destination endpoint",
         ))?;
+    let mut no_postcopy = None;
     let (endpoint, dest_addr, preempt, multifd) = match (&takeover, &qmp, opts.incoming) {
         (Some(state), _, _) => {
             let e = takeover_endpoint(state, qmp.as_ref(), private.path()).await?;
@@ -692,7 +695,13 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
             }
             match opts.multifd {
                 None => qmp.set_capabilities(&caps).await?,
-                Some(n) => set_multifd(qmp, &mut caps, n, opts.preempt || own_preempt).await?,
+                Some(n) => {
+                    let postcopy =
+                        multifd_postcopy_allowed(&dest.qemu_version, opts.preempt || own_preempt)?;
+                    no_postcopy =
+                        set_multifd(qmp, &mut caps, n, postcopy, opts.preempt || own_preempt)
+                            .await?;
+                }
             }
             qmp.migrate_incoming(&format!("unix:{}", path.display()))
                 .await?;
@@ -722,6 +731,9 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
             (endpoint, addr, preempt, multifd)
         }
     };
+    if let Some(why) = no_postcopy {
+        relay.with(|s| s.refuse_postcopy(why));
+    }
     let listener = match listener {
         Some(l) => l,
         None => bind(opts.listen, &endpoint, &dest_addr).await?,
@@ -902,16 +914,44 @@ async fn takeover_endpoint(
     }
 }
 
+/// Why a destination of this QEMU version must not take postcopy beside multifd, if it
+/// must not: 7.2 allows the pair but its destination aborts at the end
+/// (protocol-spec/multifd.md#multifd-runs), and 8.1 to 10.0 refuse it themselves.
+const NO_POSTCOPY_7_2: &str = "the source asked for postcopy (POSTCOPY_ADVISE) beside \
+     multifd, which a QEMU 7.2 destination cannot finish (it aborts in cleanup after the \
+     migration completed): turn postcopy-ram off on the source";
+/// The same for a destination that refused the pair itself.
+const NO_POSTCOPY_REFUSED: &str = "the source asked for postcopy (POSTCOPY_ADVISE) beside \
+     multifd, which this destination QEMU refuses: turn postcopy-ram off on the source";
+
+/// Whether postcopy may be offered beside multifd on a destination of `version`.
+fn multifd_postcopy_allowed(version: &str, preempt: bool) -> Result<bool, ReceiveError> {
+    let major: u32 = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    if major < 8 && preempt {
+        return Err(ReceiveError::Setup(
+            "--multifd with preempt: QEMU 7.2 takes every connection after main as multifd".into(),
+        ));
+    }
+    Ok(major >= 8)
+}
+
 /// Turns multifd on at a private destination with `n` channels and uncompressed pages,
-/// beside `caps`. QEMU 10.0 refuses postcopy together with multifd (10.2 allows it,
-/// protocol-spec/multifd.md#multifd-postcopy): then the destination is set up for precopy
-/// only, unless the preempt channel was asked for, which needs postcopy.
+/// beside `caps`. Postcopy stays on only where the destination takes it beside multifd
+/// (`postcopy`, and QEMU itself: 10.0 refuses the pair, 10.2 allows it,
+/// protocol-spec/multifd.md#multifd-postcopy); otherwise the destination is set up for
+/// precopy only, unless the preempt channel was asked for, which needs postcopy. Returns
+/// why a source's postcopy must be refused, when it must.
 async fn set_multifd(
     qmp: &Qmp,
     caps: &mut Vec<(&'static str, bool)>,
     n: u8,
+    postcopy: bool,
     preempt: bool,
-) -> Result<(), ReceiveError> {
+) -> Result<Option<&'static str>, ReceiveError> {
     if n == 0 {
         return Err(ReceiveError::Setup(
             "--multifd: at least one channel".into(),
@@ -923,18 +963,26 @@ async fn set_multifd(
     }
     qmp.set_parameters(params).await?;
     caps.push(("multifd", true));
-    let Err(e) = qmp.set_capabilities(caps).await else {
-        return Ok(());
+    let why = if postcopy {
+        let Err(e) = qmp.set_capabilities(caps).await else {
+            return Ok(None);
+        };
+        if preempt {
+            return Err(ReceiveError::Setup(format!(
+                "the destination refuses multifd with postcopy-preempt: {e}"
+            )));
+        }
+        tracing::warn!("the destination refuses multifd with postcopy ({e}): precopy only");
+        NO_POSTCOPY_REFUSED
+    } else {
+        tracing::warn!(
+            "a QEMU 7.2 destination aborts after a multifd+postcopy migration: precopy only"
+        );
+        NO_POSTCOPY_7_2
     };
-    if preempt {
-        return Err(ReceiveError::Setup(format!(
-            "the destination refuses multifd with postcopy-preempt: {e}"
-        )));
-    }
-    tracing::warn!("the destination refuses multifd with postcopy ({e}): precopy only");
     caps.retain(|(c, _)| !c.starts_with("postcopy-"));
     qmp.set_capabilities(caps).await?;
-    Ok(())
+    Ok(Some(why))
 }
 
 /// The multifd channels a manager's destination waits for, if it has multifd on; refuses

@@ -101,6 +101,10 @@ pub struct SessionConfig {
     /// pages there (protocol-spec/postcopy-sequence.md#sequence-own-preempt); needs
     /// `requests_first`, a destination with `postcopy-preempt` and a source without it.
     pub own_preempt: bool,
+    /// Why the destination cannot take postcopy, when it cannot (set up for precopy
+    /// only): a source's POSTCOPY_ADVISE is then refused at the stream's start, while the
+    /// VM still runs on the source, instead of failing after it stopped there.
+    pub no_postcopy: Option<&'static str>,
 }
 
 impl Default for SessionConfig {
@@ -115,6 +119,7 @@ impl Default for SessionConfig {
             requests_first: true,
             prefetch: true,
             own_preempt: false,
+            no_postcopy: None,
         }
     }
 }
@@ -984,6 +989,11 @@ impl Session {
                     self.huge_blocks.push(id);
                 }
             }
+            Event::Command(Command::PostcopyAdvise(_)) if self.cfg.no_postcopy.is_some() => {
+                return Err(SessionError::Unsupported(
+                    self.cfg.no_postcopy.unwrap_or_default(),
+                ));
+            }
             Event::Command(Command::EnableColo) => {
                 // Refused before a byte of it reaches the destination: COLO sends
                 // checkpoints after the stream's end, which the sidecar does not carry
@@ -1323,6 +1333,11 @@ impl Session {
         step.delta.bytes = pos as u64;
         self.stats.channel_bytes(ch, pos as u64);
         step
+    }
+
+    /// The destination was set up without postcopy (see [`SessionConfig::no_postcopy`]).
+    pub fn refuse_postcopy(&mut self, why: &'static str) {
+        self.cfg.no_postcopy = Some(why);
     }
 
     /// Multifd channel `init.id` is connected to the destination, its initial packet

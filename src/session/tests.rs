@@ -945,3 +945,26 @@ fn with_10_2_multifd_and_postcopy_a_multifd_page_counts_as_delivered_until_disca
         "{names:?}"
     );
 }
+
+/// A destination set up without postcopy (multifd on 7.2, or refused by QEMU): the
+/// source's POSTCOPY_ADVISE, at the stream's start, is refused before it is forwarded.
+#[test]
+fn postcopy_advise_is_refused_where_the_destination_cannot_take_postcopy() {
+    let now = Instant::now();
+    let mut s = Session::new(SessionConfig::default(), now);
+    s.refuse_postcopy("no postcopy here");
+    s.source_main_connected(now).unwrap();
+    let mut main = Vec::new();
+    crate::wire::compose::put_opening(&mut main, b"pc-q35-7.2", 2, BLOCKS);
+    let step = s.on_source_main(1, &main, now);
+    let e = step.error.expect("refused").to_string();
+    assert_eq!(e, "no postcopy here");
+    let advise_at = main
+        .windows(3)
+        .position(|w| w == [8, 0, 3])
+        .expect("ADVISE");
+    assert_eq!(
+        step.consumed, advise_at,
+        "everything before ADVISE, nothing of it"
+    );
+}
