@@ -416,3 +416,72 @@ async fn own_preempt_is_refused_for_a_tls_destination_before_it_listens_10_0() {
         "nor given preempt"
     );
 }
+
+/// Multifd over TLS (protocol-spec/multifd.md#multifd-relay): every one of the four
+/// channels does its own TLS handshake with the sidecar, which tells them apart by their
+/// first packet inside TLS and relays them in precopy; the guest runs clean afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_source_with_multifd_10_0() {
+    let dir = tempfile::Builder::new().prefix("tls-").tempdir().unwrap();
+    let c = creds(dir.path());
+    let (src, spec) = tls_source(QemuVersion::V10_0, dir.path(), &c.source, 41).await;
+    let dst = need(
+        Vm::spawn(
+            &spec.destination(need(QemuBinary::find(QemuVersion::V10_0))),
+            dir.path(),
+        )
+        .await,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = SourceTls::load(
+        &c.sidecar,
+        true,
+        vec![DistinguishedName::parse(SOURCE_DN).unwrap()],
+    )
+    .unwrap();
+    let sidecar = tokio::spawn(receive_on(
+        listener,
+        ReceiveOptions {
+            multifd: Some(4),
+            tls: TlsOptions {
+                source: Some(tls),
+                ..TlsOptions::default()
+            },
+            ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
+        },
+    ));
+    let sent = send(&SendOptions {
+        qmp: src.spare_qmp_path().to_path_buf(),
+        to: addr,
+        postcopy_after: None,
+        preempt: false,
+        multifd: Some(4),
+        timeout: MIGRATION,
+    })
+    .await
+    .expect("source QMP");
+    let report = tokio::time::timeout(MIGRATION, sidecar)
+        .await
+        .expect("the sidecar ends")
+        .unwrap()
+        .unwrap_or_else(|e| panic!("sidecar: {e}\nsource: {sent:?}"));
+    eprintln!("{}", report.table());
+    assert_eq!(sent.status, "completed", "{sent:?}");
+    assert_eq!(report.outcome, "completed", "{:?}", report.error);
+    assert_eq!(report.multifd.len(), 4, "{:?}", report.multifd);
+    assert!(
+        report.multifd.values().all(|f| f.pages > 0),
+        "{:?}",
+        report.multifd
+    );
+    assert_eq!(
+        report.refused_connections.total, 0,
+        "{:#?}",
+        report.refused_connections
+    );
+    let seen = need(dst.wait_progress(0, 2, PROGRESS).await);
+    assert!(seen.iter().all(|p| p.mismatches == 0), "{seen:?}");
+    need(dst.check_workload_clean());
+    need(src.check_workload_clean());
+}
