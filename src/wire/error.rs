@@ -170,11 +170,6 @@ pub enum ErrorKind {
     /// the start of an endless list.
     #[error("configuration subsection {0:?} repeated")]
     DuplicateConfigSubsection(String),
-    /// Hugepage blocks are present but the decoder was not told block page sizes.
-    #[error(
-        "block {0:?} may carry a page size field (hugepage RAM) but its page size is unknown; pass the block page sizes from x-query-ramblock"
-    )]
-    UnknownBlockPageSize(String),
     /// A page record names a block the block list never announced.
     #[error("RAM block {0:?} was never announced")]
     UnknownRamBlock(String),
@@ -323,7 +318,6 @@ impl ErrorKind {
             ErrorKind::BlockTooLarge { .. } => "block_too_large",
             ErrorKind::BlockPageSizeMismatch { .. } => "block_page_size_mismatch",
             ErrorKind::DuplicateConfigSubsection(..) => "duplicate_config_subsection",
-            ErrorKind::UnknownBlockPageSize(..) => "unknown_block_page_size",
             ErrorKind::UnknownRamBlock(..) => "unknown_ram_block",
             ErrorKind::ContinueWithoutBlock => "continue_without_block",
             ErrorKind::MultifdMagic(..) => "multifd_magic",

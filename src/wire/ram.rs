@@ -504,7 +504,17 @@ fn parse_block_entry<'a>(
                     page_size = Some(v);
                 }
                 Some(_) => {}
-                None => return fail(input, ErrorKind::UnknownBlockPageSize(show(idstr))),
+                None => {
+                    // Not told: the bytes decide (ram.md#ram-mem-size, lookahead). A page
+                    // size field is one bit the ADVISE summary announces, above the host
+                    // page; the next entry's idstr (a length byte, then non-zero bytes) and
+                    // a record word (non-zero flag bits below the page) never are.
+                    let (j, v) = u64_(i)?;
+                    if v.is_power_of_two() && v > host && framing.pagesize_summary & v != 0 {
+                        i = j;
+                        page_size = Some(v);
+                    }
+                }
             }
         }
     }
