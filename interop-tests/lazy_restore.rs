@@ -482,16 +482,23 @@ async fn a_killed_snapshot_leaves_the_vm_running_and_a_rerun_succeeds_10_0() {
 }
 
 /// Snapshot and lazy restore of a guest whose RAM is on two memfd backends (one per NUMA
-/// node), then of one on 2 MiB hugepages: every block is captured and served, a fault on a
-/// huge page is answered with the whole huge page, and the restored guest runs clean.
+/// node), then of one on 2 MiB hugepages, then of one on the `pc` machine: every block is
+/// captured and served, a fault on a huge page is answered with the whole huge page, and
+/// the restored guest runs clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshot_and_restore_two_numa_nodes_and_hugepage_ram_10_0() {
-    for layout in [RamLayout::TwoNodes, RamLayout::Hugepages2M] {
+async fn snapshot_and_restore_two_numa_nodes_hugepage_ram_and_the_pc_machine_10_0() {
+    for (layout, machine) in [
+        (RamLayout::TwoNodes, "q35"),
+        (RamLayout::Hugepages2M, "q35"),
+        (RamLayout::Single, "pc"),
+    ] {
         if layout == RamLayout::Hugepages2M {
             reserve_hugepages(256).expect("reserving 2 MiB hugepages (as root)");
         }
         let dir = tempfile::Builder::new().prefix("lazy-").tempdir().unwrap();
-        let spec = source_spec(QemuVersion::V10_0).ram_layout(layout);
+        let spec = source_spec(QemuVersion::V10_0)
+            .ram_layout(layout)
+            .machine(machine);
         let src = need(Vm::spawn(&spec, dir.path()).await);
         need(src.wait_workload_ready(BOOT).await);
         need(src.wait_progress(src.serial().len(), 1, PROGRESS).await);

@@ -543,6 +543,28 @@ async fn postcopy_10_0_two_numa_nodes_through_the_sidecar_verified_exactly() {
     assert_request_counts(&o, true);
 }
 
+/// The `pc` (i440fx) machine with the destination paused: the sidecar's guarded exact
+/// check compares the whole RAM with what it delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_10_0_pc_machine_verified_exactly() {
+    let o = run(Case {
+        machine: Some("pc"),
+        paused_destination: true,
+        verify: true,
+        ..Case::postcopy(QemuVersion::V10_0)
+    })
+    .await;
+    let exact = o
+        .report
+        .verify
+        .clone()
+        .and_then(|v| v.exact)
+        .expect("an exact check");
+    assert_eq!(exact.mismatches, 0, "{:?}", exact.listed);
+    assert!(exact.blocks.iter().any(|b| b == "m"), "{exact:?}");
+    assert_request_counts(&o, true);
+}
+
 /// The `pc` (i440fx) machine: another block list and firmware layout, same protocol.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postcopy_10_0_pc_machine_through_the_sidecar() {
