@@ -143,6 +143,9 @@ enum Classified {
     ResumedMain(Vec<u8>),
     /// Silent while a main connection came up: a preempt channel.
     Preempt,
+    /// Starts with the multifd magic's first byte: its initial packet is read next
+    /// ([`read_multifd_init`]), with the bytes read so far.
+    MultifdOpening(Vec<u8>),
     /// Starts with a valid multifd initial packet; the bytes read after it.
     Multifd(MultifdInit, Vec<u8>),
     /// Anything else, or silent too long.
@@ -184,7 +187,7 @@ impl Classified {
             Classified::FreshMain(_) => "fresh main",
             Classified::ResumedMain(_) => "resumed main",
             Classified::Preempt => "preempt",
-            Classified::Multifd(..) => "multifd",
+            Classified::MultifdOpening(_) | Classified::Multifd(..) => "multifd",
             Classified::Refused(_) => "refused",
         }
     }
@@ -289,7 +292,9 @@ async fn judge(s: TcpStream, peer: SocketAddr, seq: u64, how: Judging) -> Judged
     } else {
         match classify(&mut stream, main_up, multifd_pending, deadline).await {
             Classified::FreshMain(first) => read_opening(&mut stream, check, first, deadline).await,
-            Classified::Multifd(_, first) => read_multifd_init(&mut stream, first, deadline).await,
+            Classified::MultifdOpening(first) => {
+                read_multifd_init(&mut stream, first, deadline).await
+            }
             other => other,
         }
     };
@@ -304,8 +309,7 @@ async fn judge(s: TcpStream, peer: SocketAddr, seq: u64, how: Judging) -> Judged
 }
 
 /// Waits for a connection's first bytes, or for a main connection to come up (unless
-/// multifd channels may still come). A multifd channel comes back with its first bytes
-/// and a placeholder init, for [`read_multifd_init`].
+/// multifd channels may still come).
 async fn classify(
     s: &mut SourceStream,
     mut main_up: watch::Receiver<bool>,
@@ -313,16 +317,12 @@ async fn classify(
     deadline: tokio::time::Instant,
 ) -> Classified {
     let mut b = vec![0u8; 16 * 1024];
-    let placeholder = MultifdInit {
-        uuid: [0; 16],
-        id: 0,
-    };
     tokio::select! {
         r = s.read(&mut b) => match r {
             Ok(0) => Classified::Refused("closed before sending anything".into()),
             Ok(n) if b[0] == b'Q' => Classified::FreshMain(b[..n].to_vec()),
             Ok(n) if b[0] == crate::wire::command::SECTION_COMMAND => Classified::ResumedMain(b[..n].to_vec()),
-            Ok(n) if b[0] == (multifd::MAGIC >> 24) as u8 => Classified::Multifd(placeholder, b[..n].to_vec()),
+            Ok(n) if b[0] == (multifd::MAGIC >> 24) as u8 => Classified::MultifdOpening(b[..n].to_vec()),
             Ok(_) => Classified::Refused(format!("starts with {:#04x}, not a migration stream", b[0])),
             Err(e) => Classified::Refused(e.to_string()),
         },
@@ -752,6 +752,10 @@ pub async fn carry(
                 };
                 match class {
                     Classified::Refused(_) => unreachable!("handled above"),
+                    Classified::MultifdOpening(_) => {
+                        // judge reads every multifd opening to its end; never left half read.
+                        refuse(&relay, peer, "handshake", "a multifd initial packet left unread");
+                    }
                     Classified::FreshMain(_) | Classified::ResumedMain(_) if *main_up_tx.borrow() => {
                         refuse(&relay, peer, "extra", "a second main connection");
                     }
