@@ -723,3 +723,88 @@ async fn postcopy_following_the_destinations_manager() {
     assert_request_counts(&o, false);
     assert_guest_healthy(&o).await;
 }
+
+/// Following a manager that set multifd and postcopy on a QEMU 7.2 destination (which
+/// aborts after such a migration, QEMU to QEMU too): the sidecar refuses the source's
+/// POSTCOPY_ADVISE at the stream's start, so the VM stays on the source instead of being
+/// lost after the switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_a_7_2_destination_with_multifd_and_postcopy_refuses_postcopy_safely() {
+    use postcopy_sidecar::daemon::receive::{Incoming, receive};
+
+    let dir = tempfile::Builder::new()
+        .prefix("follow-")
+        .tempdir()
+        .unwrap();
+    let spec = VmSpec::new(need(QemuBinary::find(QemuVersion::V7_2)))
+        .name("src")
+        .ram_mib(256)
+        .linux(Workload {
+            mib: 96,
+            mode: WorkloadMode::Hot,
+            hot_mib: 16,
+            seed: 17,
+        });
+    let src = need(Vm::spawn(&spec, dir.path()).await);
+    need(src.wait_workload_ready(BOOT).await);
+    let dspec = spec.destination(need(QemuBinary::find(QemuVersion::V7_2)));
+    let spare = dir.path().join(format!("{}.qmp2", dspec.name));
+    let ready = dir.path().join("sidecar.ready");
+    let sidecar = tokio::spawn(receive(ReceiveOptions {
+        incoming: Incoming::Follow,
+        ready_file: Some(ready.clone()),
+        ..ReceiveOptions::new(
+            &spare,
+            Listen::DestinationPort("127.0.0.2".parse().unwrap()),
+        )
+    }));
+    let dst = need(Vm::spawn(&dspec, dir.path()).await);
+    let port = postcopy_sidecar::lab::free_tcp_port().expect("a port");
+    let q = dst.qmp();
+    q.set_parameters(serde_json::json!({"multifd-channels": 4}))
+        .await
+        .unwrap();
+    q.set_capabilities(&[
+        ("postcopy-ram", true),
+        ("return-path", true),
+        ("multifd", true),
+    ])
+    .await
+    .unwrap();
+    q.migrate_incoming(&format!("tcp:127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    // The ready file is written by another task once the sidecar listens.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(
+            std::time::Instant::now() < deadline && !sidecar.is_finished(),
+            "the sidecar never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let source = send(&SendOptions {
+        qmp: src.spare_qmp_path().to_path_buf(),
+        to: format!("127.0.0.2:{port}").parse().unwrap(),
+        postcopy_after: Some(Duration::from_millis(500)),
+        preempt: false,
+        multifd: Some(4),
+        timeout: MIGRATION,
+    })
+    .await
+    .expect("source QMP");
+    let report = tokio::time::timeout(MIGRATION, sidecar)
+        .await
+        .expect("sidecar finishes")
+        .expect("sidecar task")
+        .unwrap_or_else(|e| panic!("sidecar: {e}"));
+    let err = report.error.clone().unwrap_or_default();
+    assert!(
+        err.contains("POSTCOPY_ADVISE") && err.contains("7.2"),
+        "{err}"
+    );
+    assert_eq!(source.status, "failed", "{source:?}");
+    assert_eq!(src.qmp().run_state().await.unwrap(), "running");
+    let seen = need(src.wait_progress(src.serial().len(), 2, PROGRESS).await);
+    assert!(seen.iter().all(|p| p.mismatches == 0), "{seen:?}");
+}

@@ -727,6 +727,17 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
                 tracing::warn!("could not enable events/postcopy-blocktime: {e}");
             }
             let multifd = followed_multifd(qmp).await?;
+            if multifd.is_some()
+                && !multifd_postcopy_allowed(&dest.qemu_version, false)?
+                && qmp.capability("postcopy-ram").await?
+            {
+                // The manager's choice would lose the VM after the switch (directly too):
+                // refused where the VM is still safe on the source.
+                tracing::warn!(
+                    "the destination's manager set multifd and postcopy on a QEMU 7.2 destination, which aborts after such a migration: a source's postcopy will be refused at its start"
+                );
+                no_postcopy = Some(NO_POSTCOPY_7_2);
+            }
             tracing::info!(destination = %addr, preempt, ?multifd, "following the destination's manager");
             (endpoint, addr, preempt, multifd)
         }
