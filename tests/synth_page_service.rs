@@ -140,3 +140,33 @@ fn a_recording_restore_holds_its_sweep_while_the_guest_keeps_asking() {
         (PAGES as u64, 0, 0)
     );
 }
+
+/// A destination that falls silent (its return path open, nothing asked, nothing left to
+/// sweep) is given up on after the timeout, never before it, with the reason named.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_silent_destination_is_given_up_on_after_the_timeout_not_before() {
+    use postcopy_sidecar::restore::stream::serve;
+    let dir = tempfile::tempdir().unwrap();
+    let s = snap(&dir);
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let (rd, wr) = tokio::io::split(ours);
+    let knobs = ServeKnobs {
+        prefetch: 0,
+        background: false,
+        working_set: false,
+    };
+    let timeout = std::time::Duration::from_secs(30);
+    let t0 = tokio::time::Instant::now();
+    let e = serve(&s, rd, wr, knobs, Vec::new(), timeout)
+        .await
+        .expect_err("a silent destination");
+    // Paused time: the clock moves only to the next timer, so this is exact, not timed.
+    let waited = t0.elapsed();
+    assert!(
+        e.to_string()
+            .contains("waiting for the destination to finish"),
+        "{e}"
+    );
+    assert!(waited >= timeout && waited <= timeout * 3 / 2, "{waited:?}");
+    drop(theirs);
+}

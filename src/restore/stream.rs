@@ -137,6 +137,11 @@ where
     // the hold's end at the latest.
     let hold_end = server.is_recording().then(|| o.package_sent + RECORD_HOLD);
     let mut last_request = o.package_sent;
+    // One timer for the whole stream, moved only when it fired or lags by more than half
+    // the timeout: a fresh timer per idle wait costs a timer-wheel insert and removal on
+    // every fault. So a silent destination is given up on after 1 to 1.5 times `timeout`.
+    let idle = tokio::time::sleep(timeout);
+    tokio::pin!(idle);
     loop {
         let now = Instant::now();
         let holding =
@@ -188,16 +193,29 @@ where
         }
         // Nothing to send and no request for a while: sleep until the destination speaks
         // (or, holding the sweep, until the guest has been quiet long enough).
-        let wait = match hold_end {
-            Some(end) if holding => (last_request + RECORD_QUIET).min(end) - now,
-            _ => timeout,
+        let deadline = match hold_end {
+            Some(end) if holding => {
+                tokio::time::Instant::from_std((last_request + RECORD_QUIET).min(end))
+            }
+            _ => tokio::time::Instant::from_std(now) + timeout,
         };
-        match tokio::time::timeout(wait, rd.read_buf(&mut rp.buf)).await {
-            Err(_) if holding => {}
-            Err(_) => return Err(net("waiting for the destination to finish", timed_out())),
-            Ok(Ok(0)) => rp_open = false,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(net("reading the destination's return path", e)),
+        let lags = deadline.saturating_duration_since(idle.deadline()) > timeout / 2;
+        if idle.is_elapsed() || lags || idle.deadline() > deadline {
+            idle.as_mut().reset(deadline);
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut rp.buf) => match r {
+                Ok(0) => rp_open = false,
+                Ok(_) => {}
+                Err(e) => return Err(net("reading the destination's return path", e)),
+            },
+            // Set for this wait: a full `timeout` of silence (or the hold's end). Set for an
+            // earlier one: it fired early, and the next wait sets it afresh.
+            _ = &mut idle => {
+                if !holding && idle.deadline() >= deadline {
+                    return Err(net("waiting for the destination to finish", timed_out()));
+                }
+            }
         }
     }
     if !ended {
