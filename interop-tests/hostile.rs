@@ -564,6 +564,33 @@ async fn a_request_flood_on_the_return_path_is_bounded_and_never_reaches_the_sou
     need(src.check_workload_clean());
 }
 
+/// A running 10.0 guest (`seed` for its workload) and a destination waiting for it.
+async fn multifd_pair(seed: u64) -> (tempfile::TempDir, Vm, Vm) {
+    let dir = tempfile::Builder::new()
+        .prefix("hostile-multifd-")
+        .tempdir()
+        .unwrap();
+    let spec = VmSpec::new(need(QemuBinary::find(QemuVersion::V10_0)))
+        .name("src")
+        .ram_mib(256)
+        .linux(Workload {
+            mib: 64,
+            mode: WorkloadMode::Hot,
+            hot_mib: 16,
+            seed,
+        });
+    let src = need(Vm::spawn(&spec, dir.path()).await);
+    need(src.wait_workload_ready(BOOT).await);
+    let dst = need(
+        Vm::spawn(
+            &spec.destination(need(QemuBinary::find(QemuVersion::V10_0))),
+            dir.path(),
+        )
+        .await,
+    );
+    (dir, src, dst)
+}
+
 /// A multifd initial packet (protocol-spec/multifd.md#multifd-init) for channel `id`.
 fn multifd_init(id: u8) -> Vec<u8> {
     let mut v = Vec::new();
@@ -580,28 +607,7 @@ fn multifd_init(id: u8) -> Vec<u8> {
 /// only, and the migration completes with the guest intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_multifd_channels_never_reach_the_destination_10_0() {
-    let dir = tempfile::Builder::new()
-        .prefix("hostile-multifd-")
-        .tempdir()
-        .unwrap();
-    let spec = VmSpec::new(need(QemuBinary::find(QemuVersion::V10_0)))
-        .name("src")
-        .ram_mib(256)
-        .linux(Workload {
-            mib: 64,
-            mode: WorkloadMode::Hot,
-            hot_mib: 16,
-            seed: 29,
-        });
-    let src = need(Vm::spawn(&spec, dir.path()).await);
-    need(src.wait_workload_ready(BOOT).await);
-    let dst = need(
-        Vm::spawn(
-            &spec.destination(need(QemuBinary::find(QemuVersion::V10_0))),
-            dir.path(),
-        )
-        .await,
-    );
+    let (dir, src, dst) = multifd_pair(29).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let dst_active = dst.qmp().event_cursor();
@@ -738,28 +744,7 @@ async fn corrupting_forwarder(to: SocketAddr) -> SocketAddr {
 /// destination, and the VM keeps running on the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_multifd_packet_fails_the_migration_and_the_vm_stays_on_the_source_10_0() {
-    let dir = tempfile::Builder::new()
-        .prefix("hostile-multifd-")
-        .tempdir()
-        .unwrap();
-    let spec = VmSpec::new(need(QemuBinary::find(QemuVersion::V10_0)))
-        .name("src")
-        .ram_mib(256)
-        .linux(Workload {
-            mib: 64,
-            mode: WorkloadMode::Hot,
-            hot_mib: 16,
-            seed: 31,
-        });
-    let src = need(Vm::spawn(&spec, dir.path()).await);
-    need(src.wait_workload_ready(BOOT).await);
-    let dst = need(
-        Vm::spawn(
-            &spec.destination(need(QemuBinary::find(QemuVersion::V10_0))),
-            dir.path(),
-        )
-        .await,
-    );
+    let (_dir, src, dst) = multifd_pair(31).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let sidecar = tokio::spawn(receive_on(
@@ -787,9 +772,16 @@ async fn a_corrupt_multifd_packet_fails_the_migration_and_the_vm_stays_on_the_so
         .unwrap_or_else(|e| panic!("sidecar: {e}"));
     assert_eq!(report.outcome, "failed");
     let err = report.error.clone().unwrap_or_default();
-    // Channel 0's setup sync passed; nothing after it did.
+    // The corrupted channel (the first to connect: any id, 10.x connects them at once)
+    // passed its setup sync and nothing after it.
+    let id: u8 = err
+        .split("multifd channel ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no channel named: {err}"));
     assert_eq!(
-        report.multifd.get(&0).map(|f| f.bytes),
+        report.multifd.get(&id).map(|f| f.bytes),
         Some(1408),
         "{:?}",
         report.multifd

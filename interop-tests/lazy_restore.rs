@@ -521,6 +521,20 @@ async fn snapshot_and_restore_two_numa_nodes_hugepage_ram_and_the_pc_machine_10_
         src.kill().await;
         let snapshot = Snapshot::open(&dir.path().join("snap"), false).expect("open snapshot");
         let dst = destination(&spec, QemuVersion::V10_0, "restored", dir.path()).await;
+        let blocks = dst.qmp().ram_blocks().await.expect("QMP");
+        let want = if layout == RamLayout::Hugepages2M {
+            2 << 20
+        } else {
+            4096
+        };
+        assert!(
+            blocks
+                .iter()
+                .filter(|b| b.name.starts_with('m'))
+                .all(|b| b.page_size == want),
+            "{}: {blocks:?}",
+            layout.name()
+        );
         let report = restore(&snapshot, &opts(&dst)).await;
         assert!(
             report.requests > 0,

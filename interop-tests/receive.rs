@@ -337,6 +337,49 @@ async fn multifd_four_channels_7_2_precopy_through_the_sidecar() {
     multifd_precopy(QemuVersion::V7_2).await;
 }
 
+/// A 7.2 guest running its workload (`seed`), and its spec for the destination.
+async fn running_7_2_source(dir: &std::path::Path, seed: u64) -> (VmSpec, Vm) {
+    let spec = VmSpec::new(need(QemuBinary::find(QemuVersion::V7_2)))
+        .name("src")
+        .ram_mib(256)
+        .linux(Workload {
+            mib: 96,
+            mode: WorkloadMode::Hot,
+            hot_mib: 16,
+            seed,
+        });
+    let src = need(Vm::spawn(&spec, dir).await);
+    need(src.wait_workload_ready(BOOT).await);
+    (spec, src)
+}
+
+/// The sidecar refused the source's POSTCOPY_ADVISE (multifd beside postcopy on a 7.2
+/// destination), the source's migration failed, and its VM runs on clean: the report.
+async fn refused_at_advise(
+    sidecar: tokio::task::JoinHandle<
+        Result<Report, postcopy_sidecar::daemon::receive::ReceiveError>,
+    >,
+    source: &SendReport,
+    src: &Vm,
+) -> Report {
+    let report = tokio::time::timeout(MIGRATION, sidecar)
+        .await
+        .expect("sidecar finishes")
+        .expect("sidecar task")
+        .unwrap_or_else(|e| panic!("sidecar: {e}"));
+    assert_eq!(report.outcome, "failed");
+    let err = report.error.clone().unwrap_or_default();
+    assert!(
+        err.contains("POSTCOPY_ADVISE") && err.contains("7.2"),
+        "{err}"
+    );
+    assert_eq!(source.status, "failed", "{source:?}");
+    assert_eq!(src.qmp().run_state().await.unwrap(), "running");
+    let seen = need(src.wait_progress(src.serial().len(), 2, PROGRESS).await);
+    assert!(seen.iter().all(|p| p.mismatches == 0), "{seen:?}");
+    report
+}
+
 /// QEMU 7.2 lets multifd and postcopy run together, but its destination aborts in
 /// cleanup after such a migration completed (a yank assertion, seen here directly QEMU to
 /// QEMU too; protocol-spec/multifd.md#multifd-runs): the VM would be lost at the end. So
@@ -348,17 +391,7 @@ async fn multifd_with_postcopy_to_7_2_is_refused_at_advise_and_the_vm_stays_on_t
         .prefix("receive-")
         .tempdir()
         .unwrap();
-    let spec = VmSpec::new(need(QemuBinary::find(QemuVersion::V7_2)))
-        .name("src")
-        .ram_mib(256)
-        .linux(Workload {
-            mib: 96,
-            mode: WorkloadMode::Hot,
-            hot_mib: 16,
-            seed: 11,
-        });
-    let src = need(Vm::spawn(&spec, dir.path()).await);
-    need(src.wait_workload_ready(BOOT).await);
+    let (spec, src) = running_7_2_source(dir.path(), 11).await;
     let dst = need(
         Vm::spawn(
             &spec.destination(need(QemuBinary::find(QemuVersion::V7_2))),
@@ -385,26 +418,12 @@ async fn multifd_with_postcopy_to_7_2_is_refused_at_advise_and_the_vm_stays_on_t
     })
     .await
     .expect("source QMP");
-    let report = tokio::time::timeout(MIGRATION, sidecar)
-        .await
-        .expect("sidecar finishes")
-        .expect("sidecar task")
-        .unwrap_or_else(|e| panic!("sidecar: {e}"));
-    assert_eq!(report.outcome, "failed");
-    let err = report.error.clone().unwrap_or_default();
-    assert!(
-        err.contains("POSTCOPY_ADVISE") && err.contains("7.2"),
-        "{err}"
-    );
+    let report = refused_at_advise(sidecar, &source, &src).await;
     assert!(
         report.timeline.advise_ms.is_none(),
         "ADVISE never reached the destination"
     );
-    assert_eq!(source.status, "failed", "{source:?}");
     assert!(!dst.qmp().capability("postcopy-ram").await.unwrap());
-    assert_eq!(src.qmp().run_state().await.unwrap(), "running");
-    let seen = need(src.wait_progress(src.serial().len(), 2, PROGRESS).await);
-    assert!(seen.iter().all(|p| p.mismatches == 0), "{seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,6 +518,9 @@ async fn postcopy_10_0_hugepage_ram_through_the_sidecar() {
         o.report.requests.messages > 0,
         "the guest faulted on huge pages"
     );
+    let blocks = o.dst.qmp().ram_blocks().await.expect("QMP");
+    let m = blocks.iter().find(|b| b.name == "m").expect("block m");
+    assert_eq!(m.page_size, 2 << 20, "the guest RAM is on 2 MiB pages");
     assert_eq!(
         o.report.requests_first.promoted_pages, 0,
         "a huge page's record moved"
@@ -736,17 +758,7 @@ async fn following_a_7_2_destination_with_multifd_and_postcopy_refuses_postcopy_
         .prefix("follow-")
         .tempdir()
         .unwrap();
-    let spec = VmSpec::new(need(QemuBinary::find(QemuVersion::V7_2)))
-        .name("src")
-        .ram_mib(256)
-        .linux(Workload {
-            mib: 96,
-            mode: WorkloadMode::Hot,
-            hot_mib: 16,
-            seed: 17,
-        });
-    let src = need(Vm::spawn(&spec, dir.path()).await);
-    need(src.wait_workload_ready(BOOT).await);
+    let (spec, src) = running_7_2_source(dir.path(), 17).await;
     let dspec = spec.destination(need(QemuBinary::find(QemuVersion::V7_2)));
     let spare = dir.path().join(format!("{}.qmp2", dspec.name));
     let ready = dir.path().join("sidecar.ready");
@@ -793,18 +805,5 @@ async fn following_a_7_2_destination_with_multifd_and_postcopy_refuses_postcopy_
     })
     .await
     .expect("source QMP");
-    let report = tokio::time::timeout(MIGRATION, sidecar)
-        .await
-        .expect("sidecar finishes")
-        .expect("sidecar task")
-        .unwrap_or_else(|e| panic!("sidecar: {e}"));
-    let err = report.error.clone().unwrap_or_default();
-    assert!(
-        err.contains("POSTCOPY_ADVISE") && err.contains("7.2"),
-        "{err}"
-    );
-    assert_eq!(source.status, "failed", "{source:?}");
-    assert_eq!(src.qmp().run_state().await.unwrap(), "running");
-    let seen = need(src.wait_progress(src.serial().len(), 2, PROGRESS).await);
-    assert!(seen.iter().all(|p| p.mismatches == 0), "{seen:?}");
+    refused_at_advise(sidecar, &source, &src).await;
 }
