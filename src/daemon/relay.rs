@@ -685,8 +685,11 @@ async fn carry_preempt(relay: &Arc<Relay>, mut src: Reader, epoch: u64, dst: &mu
             return Ended::Fatal(e.into());
         }
         if n == 0 {
-            if let Err(e) = relay.with(|s| s.finish_preempt(&buf)) {
-                return Ended::Fatal(e.into());
+            if !relay.with(|s| s.finish_preempt(&buf)) {
+                tracing::debug!(
+                    unfinished = buf.len(),
+                    "preempt channel closed inside a record; its bytes were held back"
+                );
             }
             relay.report(PumpReport::SourceLost {
                 channel: ch,

@@ -1393,12 +1393,14 @@ impl Session {
         }
     }
 
-    /// Judges the end of a source channel that closed cleanly at a record boundary.
-    pub fn finish_preempt(&mut self, rest: &[u8]) -> Result<(), SessionError> {
+    /// The source closed its preempt connection: returns whether it ended between
+    /// records. Either way it is a lost link, never a fatal error: a cut lands anywhere,
+    /// the unfinished record's bytes were never forwarded, and the resumed source sends
+    /// the page again on a fresh connection (preempt.md#preempt-channel).
+    pub fn finish_preempt(&mut self, rest: &[u8]) -> bool {
         match self.preempt.as_mut() {
-            Some(d) => d.finish(rest).map_err(Into::into),
-            None if rest.is_empty() => Ok(()),
-            None => Ok(()),
+            Some(d) => d.finish(rest).is_ok(),
+            None => rest.is_empty(),
         }
     }
 

@@ -145,6 +145,19 @@ impl SimSource {
         self.last_block = Some(b);
     }
 
+    /// A requested page sent on the preempt channel (its own CONTINUE state: the block is
+    /// always named); it leaves the dirty set like any page written.
+    pub fn preempt_page(&mut self, b: usize, p: u64) -> Vec<u8> {
+        self.dirty[b][p as usize] = false;
+        let mut out = Vec::new();
+        let name = self.blocks[b].0.as_slice();
+        match page_content(b, p) {
+            Some(data) => put_page(&mut out, Some(name), p * PAGE, &data),
+            None => put_zero(&mut out, Some(name), p * PAGE),
+        }
+        out
+    }
+
     /// Whether any page is still dirty.
     pub fn has_dirty(&self) -> bool {
         self.dirty.iter().any(|d| d.iter().any(|x| *x))

@@ -968,3 +968,41 @@ fn postcopy_advise_is_refused_where_the_destination_cannot_take_postcopy() {
         "everything before ADVISE, nothing of it"
     );
 }
+
+#[test]
+fn a_source_preempt_connection_cut_inside_a_record_is_a_held_cut_not_a_failure() {
+    let mut w = Wire::new(CutPolicy::Hold);
+    let start = w.src.start(4);
+    w.carry(&start, 4096);
+    w.s.source_preempt_connected().unwrap();
+    let (b, p) = w
+        .dst
+        .missing()
+        .into_iter()
+        .find_map(|(block, offset)| {
+            let b = BLOCKS.iter().position(|(n, _)| *n == block.as_slice())?;
+            super::sim::page_content(b, offset / PAGE).map(|_| (b, offset / PAGE))
+        })
+        .expect("a missing page that is not a zero page");
+    let rec = w.src.preempt_page(b, p);
+    // The link is cut 100 bytes into the page: nothing of the record may go out.
+    let epoch = w.s.epoch();
+    let step = w.s.on_source_preempt(epoch, &rec[..100], w.now);
+    assert!(step.error.is_none() && step.pieces.is_empty() && step.consumed == 0);
+    assert!(!w.s.finish_preempt(&rec[..100]), "ended inside a record");
+    w.tick();
+    let d = w.s.source_lost(Channel::Preempt, CutCause::Closed, w.now);
+    assert_eq!(d, CutDecision::Hold, "a cut preempt channel is held");
+    // The page never arrived, so the resumed source has it dirty again and sends it on
+    // its fresh preempt connection, which decodes from a clean state.
+    w.resume(512);
+    w.s.source_preempt_connected().unwrap();
+    let rec = w.src.preempt_page(b, p);
+    let step = w.s.on_source_preempt(w.s.epoch(), &rec, w.now);
+    assert!(step.error.is_none(), "{:?}", step.error);
+    assert_eq!(step.consumed, rec.len());
+    w.dst.feed_preempt(&rec).unwrap();
+    w.run_to_end(16, 999);
+    w.assert_complete();
+    assert_eq!(w.dst.preempt_pages, 1);
+}
