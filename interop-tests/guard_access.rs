@@ -18,7 +18,8 @@ use postcopy_sidecar::daemon::receive::{GuardSlot, Listen, ReceiveOptions, recei
 use postcopy_sidecar::daemon::report::Report;
 use postcopy_sidecar::guard::{GuardedRam, RamFile, discover, probe};
 use postcopy_sidecar::lab::{
-    LabError, QemuBinary, QemuVersion, Vm, VmSpec, Workload, WorkloadMode,
+    LabError, QemuBinary, QemuVersion, RamLayout, Vm, VmSpec, Workload, WorkloadMode,
+    reserve_hugepages,
 };
 use postcopy_sidecar::qmp::Qmp;
 use postcopy_sidecar::source::{SendOptions, SendReport, send};
@@ -40,10 +41,24 @@ struct Pair {
 }
 
 async fn pair(version: QemuVersion, paused_destination: bool, mode: WorkloadMode) -> Pair {
+    pair_on(version, paused_destination, mode, RamLayout::Single).await
+}
+
+async fn pair_on(
+    version: QemuVersion,
+    paused_destination: bool,
+    mode: WorkloadMode,
+    layout: RamLayout,
+) -> Pair {
     let dir = tempfile::Builder::new().prefix("guard-").tempdir().unwrap();
+    if layout == RamLayout::Hugepages2M {
+        // 256 MiB on each side.
+        reserve_hugepages(256).expect("reserving 2 MiB hugepages (as root)");
+    }
     let spec = VmSpec::new(need(QemuBinary::find(version)))
         .name("src")
         .ram_mib(256)
+        .ram_layout(layout)
         .linux(Workload {
             mib: 96,
             mode,
@@ -58,6 +73,19 @@ async fn pair(version: QemuVersion, paused_destination: bool, mode: WorkloadMode
         .paused(paused_destination);
     let dst = need(Vm::spawn(&dspec, dir.path()).await);
     Pair { src, dst, dir }
+}
+
+/// Checks that the guest RAM block `m` is on the layout's pages, so a test on hugepages
+/// cannot pass on 4 KiB ones.
+async fn assert_page_size(vm: &Vm, layout: RamLayout) {
+    let blocks = vm.qmp().ram_blocks().await.expect("QMP");
+    let m = blocks.iter().find(|b| b.name == "m").expect("block m");
+    let want = if layout == RamLayout::Hugepages2M {
+        2 << 20
+    } else {
+        4096
+    };
+    assert_eq!(m.page_size, want, "block m's page size");
 }
 
 /// Caps the source's postcopy bandwidth so that pages stay missing on the destination for
@@ -218,7 +246,29 @@ async fn a_naive_read_during_postcopy_breaks_the_migration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guarded_reads_during_postcopy_keep_the_migration_whole_and_equal_the_source() {
-    let p = pair(QemuVersion::V10_0, true, WorkloadMode::Hot).await;
+    guarded_reads_during_postcopy(RamLayout::Single).await;
+}
+
+/// The same on 2 MiB hugetlb pages, where the guard faults, asks for and wakes whole huge
+/// pages and looks for them in QEMU's mapping (protocol-spec/guarded-access.md#guard-hugepages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guarded_reads_during_postcopy_on_hugepage_ram_keep_the_migration_whole_10_0() {
+    let report = guarded_reads_during_postcopy(RamLayout::Hugepages2M).await;
+    // Each guard request is a whole huge page of 512 target pages.
+    let r = &report.requests;
+    assert!(
+        r.guard_pages >= 512 * r.guard_forwarded_messages,
+        "{} guard pages in {} requests",
+        r.guard_pages,
+        r.guard_forwarded_messages
+    );
+}
+
+/// Reads every page of the paused destination through the guard while postcopy runs and
+/// compares each with the source's; then the exact check.
+async fn guarded_reads_during_postcopy(layout: RamLayout) -> Report {
+    let p = pair_on(QemuVersion::V10_0, true, WorkloadMode::Hot, layout).await;
+    assert_page_size(&p.dst, layout).await;
     slow_postcopy(p.src.qmp(), 32 << 20).await;
     let src_ram = ram_file(&p.src).await;
     let cursor = p.dst.qmp().event_cursor();
@@ -273,7 +323,7 @@ async fn guarded_reads_during_postcopy_keep_the_migration_whole_and_equal_the_so
 
     let report = both_completed(sidecar, source).await;
     assert!(report.requests.guard_forwarded_messages > 0);
-    let v = report.verify.expect("verify figures");
+    let v = report.verify.clone().expect("verify figures");
     let exact = v.exact.expect("an exact check: the destination is paused");
     if exact.mismatches > 0 {
         // Tell a wrong record from a changed destination page: both against the source.
@@ -295,6 +345,7 @@ async fn guarded_reads_during_postcopy_keep_the_migration_whole_and_equal_the_so
     assert_eq!(exact.pages, length / PAGE);
     let placed = v.at_placement.expect("at-placement figures");
     assert_eq!(placed.mismatches, 0, "{:?}", placed.listed);
+    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -363,11 +414,12 @@ async fn verify_finds_no_mismatch_then_finds_a_page_corrupted_on_purpose() {
     assert!(String::from_utf8_lossy(&running.stderr).contains("--allow-running"));
 }
 
-async fn running_guest_verified_at_placement(version: QemuVersion) {
+async fn running_guest_verified_at_placement(version: QemuVersion, layout: RamLayout) {
     // A guest that writes little after its fill: the at-placement check reads each page
     // right after QEMU placed it, and every write the guest makes in between shows as a
     // mismatch that is not corruption (protocol-spec/guarded-access.md#guard-verify).
-    let p = pair(version, false, WorkloadMode::Idle).await;
+    let p = pair_on(version, false, WorkloadMode::Idle, layout).await;
+    assert_page_size(&p.dst, layout).await;
     let (sidecar, source) = migrate(&p, |o| ReceiveOptions {
         verify: true,
         allow_paused: false,
@@ -403,10 +455,24 @@ async fn running_guest_verified_at_placement(version: QemuVersion) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_guest_verified_at_placement_10_0() {
-    running_guest_verified_at_placement(QemuVersion::V10_0).await;
+    running_guest_verified_at_placement(QemuVersion::V10_0, RamLayout::Single).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_guest_verified_at_placement_7_2_memfd_found_by_size() {
-    running_guest_verified_at_placement(QemuVersion::V7_2).await;
+    running_guest_verified_at_placement(QemuVersion::V7_2, RamLayout::Single).await;
+}
+
+/// Hugepage RAM with a running guest: each huge page is read through the guard as soon
+/// as QEMU placed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_guest_on_hugepage_ram_verified_at_placement_10_0() {
+    running_guest_verified_at_placement(QemuVersion::V10_0, RamLayout::Hugepages2M).await;
+}
+
+/// QEMU 7.2 prints no block address: the guard finds QEMU's mapping of the hugetlbfs memfd
+/// in `/proc/PID/maps` by its inode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_guest_on_hugepage_ram_verified_at_placement_7_2() {
+    running_guest_verified_at_placement(QemuVersion::V7_2, RamLayout::Hugepages2M).await;
 }

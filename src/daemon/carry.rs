@@ -647,7 +647,7 @@ pub async fn carry(
     relay: Arc<Relay>,
     mut reports: mpsc::UnboundedReceiver<PumpReport>,
     qmp: Option<&Qmp>,
-    mut guard_wants: Option<mpsc::UnboundedReceiver<(String, u64)>>,
+    mut guard_wants: Option<mpsc::UnboundedReceiver<(String, u64, u64)>>,
 ) -> Result<(), ReceiveError> {
     let mut pumps = Pumps {
         main: None,
@@ -1045,8 +1045,8 @@ pub async fn carry(
             }
             want = async { guard_wants.as_mut().expect("checked").recv().await }, if guard_wants.is_some() => {
                 match want {
-                    Some((block, offset)) => {
-                        relay.with(|s| s.guard_wants(&block, offset, Instant::now()));
+                    Some((block, offset, len)) => {
+                        relay.with(|s| s.guard_wants(&block, offset, len, Instant::now()));
                         relay.flush_to_source().await;
                     }
                     None => guard_wants = None,

@@ -1068,7 +1068,7 @@ async fn start_guard(
     qmp: &Qmp,
     opts: &ReceiveOptions,
     relay: &Arc<Relay>,
-) -> Result<tokio::sync::mpsc::UnboundedReceiver<(String, u64)>, ReceiveError> {
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<(String, u64, u64)>, ReceiveError> {
     let pid = discover::qemu_pid(&opts.qmp, qmp.peer_pid())?;
     let files = discover::ram_files(pid, &qmp.ram_blocks().await?, &qmp.memory_backends().await?)?;
     let names: Vec<&str> = files.iter().map(|f| f.block.as_str()).collect();
@@ -1077,9 +1077,9 @@ async fn start_guard(
     let block_names: Vec<String> = files.iter().map(|f| f.block.clone()).collect();
     let guard = Arc::new(GuardedRam::new(
         files,
-        Box::new(move |block, offset| {
+        Box::new(move |block, offset, len| {
             if let Some(name) = block_names.get(block) {
-                let _ = tx.send((name.clone(), offset));
+                let _ = tx.send((name.clone(), offset, len));
             }
         }),
     )?);

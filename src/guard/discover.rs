@@ -17,6 +17,7 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use super::probe::Presence;
 use crate::qmp::{MemoryBackend, RamBlock};
 
 /// One guest-RAM block backed by a memfd, opened in the sidecar.
@@ -30,6 +31,11 @@ pub struct RamFile {
     pub file: File,
     /// The path it was opened by.
     pub path: PathBuf,
+    /// The block's page size: 4 KiB, or a huge page size for a hugetlbfs memfd, which the
+    /// guard then faults, asks for and wakes as a whole.
+    pub page_size: u64,
+    /// How to ask whether a page is there without allocating it.
+    pub presence: Presence,
 }
 
 /// Why the memfds could not be found or opened.
@@ -53,7 +59,7 @@ pub enum DiscoverError {
     },
     /// Access denied: the sidecar lacks the privilege.
     #[error(
-        "opening {path}: {source}; to open QEMU's guest-RAM memfd the sidecar needs ptrace-read access to QEMU (pid {pid}, uid {uid}) and access to its /proc/PID/fd: run it as uid {uid}, or give it CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH"
+        "opening {path}: {source}; to open QEMU's guest-RAM memfd (and, for hugepage RAM, its pagemap) the sidecar needs ptrace-read access to QEMU (pid {pid}, uid {uid}) and access to its /proc/PID/fd: run it as uid {uid}, or give it CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH"
     )]
     Privilege {
         /// What was opened.
@@ -75,15 +81,23 @@ pub enum DiscoverError {
         /// What was looked for.
         detail: String,
     },
-    /// A block on pages the guard cannot map page by page (hugetlbfs memfd).
-    #[error(
-        "RAM block {block} uses {page_size}-byte pages; guarded access supports 4 KiB pages only (a memfd without hugetlb=on)"
-    )]
+    /// A block whose page size is not a power of two of at least 4 KiB.
+    #[error("RAM block {block} reports a {page_size}-byte page size, which no memfd has")]
     PageSize {
         /// Block idstr.
         block: String,
         /// Its page size.
         page_size: u64,
+    },
+    /// QEMU does not map a hugepage block's memfd, so its pages cannot be looked for.
+    #[error(
+        "RAM block {block}: QEMU (pid {pid}) does not map its hugetlbfs memfd; the guard finds a huge page's presence in QEMU's mapping"
+    )]
+    Unmapped {
+        /// Block idstr.
+        block: String,
+        /// QEMU's pid.
+        pid: u32,
     },
     /// Several memfds match (QEMU 7.2, equal sizes).
     #[error(
@@ -207,26 +221,29 @@ fn open(m: &Memfd, pid: u32) -> Result<File, DiscoverError> {
         .read(true)
         .write(true)
         .open(&m.fd_path)
-        .map_err(|source| {
-            if matches!(source.kind(), std::io::ErrorKind::PermissionDenied)
-                || source.raw_os_error() == Some(nix::libc::EPERM)
-            {
-                let uid = std::fs::metadata(format!("/proc/{pid}"))
-                    .map(|m| m.uid())
-                    .unwrap_or(u32::MAX);
-                DiscoverError::Privilege {
-                    path: m.fd_path.clone(),
-                    pid,
-                    uid,
-                    source,
-                }
-            } else {
-                DiscoverError::Proc {
-                    path: m.fd_path.clone(),
-                    source,
-                }
-            }
-        })
+        .map_err(|source| denied(&m.fd_path, pid, source))
+}
+
+/// A failed open of QEMU's `/proc/PID/...`: a privilege error names what would grant it.
+fn denied(path: &Path, pid: u32, source: std::io::Error) -> DiscoverError {
+    if matches!(source.kind(), std::io::ErrorKind::PermissionDenied)
+        || source.raw_os_error() == Some(nix::libc::EPERM)
+    {
+        let uid = std::fs::metadata(format!("/proc/{pid}"))
+            .map(|m| m.uid())
+            .unwrap_or(u32::MAX);
+        DiscoverError::Privilege {
+            path: path.to_path_buf(),
+            pid,
+            uid,
+            source,
+        }
+    } else {
+        DiscoverError::Proc {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 /// Opens the memfd behind every memfd-backed block of QEMU `pid`. Blocks without a memfd
@@ -247,7 +264,7 @@ pub fn ram_files(
         let Some(block) = blocks.iter().find(|b| b.name == backend.id) else {
             continue;
         };
-        if block.page_size != 4096 {
+        if block.page_size < 4096 || !block.page_size.is_power_of_two() {
             return Err(DiscoverError::PageSize {
                 block: block.name.clone(),
                 page_size: block.page_size,
@@ -289,11 +306,33 @@ pub fn ram_files(
             }
         };
         claimed.push(found.inode);
+        let presence = if block.page_size == 4096 {
+            Presence::PageCache
+        } else {
+            // hugetlbfs answers SEEK_DATA everywhere: look in QEMU's own mapping instead
+            // (protocol-spec/guarded-access.md#guard-hugepages).
+            let hva = block
+                .hva
+                .or_else(|| {
+                    maps.iter()
+                        .filter(|(_, ino)| **ino == found.inode)
+                        .map(|(start, _)| *start)
+                        .min()
+                })
+                .ok_or_else(|| DiscoverError::Unmapped {
+                    block: block.name.clone(),
+                    pid,
+                })?;
+            let path = PathBuf::from(format!("/proc/{pid}/pagemap"));
+            Presence::qemu_mapping(pid, hva).map_err(|source| denied(&path, pid, source))?
+        };
         out.push(RamFile {
             block: block.name.clone(),
             length: block.used,
             file: open(&found, pid)?,
             path: found.fd_path.clone(),
+            page_size: block.page_size,
+            presence,
         });
     }
     Ok(out)

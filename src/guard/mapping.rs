@@ -12,9 +12,13 @@
 //!    touches the mapping at all, present page or not;
 //! 2. asks for the page through [`PageWanted`] (the return path the sidecar took over,
 //!    ahead of the destination's own requests) if it is missing in postcopy;
-//! 3. looks with `SEEK_DATA` until QEMU has placed it (`UFFDIO_COPY` fills a page before
-//!    it enters the page cache, so present means complete) and wakes the reader, whose
-//!    retried fault then maps QEMU's page.
+//! 3. looks until QEMU has placed it (`UFFDIO_COPY` fills a page before it enters the page
+//!    cache, so present means complete) and wakes the reader, whose retried fault then maps
+//!    QEMU's page. It looks with `SEEK_DATA` on a shmem memfd, and in QEMU's own mapping
+//!    on a hugetlbfs one ([`probe::Presence`]).
+//!
+//! On hugepage RAM the unit of all this is the block's huge page: a fault anywhere in it
+//! waits for the whole page, which is asked for whole, as the destination asks for it.
 //!
 //! Nothing here ever places a page into the memfd. When the migration ends, or fails,
 //! readers still waiting are given a private zero page over their address (a fresh
@@ -47,9 +51,10 @@ pub const PAGE: u64 = 4096;
 /// fault's round trip to the source.
 pub const PLACEMENT_POLL: Duration = Duration::from_micros(50);
 
-/// Called by the guard thread with (block index, byte offset) of a page it needs that the
-/// stream has not brought: the receiver asks the source for it.
-pub type PageWanted = Box<dyn Fn(usize, u64) + Send + Sync>;
+/// Called by the guard thread with (block index, byte offset, length) of a page it needs
+/// that the stream has not brought (a whole huge page on hugepage RAM): the receiver asks
+/// the source for it.
+pub type PageWanted = Box<dyn Fn(usize, u64, u64) + Send + Sync>;
 
 /// Why guarded access failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -135,6 +140,9 @@ struct Block {
     length: u64,
     base: usize,
     map_len: usize,
+    /// Faults, requests, wakes and zero overlays are in units of this.
+    page_size: u64,
+    presence: probe::Presence,
 }
 
 #[derive(Clone, Copy)]
@@ -172,17 +180,22 @@ pub struct GuardedRam {
 impl GuardedRam {
     /// Maps and registers every file; `wanted` is called for pages to ask of the source.
     pub fn new(files: Vec<RamFile>, wanted: PageWanted) -> Result<GuardedRam, GuardError> {
+        let mut features = FeatureFlags::MISSING_SHMEM;
+        if files.iter().any(|f| f.page_size > PAGE) {
+            features |= FeatureFlags::MISSING_HUGETLBFS;
+        }
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
             // Kernel-mode faults too: a syscall reading the mapping must block, not fail.
             .user_mode_only(false)
-            .require_features(FeatureFlags::MISSING_SHMEM)
+            .require_features(features)
             .create()
             .map_err(|e| GuardError::Userfaultfd(e.to_string()))?;
         let mut blocks = Vec::new();
         for f in files {
-            let map_len = f.length.div_ceil(PAGE) * PAGE;
+            let page_size = f.page_size.max(PAGE);
+            let map_len = f.length.div_ceil(page_size) * page_size;
             let err = |what, reason: String| GuardError::Map {
                 block: f.block.clone(),
                 what,
@@ -210,6 +223,8 @@ impl GuardedRam {
                 length: f.length,
                 base,
                 map_len: map_len as usize,
+                page_size,
+                presence: f.presence,
             };
             if let Err(e) = uffd.register(base as *mut _, map_len as usize) {
                 // SAFETY: the mapping made just above.
@@ -409,10 +424,17 @@ impl Inner {
         let _ = self.poke.write(1);
     }
 
+    /// Whether QEMU has placed the page at `offset` of `block` (an error counts as not yet:
+    /// the reader waits, nothing is allocated).
+    fn is_present(&self, block: usize, offset: u64) -> bool {
+        let b = &self.blocks[block];
+        b.presence.is_present(&b.file, offset).unwrap_or(false)
+    }
+
     fn locate(&self, addr: usize) -> Option<(usize, u64)> {
         self.blocks.iter().enumerate().find_map(|(i, b)| {
             (addr >= b.base && addr < b.base + b.map_len)
-                .then(|| (i, ((addr - b.base) as u64) / PAGE * PAGE))
+                .then(|| (i, ((addr - b.base) as u64) / b.page_size * b.page_size))
         })
     }
 
@@ -420,10 +442,11 @@ impl Inner {
         let b = &self.blocks[block];
         let _ = self
             .uffd
-            .wake((b.base + offset as usize) as *mut _, PAGE as usize);
+            .wake((b.base + offset as usize) as *mut _, b.page_size as usize);
     }
 
-    /// Covers a waiting page with a private zero page and wakes its reader.
+    /// Covers a waiting page (a whole huge page on hugepage RAM) with a private zero page
+    /// and wakes its reader.
     fn resolve(&self, st: &mut State, block: usize, offset: u64) {
         let b = &self.blocks[block];
         let addr = b.base + offset as usize;
@@ -432,7 +455,7 @@ impl Inner {
         let mapped = unsafe {
             nix::sys::mman::mmap_anonymous(
                 NonZeroUsize::new(addr),
-                NonZeroUsize::new(PAGE as usize).expect("page"),
+                NonZeroUsize::new(b.page_size as usize).expect("page"),
                 ProtFlags::PROT_READ,
                 MapFlags::MAP_PRIVATE | MapFlags::MAP_FIXED,
             )
@@ -451,8 +474,7 @@ impl Inner {
         let failed = matches!(st.phase, Phase::Failed(_));
         let waiting: Vec<(usize, u64)> = st.waiting.drain().map(|(k, _)| k).collect();
         for (block, offset) in waiting {
-            let present =
-                !failed && probe::is_present(&self.blocks[block].file, offset).unwrap_or(false);
+            let present = !failed && self.is_present(block, offset);
             if present {
                 st.figures.woken += 1;
                 self.wake(block, offset);
@@ -511,7 +533,7 @@ impl Inner {
             let pages: Vec<((usize, u64), Waiter)> =
                 st.waiting.iter().map(|(k, w)| (*k, *w)).collect();
             for ((block, offset), w) in pages {
-                let present = probe::is_present(&self.blocks[block].file, offset).unwrap_or(false);
+                let present = self.is_present(block, offset);
                 if present {
                     st.waiting.remove(&(block, offset));
                     let us = now.saturating_duration_since(w.since).as_micros() as u64;
@@ -523,7 +545,7 @@ impl Inner {
                         x.requested = true;
                     }
                     st.figures.requested += 1;
-                    (self.wanted)(block, offset);
+                    (self.wanted)(block, offset, self.blocks[block].page_size);
                 }
             }
         }
@@ -546,23 +568,48 @@ mod tests {
     use std::sync::mpsc;
 
     const P: usize = PAGE as usize;
+    const HUGE: usize = 2 << 20;
     const WAIT: Duration = Duration::from_secs(10);
 
     /// A synthetic destination ("QEMU") and the guard over its memfd; requests go to `rx`.
-    fn setup(pages: usize) -> (Arc<SynthRam>, Arc<GuardedRam>, mpsc::Receiver<(usize, u64)>) {
+    type Wanted = mpsc::Receiver<(usize, u64, u64)>;
+
+    fn setup(pages: usize) -> (Arc<SynthRam>, Arc<GuardedRam>, Wanted) {
         let ram = Arc::new(SynthRam::new(pages).unwrap());
-        let (tx, rx) = mpsc::channel();
-        let tx = Mutex::new(tx);
         let file = RamFile {
             block: "m".into(),
             length: (pages * P) as u64,
             file: ram.memfd().try_clone().unwrap(),
             path: "/proc/self/fd/x".into(),
+            page_size: PAGE,
+            presence: probe::Presence::PageCache,
         };
+        guard_over(ram, file)
+    }
+
+    /// A synthetic "QEMU" on 2 MiB hugetlb pages, and the guard over it, which looks for
+    /// placements in that "QEMU"'s mapping (this process's pagemap).
+    fn setup_huge(pages: usize) -> (Arc<SynthRam>, Arc<GuardedRam>, Wanted) {
+        crate::lab::reserve_hugepages(pages as u64).expect("free 2 MiB hugepages (as root)");
+        let ram = Arc::new(SynthRam::hugetlb(pages).unwrap());
+        let file = RamFile {
+            block: "m".into(),
+            length: (pages * HUGE) as u64,
+            file: ram.memfd().try_clone().unwrap(),
+            path: "/proc/self/fd/x".into(),
+            page_size: HUGE as u64,
+            presence: probe::Presence::qemu_mapping(std::process::id(), ram.base() as u64).unwrap(),
+        };
+        guard_over(ram, file)
+    }
+
+    fn guard_over(ram: Arc<SynthRam>, file: RamFile) -> (Arc<SynthRam>, Arc<GuardedRam>, Wanted) {
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
         let guard = GuardedRam::new(
             vec![file],
-            Box::new(move |b, off| {
-                let _ = tx.lock().unwrap().send((b, off));
+            Box::new(move |b, off, len| {
+                let _ = tx.lock().unwrap().send((b, off, len));
             }),
         )
         .unwrap();
@@ -600,7 +647,7 @@ mod tests {
         let (ram, g, rx) = setup(16);
         g.set_phase(Phase::Postcopy);
         let r = reader(&g, 5 * PAGE);
-        assert_eq!(rx.recv_timeout(WAIT).unwrap(), (0, 5 * PAGE));
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), (0, 5 * PAGE, PAGE));
         assert!(!r.is_finished(), "the reader waits for the page");
         assert_eq!(
             probe::allocated_bytes(ram.memfd()).unwrap(),
@@ -621,7 +668,7 @@ mod tests {
         g.set_phase(Phase::Postcopy);
         let a = reader(&g, 2 * PAGE);
         let b = reader(&g, 2 * PAGE);
-        assert_eq!(rx.recv_timeout(WAIT).unwrap(), (0, 2 * PAGE));
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), (0, 2 * PAGE, PAGE));
         eventually(|| g.figures().faults >= 2);
         ram.place(2 * PAGE, &content(2)).unwrap();
         assert_eq!(a.join().unwrap().unwrap(), content(2));
@@ -663,7 +710,7 @@ mod tests {
             let page = unsafe { std::slice::from_raw_parts(base.add(4 * P), P) };
             nix::unistd::write(&pw, page).unwrap()
         });
-        assert_eq!(rx.recv_timeout(WAIT).unwrap(), (0, 4 * PAGE));
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), (0, 4 * PAGE, PAGE));
         ram.place(4 * PAGE, &content(4)).unwrap();
         assert_eq!(writer.join().unwrap(), P);
         let mut got = vec![0u8; P];
@@ -679,7 +726,7 @@ mod tests {
         let (ram, g, rx) = setup(8);
         g.set_phase(Phase::Postcopy);
         let r = reader(&g, 6 * PAGE);
-        assert_eq!(rx.recv_timeout(WAIT).unwrap(), (0, 6 * PAGE));
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), (0, 6 * PAGE, PAGE));
         g.set_phase(Phase::Ended);
         assert_eq!(r.join().unwrap().unwrap(), vec![0u8; P]);
         assert_eq!(probe::allocated_bytes(ram.memfd()).unwrap(), 0);
@@ -695,7 +742,7 @@ mod tests {
         let (_ram, g, rx) = setup(8);
         g.set_phase(Phase::Postcopy);
         let r = reader(&g, PAGE);
-        assert_eq!(rx.recv_timeout(WAIT).unwrap(), (0, PAGE));
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), (0, PAGE, PAGE));
         g.set_phase(Phase::Failed("source gone".into()));
         match r.join().unwrap() {
             Err(GuardError::Failed {
@@ -710,5 +757,44 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Hugepage RAM: a read anywhere in a missing huge page asks for the whole huge page,
+    /// allocates nothing, and returns QEMU's data once the huge page is placed; after the
+    /// end a never-placed huge page reads as zeroes, still without allocating.
+    #[test]
+    fn a_missing_huge_page_is_asked_for_whole_and_read_once_placed_without_allocating() {
+        let (ram, g, rx) = setup_huge(2);
+        g.set_phase(Phase::Postcopy);
+        let at = HUGE as u64 + 7 * PAGE;
+        let r = reader(&g, at);
+        assert_eq!(
+            rx.recv_timeout(WAIT).unwrap(),
+            (0, HUGE as u64, HUGE as u64)
+        );
+        assert!(!r.is_finished(), "the reader waits for the huge page");
+        assert_eq!(probe::allocated_bytes(ram.memfd()).unwrap(), 0);
+        let mut huge = vec![0u8; HUGE];
+        for (i, p) in huge.chunks_exact_mut(P).enumerate() {
+            page_content(HUGE / P + i, 9, p);
+        }
+        ram.place(HUGE as u64, &huge).unwrap();
+        assert_eq!(r.join().unwrap().unwrap(), content(HUGE / P + 7));
+        assert_eq!(probe::allocated_bytes(ram.memfd()).unwrap(), HUGE as u64);
+        let f = g.figures();
+        assert_eq!((f.requested, f.woken), (1, 1));
+        // A page of the first huge page, still missing when the migration ends.
+        let r = reader(&g, 3 * PAGE);
+        assert_eq!(rx.recv_timeout(WAIT).unwrap(), (0, 0, HUGE as u64));
+        g.set_phase(Phase::Ended);
+        assert_eq!(r.join().unwrap().unwrap(), vec![0u8; P]);
+        let mut out = vec![1u8; P];
+        g.read_page(0, 5 * PAGE, &mut out).unwrap();
+        assert_eq!(out, vec![0u8; P]);
+        assert_eq!(
+            probe::allocated_bytes(ram.memfd()).unwrap(),
+            HUGE as u64,
+            "the never-placed huge page stayed a hole"
+        );
     }
 }

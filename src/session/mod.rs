@@ -1640,8 +1640,10 @@ impl Session {
             .request(now, forward && up, decisions.len() as u64);
     }
 
-    /// The sidecar's own guarded reader needs a page (protocol-spec/guarded-access.md#guard-faults).
-    pub fn guard_wants(&mut self, block: &str, offset: u64, now: Instant) {
+    /// The sidecar's own guarded reader needs `len` bytes at `offset` of `block`: a target
+    /// page, or a whole huge page, asked for as the destination itself asks for one
+    /// (protocol-spec/guarded-access.md#guard-faults).
+    pub fn guard_wants(&mut self, block: &str, offset: u64, len: u64, now: Instant) {
         let up = matches!(self.link, Link::Up);
         let Some(t) = self.tracker.as_mut() else {
             return;
@@ -1649,11 +1651,11 @@ impl Session {
         let Some(b) = t.block_index(block.as_bytes()) else {
             return;
         };
-        let tps = t.target_page_size();
-        if t.guard_requested(b, offset, now) == RequestDecision::Forward && up {
+        let len = len.max(t.target_page_size());
+        if t.guard_requested(b, offset, len, now) == RequestDecision::Forward && up {
             RpMessage::ReqPagesId {
                 start: offset,
-                len: tps as u32,
+                len: len as u32,
                 block: block.as_bytes(),
             }
             .encode(&mut self.to_source);

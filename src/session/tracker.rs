@@ -299,26 +299,45 @@ impl PageTracker {
         self.requests.forwarded_messages += 1;
     }
 
-    /// The sidecar's guarded reader needs page `offset` of `block`: whether it must be asked
-    /// of the source (not delivered, not already asked). Counted apart from the
-    /// destination's requests.
-    pub fn guard_requested(&mut self, block: usize, offset: u64, now: Instant) -> RequestDecision {
-        let page = offset / self.tps;
+    /// The sidecar's guarded reader needs `len` bytes at `start` of `block` (one target
+    /// page, or a whole huge page of a hugepage block): whether they must be asked of the
+    /// source, that is whether any of their target pages is neither delivered nor already
+    /// asked for. Those are remembered as asked; one message is counted. Counted apart
+    /// from the destination's requests.
+    pub fn guard_requested(
+        &mut self,
+        block: usize,
+        start: u64,
+        len: u64,
+        now: Instant,
+    ) -> RequestDecision {
+        let tps = self.tps;
         let Some(b) = self.blocks.get_mut(block) else {
             return RequestDecision::AlreadyDelivered;
         };
-        self.requests.guard_pages += 1;
-        if b.bit(page) {
-            return RequestDecision::AlreadyDelivered;
-        }
-        match b.pending.entry(page) {
-            std::collections::hash_map::Entry::Occupied(_) => RequestDecision::AlreadyRequested,
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert((now, Origin::Guard));
-                self.requests.guard_forwarded_messages += 1;
-                RequestDecision::Forward
+        let (first, last) = (start / tps, start.saturating_add(len.max(1)).div_ceil(tps));
+        let mut decision = RequestDecision::AlreadyDelivered;
+        for page in first..last {
+            self.requests.guard_pages += 1;
+            if b.bit(page) {
+                continue;
+            }
+            match b.pending.entry(page) {
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    if decision == RequestDecision::AlreadyDelivered {
+                        decision = RequestDecision::AlreadyRequested;
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert((now, Origin::Guard));
+                    decision = RequestDecision::Forward;
+                }
             }
         }
+        if decision == RequestDecision::Forward {
+            self.requests.guard_forwarded_messages += 1;
+        }
+        decision
     }
 
     /// Claims up to `max_units` units of `unit_pages` target pages each, from target page
@@ -550,9 +569,12 @@ mod tests {
     fn guard_requests_are_deduplicated_with_the_destinations_and_counted_apart() {
         let mut t = PageTracker::new(&layout(), 4096);
         let t0 = Instant::now();
-        assert_eq!(t.guard_requested(0, 0x5000, t0), RequestDecision::Forward);
         assert_eq!(
-            t.guard_requested(0, 0x5000, t0),
+            t.guard_requested(0, 0x5000, 4096, t0),
+            RequestDecision::Forward
+        );
+        assert_eq!(
+            t.guard_requested(0, 0x5000, 4096, t0),
             RequestDecision::AlreadyRequested
         );
         // The destination then faults on it: no second message, and its wait is timed.
@@ -565,13 +587,32 @@ mod tests {
             .unwrap();
         assert_eq!(origin, Origin::Destination);
         assert_eq!(
-            t.guard_requested(0, 0x5000, t0),
+            t.guard_requested(0, 0x5000, 4096, t0),
             RequestDecision::AlreadyDelivered
         );
         let r = t.request_figures();
         assert_eq!((r.guard_pages, r.guard_forwarded_messages), (3, 1));
         assert_eq!((r.messages, r.forwarded_messages), (1, 0));
         assert_eq!(t.latency_figures().count, 1);
+    }
+
+    #[test]
+    fn a_guard_request_of_a_huge_page_asks_once_for_what_is_missing() {
+        let mut t = PageTracker::new(&layout(), 4096);
+        let t0 = Instant::now();
+        t.delivered(0, 0x2000, false, t0);
+        assert_eq!(
+            t.guard_requested(0, 0, 0x4000, t0),
+            RequestDecision::Forward,
+            "three of four pages missing"
+        );
+        assert_eq!(
+            t.guard_requested(0, 0, 0x4000, t0),
+            RequestDecision::AlreadyRequested
+        );
+        let r = t.request_figures();
+        assert_eq!((r.guard_pages, r.guard_forwarded_messages), (8, 1));
+        assert_eq!(r.outstanding_pages, 3);
     }
 
     #[test]

@@ -58,20 +58,36 @@ pub struct SynthRam {
     file: File,
     base: usize,
     len: usize,
+    /// Its page size: [`PAGE`], or 2 MiB for hugepage RAM ([`SynthRam::hugetlb`]).
+    page: usize,
     uffd: Uffd,
 }
 
 impl SynthRam {
     /// `pages` pages of RAM, all missing, registered with a new userfaultfd.
     pub fn new(pages: usize) -> Result<SynthRam, SynthError> {
+        SynthRam::with_pages(pages, PAGE)
+    }
+
+    /// `pages` 2 MiB huge pages of RAM in a hugetlbfs memfd, as QEMU's
+    /// `memory-backend-memfd,hugetlb=on`: a fault and a placement are a whole huge page.
+    /// The host needs that many free hugepages.
+    pub fn hugetlb(pages: usize) -> Result<SynthRam, SynthError> {
+        SynthRam::with_pages(pages, 2 << 20)
+    }
+
+    fn with_pages(pages: usize, page: usize) -> Result<SynthRam, SynthError> {
         let setup = |what: &str, e: String| SynthError::Setup(format!("{what}: {e}"));
-        let fd = nix::sys::memfd::memfd_create(
-            c"synthetic-guest-ram",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )
-        .map_err(|e| setup("memfd_create", e.to_string()))?;
+        let mut flags = nix::sys::memfd::MFdFlags::MFD_CLOEXEC;
+        let mut features = FeatureFlags::MISSING_SHMEM;
+        if page > PAGE {
+            flags |= nix::sys::memfd::MFdFlags::MFD_HUGETLB;
+            features |= FeatureFlags::MISSING_HUGETLBFS;
+        }
+        let fd = nix::sys::memfd::memfd_create(c"synthetic-guest-ram", flags)
+            .map_err(|e| setup("memfd_create", e.to_string()))?;
         let file = File::from(fd);
-        let len = pages * PAGE;
+        let len = pages * page;
         file.set_len(len as u64)
             .map_err(|e| setup("sizing the memfd", e.to_string()))?;
         let nz = NonZeroUsize::new(len).ok_or_else(|| setup("size", "no pages".into()))?;
@@ -92,7 +108,7 @@ impl SynthRam {
             .close_on_exec(true)
             .non_blocking(true)
             .user_mode_only(false)
-            .require_features(FeatureFlags::MISSING_SHMEM)
+            .require_features(features)
             .create()
             .map_err(|e| setup("userfaultfd", e.to_string()))?;
         uffd.register(base as *mut _, len)
@@ -101,13 +117,19 @@ impl SynthRam {
             file,
             base,
             len,
+            page,
             uffd,
         })
     }
 
     /// Number of pages.
     pub fn pages(&self) -> usize {
-        self.len / PAGE
+        self.len / self.page
+    }
+
+    /// Where this "QEMU" maps its RAM: what the guard reads presence from on hugepage RAM.
+    pub fn base(&self) -> usize {
+        self.base
     }
 
     /// The memfd (what a sidecar would open through `/proc/PID/fd`).
@@ -123,7 +145,7 @@ impl SynthRam {
     /// Byte offset of a faulting address, page aligned; `None` outside the RAM.
     pub fn offset_of(&self, addr: usize) -> Option<u64> {
         (addr >= self.base && addr < self.base + self.len)
-            .then(|| ((addr - self.base) / PAGE * PAGE) as u64)
+            .then(|| ((addr - self.base) / self.page * self.page) as u64)
     }
 
     /// Reads the first byte of page `page` as a vCPU would: a missing page blocks the caller
@@ -132,21 +154,22 @@ impl SynthRam {
         assert!(page < self.pages(), "page {page} outside the synthetic RAM");
         // SAFETY: inside our live mapping; volatile, since placement writes it from the
         // kernel behind our back.
-        unsafe { std::ptr::read_volatile((self.base + page * PAGE) as *const u8) }
+        unsafe { std::ptr::read_volatile((self.base + page * self.page) as *const u8) }
     }
 
     /// Places `data` (one page) at `offset` with `UFFDIO_COPY` and wakes its waiters.
     pub fn place(&self, offset: u64, data: &[u8]) -> Result<Placement, SynthError> {
-        assert_eq!(data.len(), PAGE);
+        let page = self.page;
+        assert_eq!(data.len(), page);
         let dst = (self.base + offset as usize) as *mut std::ffi::c_void;
         loop {
             // SAFETY: `data` is one readable page; `dst` is a page of our registered range.
-            let r = unsafe { self.uffd.copy(data.as_ptr().cast(), dst, PAGE, true) };
+            let r = unsafe { self.uffd.copy(data.as_ptr().cast(), dst, page, true) };
             return match r {
                 Ok(_) => Ok(Placement::Placed),
                 Err(userfaultfd::Error::CopyFailed(e)) if e as i32 == nix::libc::EEXIST => {
                     // Someone else placed it; make sure nobody still sleeps on it.
-                    let _ = self.uffd.wake(dst, PAGE);
+                    let _ = self.uffd.wake(dst, page);
                     Ok(Placement::AlreadyPresent)
                 }
                 // EAGAIN (the crate reports it as a partial copy, bytecodealliance/
