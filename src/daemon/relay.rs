@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::metrics::Metrics;
 use crate::guard::{GuardedRam, Phase};
-use crate::session::{CutCause, Delta, Piece, Session, SessionError};
+use crate::session::{CutCause, Delta, MultifdEnd, Piece, Session, SessionError};
 use crate::verify::placement::PlacementVerifier;
 use crate::wire::{Channel, MultifdInit, PostcopyPhase};
 
@@ -814,9 +814,18 @@ pub async fn multifd_pump(
             return Err(e.into());
         }
         if n == 0 {
-            relay.with(|s| s.finish_multifd(init.id, &buf))?;
-            let _ = dst.shutdown().await;
-            return Ok(());
+            return match relay.with(|s| s.multifd_closed(init.id, &buf)) {
+                MultifdEnd::Clean => {
+                    let _ = dst.shutdown().await;
+                    Ok(())
+                }
+                MultifdEnd::Lost => {
+                    tracing::warn!(channel = %ch, unfinished = buf.len(), "closed in postcopy inside a packet; nothing of it was forwarded");
+                    std::mem::forget(dst);
+                    Ok(())
+                }
+                MultifdEnd::Failed(e) => Err(e.into()),
+            };
         }
     }
 }

@@ -158,6 +158,19 @@ pub enum Piece {
     Inject(Vec<u8>),
 }
 
+/// How a source multifd channel ended ([`Session::multifd_closed`]).
+#[derive(Debug)]
+pub enum MultifdEnd {
+    /// Between packets: the destination's channel is closed the same way.
+    Clean,
+    /// Cut in postcopy, when multifd carries nothing more: the destination's channel is
+    /// left as it is and the migration goes on.
+    Lost,
+    /// Cut inside a packet before postcopy: the unfinished packet never went out, and the
+    /// migration fails with the VM still on the source.
+    Failed(SessionError),
+}
+
 /// What the session made of bytes from a source channel.
 #[derive(Debug, Default)]
 pub struct SourceStep {
@@ -1360,6 +1373,19 @@ impl Session {
                 kind: ErrorKind::Truncated("a multifd packet"),
             }
             .into()),
+        }
+    }
+
+    /// The source closed multifd channel `id` with `rest` unconsumed: what that means.
+    /// Once postcopy runs, multifd carries nothing more (pages travel on main and preempt,
+    /// and a resumed source opens no multifd channel: `migration.c:migration_connect`
+    /// returns for a resume before `multifd_send_setup`, `[S8.x]`), so a channel that a
+    /// cut ended even inside a packet is only lost; before that it fails the migration.
+    pub fn multifd_closed(&mut self, id: u8, rest: &[u8]) -> MultifdEnd {
+        match self.finish_multifd(id, rest) {
+            Ok(()) => MultifdEnd::Clean,
+            Err(_) if self.main.phase() >= PostcopyPhase::Running => MultifdEnd::Lost,
+            Err(e) => MultifdEnd::Failed(e),
         }
     }
 

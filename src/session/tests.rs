@@ -946,6 +946,49 @@ fn with_10_2_multifd_and_postcopy_a_multifd_page_counts_as_delivered_until_disca
     );
 }
 
+/// A multifd channel cut inside a packet fails a precopy migration, but once postcopy
+/// runs (QEMU 10.2 with both) it is only lost: multifd carries nothing more then.
+#[test]
+fn a_multifd_channel_cut_inside_a_packet_fails_precopy_but_not_postcopy() {
+    use crate::wire::compose::{put_opening, put_package};
+    use crate::wire::multifd::{MultifdInit, compose as mf};
+    let mut w = Wire::new(CutPolicy::Hold);
+    let mut opening = Vec::new();
+    put_opening(&mut opening, b"pc-q35-10.2", 2, BLOCKS);
+    w.carry(&opening, 1000);
+    let page = super::sim::page_content(0, 1).unwrap();
+    let mut packet = Vec::new();
+    mf::put_ram_packet(
+        &mut packet,
+        PAGE as usize,
+        0,
+        1,
+        b"m",
+        &[(PAGE, &page[..])],
+        &[],
+    );
+    let cut = &packet[..packet.len() / 2];
+    for id in 0..2u8 {
+        let init = MultifdInit { uuid: [0; 16], id };
+        let step = w.s.on_source_multifd(init, cut, w.now);
+        assert_eq!((step.consumed, step.error.is_none()), (0, true));
+    }
+    assert!(matches!(w.s.multifd_closed(0, cut), MultifdEnd::Failed(_)));
+    let mut blob = Vec::new();
+    Command::PostcopyListen.encode(&mut blob);
+    Command::PostcopyRun.encode(&mut blob);
+    let mut switch = Vec::new();
+    Command::Ping(2).encode(&mut switch);
+    put_package(&mut switch, &blob);
+    w.carry(&switch, 1000);
+    assert_eq!(w.s.phase(), PostcopyPhase::Running);
+    assert!(matches!(w.s.multifd_closed(1, cut), MultifdEnd::Lost));
+    assert!(
+        matches!(w.s.multifd_closed(3, &[]), MultifdEnd::Clean),
+        "between packets"
+    );
+}
+
 /// A destination set up without postcopy (multifd on 7.2, or refused by QEMU): the
 /// source's POSTCOPY_ADVISE, at the stream's start, is refused before it is forwarded.
 #[test]
