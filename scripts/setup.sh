@@ -3,6 +3,8 @@
 #   - QEMU 10.0 from bookworm-backports (system-wide, /usr/bin/qemu-system-x86_64);
 #   - QEMU 7.2 from bookworm, extracted (not installed) under .cache/qemu-7.2/ so both
 #     versions can run side by side for cross-version migration;
+#   - QEMU 11.1 from Debian's development suite, extracted with its own libraries and
+#     loader under .cache/qemu-11.1/ (Debian 12 cannot install it);
 #   - the guest kernel (Debian's cloud kernel) as .cache/guest/vmlinuz;
 #   - the guest initramfs with our workload as /init (scripts/build-guest.sh);
 #   - libvirt 9.0 (libvirtd, virtlogd, virsh) for the libvirt hook's tests, which start
@@ -145,6 +147,62 @@ if [ "$(cat "$CACHE/qemu-7.2.ok" 2>/dev/null || true)" != "$(cat "$Q72/.version"
 	cp "$Q72/.version" "$CACHE/qemu-7.2.ok"
 fi
 say "QEMU 7.2: $V72"
+
+# --- 3b. QEMU 11.1 from Debian's development suite, with its own libraries and loader -------
+# Debian 12 cannot install it (it links a newer glibc), so the whole dependency closure is
+# downloaded with a private apt state (the system's sources are not touched: the suite is
+# derived from the distribution's own source) and extracted under .cache/qemu-11.1/root;
+# QEMU runs through that tree's dynamic loader. The stream changes of 10.1-11.1 then run
+# for real (protocol-spec/versions.md#versions-after-10-0).
+Q11="$CACHE/qemu-11.1"
+install_qemu11() {
+	local apt_dir="$CACHE/sid-apt" uri v deb
+	uri="$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources 2>/dev/null ||
+		true)"
+	[ -n "$uri" ] || uri="$(awk '$1 == "deb" { print $2; exit }' /etc/apt/sources.list)"
+	[ -n "$uri" ] || die "found no apt source to derive the development suite from"
+	mkdir -p "$apt_dir/etc" "$apt_dir/state/lists/partial" "$apt_dir/cache/archives/partial"
+	printf 'Types: deb\nURIs: %s\nSuites: sid\nComponents: main\nSigned-By: %s\n' "$uri" \
+		/usr/share/keyrings/debian-archive-keyring.gpg >"$apt_dir/etc/sid.sources"
+	: >"$apt_dir/state/status"
+	local apt=(apt-get -qq -o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$apt_dir/etc"
+		-o "Dir::State=$apt_dir/state" -o "Dir::State::status=$apt_dir/state/status"
+		-o "Dir::Cache=$apt_dir/cache" -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
+	"${apt[@]}" update >/dev/null
+	v="$("${apt[@]}" -s install --no-install-recommends qemu-system-x86 |
+		awk '$1 == "Inst" && $2 == "qemu-system-x86" { gsub(/[()]/, "", $3); print $3 }')"
+	case "$v" in 1:11.1*) ;; *) die "no QEMU 11.1 in the development suite (got '$v')" ;; esac
+	say "extracting QEMU $v with its libraries into $Q11"
+	"${apt[@]}" install --download-only -y --no-install-recommends qemu-system-x86 >/dev/null
+	rm -rf "$Q11.tmp"
+	mkdir -p "$Q11.tmp/root"
+	for deb in "$apt_dir"/cache/archives/*.deb; do dpkg -x "$deb" "$Q11.tmp/root"; done
+	rm -rf "$Q11.tmp/root/usr/share/doc" "$Q11.tmp/root/usr/share/man"
+	cat >"$Q11.tmp/qemu-system-x86_64" <<'EOF'
+#!/bin/sh
+# QEMU 11.1 extracted by scripts/setup.sh, run by its own tree's loader and libraries.
+R="$(cd "$(dirname "$0")" && pwd)/root"
+L="$R/usr/lib/x86_64-linux-gnu"
+export QEMU_MODULE_DIR="$L/qemu"
+exec "$L/ld-linux-x86-64.so.2" --library-path "$L:$R/lib/x86_64-linux-gnu" \
+	"$R/usr/bin/qemu-system-x86_64" "$@"
+EOF
+	chmod +x "$Q11.tmp/qemu-system-x86_64"
+	echo "$v" >"$Q11.tmp/.version"
+	rm -rf "$Q11" "$apt_dir/cache/archives"
+	mv "$Q11.tmp" "$Q11"
+}
+if [ ! -f "$Q11/.version" ] || [ ! -x "$Q11/root/usr/bin/qemu-system-x86_64" ]; then
+	install_qemu11
+fi
+V11="$("$Q11/qemu-system-x86_64" --version | head -n1)"
+case "$V11" in *"version 11.1"*) ;; *) die "unexpected QEMU 11.1 version line: $V11" ;; esac
+if [ "$(cat "$CACHE/qemu-11.1.ok" 2>/dev/null || true)" != "$(cat "$Q11/.version")" ]; then
+	qmp_boot_check "$Q11/qemu-system-x86_64" -L "$Q11/root/usr/share/qemu" \
+		-L "$Q11/root/usr/share/seabios" || die "QEMU 11.1 does not boot a firmware-only VM"
+	cp "$Q11/.version" "$CACHE/qemu-11.1.ok"
+fi
+say "QEMU 11.1: $V11"
 
 # --- 4. libvirt and systemd-analyze ---------------------------------------------------------
 # After QEMU 10: libvirt's QEMU driver then finds the backports QEMU. The tests start their

@@ -32,10 +32,10 @@ struct Args {
     /// Directory to write the capture into (created).
     #[arg(long)]
     out: PathBuf,
-    /// Source QEMU version: 10.0 or 7.2.
+    /// Source QEMU version: 10.0, 7.2 or 11.1.
     #[arg(long, default_value = "10.0")]
     src: String,
-    /// Destination QEMU version: 10.0 or 7.2.
+    /// Destination QEMU version: 10.0, 7.2 or 11.1.
     #[arg(long, default_value = "10.0")]
     dst: String,
     /// Machine type (needed across versions, e.g. pc-q35-7.2).
@@ -64,8 +64,9 @@ struct Args {
 fn version(s: &str) -> QemuVersion {
     match s {
         "7.2" => QemuVersion::V7_2,
+        "11.1" => QemuVersion::V11_1,
         "10.0" => QemuVersion::V10_0,
-        other => panic!("unknown QEMU version {other} (use 7.2 or 10.0)"),
+        other => panic!("unknown QEMU version {other} (use 7.2, 10.0 or 11.1)"),
     }
 }
 

@@ -47,7 +47,7 @@ enum Cmd {
         /// Directory for the QMP sockets and the serial log (created).
         #[arg(long)]
         dir: PathBuf,
-        /// QEMU release: 7.2 or 10.0.
+        /// QEMU release: 7.2, 10.0 or 11.1.
         #[arg(long)]
         qemu: String,
         /// Machine type (use the older release's versioned type across releases).
@@ -80,7 +80,7 @@ enum Cmd {
     },
     /// Print the accelerator the lab picks with this QEMU: `kvm` or `tcg`.
     ProbeAccel {
-        /// QEMU release: 7.2 or 10.0.
+        /// QEMU release: 7.2, 10.0 or 11.1.
         #[arg(long)]
         qemu: String,
     },
@@ -92,8 +92,11 @@ const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
 fn version(s: &str) -> Result<QemuVersion, String> {
     match s {
         "7.2" => Ok(QemuVersion::V7_2),
+        "11.1" => Ok(QemuVersion::V11_1),
         "10.0" => Ok(QemuVersion::V10_0),
-        other => Err(format!("unknown QEMU release {other:?} (7.2 or 10.0)")),
+        other => Err(format!(
+            "unknown QEMU release {other:?} (7.2, 10.0 or 11.1)"
+        )),
     }
 }
 

@@ -13,14 +13,19 @@ pub enum QemuVersion {
     /// QEMU 7.2 from bookworm, extracted under the cache directory (not installed, so it
     /// can sit beside 10.0 for cross-version migration).
     V7_2,
+    /// QEMU 11.1 from Debian's development suite, extracted with its own libraries and run
+    /// by its own dynamic loader (Debian 12's glibc is too old for it): the release that
+    /// brings the stream changes of 10.1-11.1 to real runs.
+    V11_1,
 }
 
 impl QemuVersion {
-    /// "10.0" or "7.2".
+    /// "10.0", "7.2" or "11.1".
     pub fn as_str(self) -> &'static str {
         match self {
             QemuVersion::V10_0 => "10.0",
             QemuVersion::V7_2 => "7.2",
+            QemuVersion::V11_1 => "11.1",
         }
     }
 
@@ -30,6 +35,7 @@ impl QemuVersion {
         match self {
             QemuVersion::V10_0 => "pc-q35-10.0",
             QemuVersion::V7_2 => "pc-q35-7.2",
+            QemuVersion::V11_1 => "pc-q35-11.1",
         }
     }
 }
@@ -54,7 +60,8 @@ impl QemuBinary {
     ///
     /// 10.0 is `POSTCOPY_SIDECAR_QEMU10` or `/usr/bin/qemu-system-x86_64` (checked to be
     /// 10.0, once per process); 7.2 is `POSTCOPY_SIDECAR_QEMU72` (a normally installed 7.2,
-    /// checked to be 7.2) or `<cache>/qemu-7.2/usr/bin/qemu-system-x86_64`.
+    /// checked to be 7.2) or `<cache>/qemu-7.2/usr/bin/qemu-system-x86_64`; 11.1 is
+    /// `<cache>/qemu-11.1/qemu-system-x86_64`, the wrapper that runs it with its loader.
     pub fn find(version: QemuVersion) -> Result<QemuBinary, LabError> {
         match version {
             QemuVersion::V10_0 => {
@@ -119,6 +126,26 @@ impl QemuBinary {
                     ],
                     module_dir: Some(libs.join("qemu")),
                     lib_dirs: if has_libs { vec![libs] } else { Vec::new() },
+                })
+            }
+            QemuVersion::V11_1 => {
+                let dir = cache_dir().join("qemu-11.1");
+                let path = dir.join("qemu-system-x86_64");
+                let root = dir.join("root");
+                if !path.is_file() || !root.join("usr/bin/qemu-system-x86_64").is_file() {
+                    return Err(LabError::Missing {
+                        what: "QEMU 11.1".into(),
+                        path,
+                    });
+                }
+                // The wrapper sets the loader, libraries and module dir: no LD_LIBRARY_PATH,
+                // which would also reach the host's own programs.
+                Ok(QemuBinary {
+                    version,
+                    path,
+                    data_dirs: vec![root.join("usr/share/qemu"), root.join("usr/share/seabios")],
+                    module_dir: None,
+                    lib_dirs: Vec::new(),
                 })
             }
         }
