@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the committed captures under protocol-spec/captures/ with capture-migration:
-# real QEMU 10.0 and 7.2 migrations on loopback, every channel in each direction.
+# real QEMU 10.0, 7.2 and 11.1 migrations on loopback, every channel in each direction.
 # Needs scripts/setup.sh. Small VMs keep the committed set to a few MB.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,4 +29,8 @@ cap 7.2-linux-preempt --src 7.2 --dst 7.2 --mode preempt --guest linux --ram-mib
 cap 10.0-idle-multifd --mode precopy --guest idle --multifd 4
 cap 7.2-idle-multifd --src 7.2 --dst 7.2 --mode precopy --guest idle --multifd 4
 cap 7.2-to-10.0-idle-postcopy --src 7.2 --dst 10.0 --machine pc-q35-7.2 --mode postcopy --guest idle --postcopy-after-ms 0
+# QEMU 11.1 (scripts/setup.sh extracts it): the 10.2 package PING(0x42), and multifd beside
+# postcopy (allowed again from 10.2).
+cap 11.1-idle-postcopy --src 11.1 --dst 11.1 --mode postcopy --guest idle --postcopy-after-ms 0
+cap 11.1-idle-multifd-postcopy --src 11.1 --dst 11.1 --mode postcopy --guest idle --postcopy-after-ms 0 --multifd 2
 du -sh "$OUT"/*

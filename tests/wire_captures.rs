@@ -191,3 +191,47 @@ fn multifd_captures_carry_every_full_page_on_their_channels() {
         );
     }
 }
+
+/// The QEMU 11.1 captures (protocol-spec/versions.md#versions-after-10-0), the 10.2 switch
+/// seen on the wire: the package ends PING(3), PING(0x42), POSTCOPY_RUN, and the return
+/// path carries PONG(0x42) before SHUT; with multifd and postcopy together, two channels
+/// opened beside main.
+#[test]
+fn captures_of_11_1_show_the_10_2_package_ping() {
+    use postcopy_sidecar::wire::{Command, Event, RpMessage};
+    for (name, channels) in [("11.1-idle-postcopy", 0), ("11.1-idle-multifd-postcopy", 2)] {
+        let c = load_capture(&repo().join("protocol-spec/captures").join(name));
+        assert_eq!(c.multifd.len(), channels, "{name}");
+        let mut dec = StreamDecoder::new(c.options.clone());
+        let (mut pos, mut in_package) = (0, Vec::new());
+        while let Ok(Step::Event { len, event, .. }) = dec.next(&c.main[pos..]) {
+            pos += len;
+            if dec.in_package()
+                && let Event::Command(cmd) = &event
+            {
+                in_package.push(
+                    cmd.name().to_string()
+                        + &match cmd {
+                            Command::Ping(v) => format!("({v:#x})"),
+                            _ => String::new(),
+                        },
+                );
+            }
+        }
+        assert_eq!(
+            in_package[in_package.len() - 3..],
+            ["PING(0x3)", "PING(0x42)", "POSTCOPY_RUN"],
+            "{name}: {in_package:?}"
+        );
+        let rp = c.return_path.as_ref().expect("return path");
+        let mut d = RpDecoder::new();
+        let (mut at, mut pongs) = (0, Vec::new());
+        while let Ok(Step::Event { len, event, .. }) = d.next(&rp[at..]) {
+            at += len;
+            if let RpMessage::Pong(v) = event {
+                pongs.push(v);
+            }
+        }
+        assert!(pongs.contains(&0x42), "{name}: {pongs:?}");
+    }
+}

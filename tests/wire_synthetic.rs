@@ -141,11 +141,12 @@ fn postcopy_with_package_and_trailer() {
     assert_eq!(dec.layout().blocks().len(), 6);
 }
 
-/// Package trailers other than PING + RUN: RUN alone, and device state that hides the
-/// trailer entirely (then nothing after the device state is decoded inside the package).
+/// Package trailers: RUN alone, device state that hides the trailer entirely (then
+/// nothing after the device state is decoded inside the package), PING + RUN, and the
+/// two PINGs of QEMU 10.2+.
 #[test]
 fn package_trailer_variants() {
-    for variant in 0..3 {
+    for variant in 0..4 {
         let mut b = StreamBuilder::new();
         b.header()
             .cmd(Command::PostcopyAdvise(Some(Advise {
@@ -158,7 +159,12 @@ fn package_trailer_variants() {
         match variant {
             0 => b.cmd(Command::PostcopyRun),
             1 => b.raw(&[1, 2, 3]),
-            _ => b.cmd(Command::Ping(7)).cmd(Command::PostcopyRun),
+            2 => b.cmd(Command::Ping(7)).cmd(Command::PostcopyRun),
+            // QEMU 10.2+: PING(3), PING(0x42), RUN (versions.md#versions-after-10-0).
+            _ => b
+                .cmd(Command::Ping(3))
+                .cmd(Command::Ping(0x42))
+                .cmd(Command::PostcopyRun),
         };
         b.package_end().eof();
         let built = b.build();

@@ -1,6 +1,7 @@
 //! QEMU's `MigrationStatus` as an open enum: the `qapi` crate's closed enum (QEMU 9.1's
-//! schema) cannot hold a status that a newer QEMU adds (10.2's `postcopy-device`), and a
-//! status it cannot hold must never end a session that a migration depends on.
+//! schema) cannot hold a status that a newer QEMU adds (10.2's `postcopy-device`, 11.x's
+//! `failing`), and a status it cannot hold must never end a session that a migration
+//! depends on.
 
 use std::fmt;
 
@@ -29,6 +30,9 @@ pub enum MigrationStatus {
     PostcopyDevice,
     /// Finished.
     Completed,
+    /// 11.x: failed, with its cleanup still running; `failed` follows
+    /// (protocol-spec/versions.md#versions-after-10-0).
+    Failing,
     /// Failed.
     Failed,
     /// COLO mode.
@@ -59,6 +63,7 @@ impl MigrationStatus {
             "postcopy-recover" => PostcopyRecover,
             "postcopy-device" => PostcopyDevice,
             "completed" => Completed,
+            "failing" => Failing,
             "failed" => Failed,
             "colo" => Colo,
             "pre-switchover" => PreSwitchover,
@@ -83,6 +88,7 @@ impl MigrationStatus {
             PostcopyRecover => "postcopy-recover",
             PostcopyDevice => "postcopy-device",
             Completed => "completed",
+            Failing => "failing",
             Failed => "failed",
             Colo => "colo",
             PreSwitchover => "pre-switchover",
@@ -155,6 +161,7 @@ mod tests {
             "postcopy-recover",
             "postcopy-device",
             "completed",
+            "failing",
             "failed",
             "colo",
             "pre-switchover",
@@ -174,5 +181,6 @@ mod tests {
         assert!(!future.is_final());
         assert!(MigrationStatus::PostcopyPaused.is_final());
         assert!(MigrationStatus::PostcopyDevice.is_postcopy());
+        assert!(!MigrationStatus::Failing.is_final(), "failed follows");
     }
 }

@@ -32,8 +32,9 @@ pub const DEFAULT_TARGET_PAGE_SIZE: u64 = 4096;
 pub const MAX_SECTIONS: usize = 65_536;
 /// Size of the window kept to recognise EOF + VMDESCRIPTION after opaque device state.
 pub const TAIL_WINDOW: usize = 1 << 20;
-/// Bytes of the fixed package trailer: PING (9 bytes) then POSTCOPY_RUN (5 bytes).
-pub const PACKAGE_TRAILER_LEN: u64 = 14;
+/// Bytes of the longest fixed package trailer: PING(3), then (QEMU 10.2+) PING(0x42),
+/// 9 bytes each, then POSTCOPY_RUN (5 bytes).
+pub const PACKAGE_TRAILER_LEN: u64 = 23;
 
 /// One decoded item of the main stream. Data-carrying variants borrow from the input.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -774,9 +775,9 @@ impl StreamDecoder {
         }
     }
 
-    /// Inside a package, device state runs up to the package's fixed trailer (PING then
-    /// POSTCOPY_RUN), which is recognised by its exact encoding at the package's end
-    /// (protocol-spec/device-state.md#device-state-opaque).
+    /// Inside a package, device state runs up to the package's fixed trailer (up to two
+    /// PINGs, then POSTCOPY_RUN), which is recognised by its exact encoding at the
+    /// package's end (protocol-spec/device-state.md#device-state-opaque).
     fn parse_package_opaque<'a>(
         &mut self,
         inp: &'a [u8],
@@ -797,14 +798,19 @@ impl StreamDecoder {
         let t = &inp[..hold];
         let is_run = |b: &[u8]| b == [SECTION_COMMAND, 0, 5, 0, 0];
         let is_ping = |b: &[u8]| b[..5] == [SECTION_COMMAND, 0, 2, 0, 4];
-        let opaque_len =
-            if hold == PACKAGE_TRAILER_LEN as usize && is_ping(&t[..9]) && is_run(&t[9..]) {
-                0
-            } else if hold >= 5 && is_run(&t[hold - 5..]) {
-                hold - 5
-            } else {
-                hold
-            };
+        // The trailer's longest form that the held bytes end with: PING PING RUN (10.2+),
+        // PING RUN, or RUN alone (bitmap-only postcopy).
+        let ends_run = hold >= 5 && is_run(&t[hold - 5..]);
+        let pings = if !ends_run {
+            0
+        } else if hold >= 23 && is_ping(&t[hold - 23..]) && is_ping(&t[hold - 14..]) {
+            2
+        } else if hold >= 14 && is_ping(&t[hold - 14..]) {
+            1
+        } else {
+            0
+        };
+        let opaque_len = if ends_run { hold - 5 - 9 * pings } else { hold };
         self.mode = Mode::Records;
         if opaque_len == 0 {
             return Ok((inp, Parsed::Again));

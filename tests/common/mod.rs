@@ -396,18 +396,24 @@ impl StreamBuilder {
             let is_ping = |b: &[u8]| b[..5] == [8, 0, 2, 0, 4];
             let n = region.len();
             let mut trailer = Vec::new();
-            let opaque_len =
-                if n >= 14 && is_ping(&region[n - 14..n - 9]) && is_run(&region[n - 5..]) {
-                    let v = u32::from_be_bytes(region[n - 9..n - 5].try_into().unwrap());
-                    trailer.push((end - 14, Event::Command(Command::Ping(v))));
-                    trailer.push((end - 5, Event::Command(Command::PostcopyRun)));
-                    n - 14
-                } else if n >= 5 && is_run(&region[n - 5..]) {
-                    trailer.push((end - 5, Event::Command(Command::PostcopyRun)));
-                    n - 5
-                } else {
-                    n
-                };
+            // The trailer: up to two PINGs (the second from QEMU 10.2), then RUN.
+            let ping_at = |at: usize| {
+                (at <= n && is_ping(&region[n - at..n - at + 5])).then(|| {
+                    let v = u32::from_be_bytes(region[n - at + 5..n - at + 9].try_into().unwrap());
+                    (end - at, Event::Command(Command::Ping(v)))
+                })
+            };
+            let opaque_len = if n >= 5 && is_run(&region[n - 5..]) {
+                let second = ping_at(14);
+                let first = second.as_ref().and_then(|_| ping_at(23));
+                let pings: Vec<_> = first.into_iter().chain(second).collect();
+                let len = n - 5 - 9 * pings.len();
+                trailer.extend(pings);
+                trailer.push((end - 5, Event::Command(Command::PostcopyRun)));
+                len
+            } else {
+                n
+            };
             if opaque_len > 0 {
                 self.expected.push((
                     from as u64,
