@@ -219,6 +219,24 @@ async fn snapshot_and_restore_a_running_guest_7_2() {
     assert_restored(&dst, &report).await;
 }
 
+/// QEMU 11.1 at both ends: the sidecar snapshots an 11.1 guest and restores it into an
+/// 11.1 destination, playing a source for a release it was not written against.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_and_restore_a_running_guest_11_1() {
+    let dir = tempfile::Builder::new().prefix("lazy-").tempdir().unwrap();
+    let (spec, src, _) = snapshot_running_guest(QemuVersion::V11_1, dir.path()).await;
+    src.kill().await;
+    let snapshot = Snapshot::open(&dir.path().join("snap"), true).expect("open snapshot");
+    assert!(
+        snapshot.meta.source.qemu_version.starts_with("11.1"),
+        "{:?}",
+        snapshot.meta.source
+    );
+    let dst = destination(&spec, QemuVersion::V11_1, "restored", dir.path()).await;
+    let report = restore(&snapshot, &opts(&dst)).await;
+    assert_restored(&dst, &report).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_clones_restore_concurrently_from_one_snapshot() {
     let dir = tempfile::Builder::new().prefix("lazy-").tempdir().unwrap();

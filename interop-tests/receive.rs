@@ -78,6 +78,8 @@ struct Outcome {
     report: Report,
     source: SendReport,
     dst_requests_sent: u64,
+    /// The source's MIGRATION statuses, in order.
+    source_states: Vec<String>,
     src: Vm,
     dst: Vm,
     _dir: tempfile::TempDir,
@@ -130,8 +132,12 @@ async fn run(case: Case) -> Outcome {
     let mut dspec = spec
         .destination(need(QemuBinary::find(case.dst)))
         .paused(case.paused_destination);
-    if case.dst == QemuVersion::V10_0 {
+    if case.dst != QemuVersion::V7_2 {
         dspec = dspec.arg("-trace").arg("migrate_send_rp_message");
+    }
+    if case.dst == QemuVersion::V11_1 {
+        // PING values as the destination's main thread loads them (the 10.2 package PING).
+        dspec = dspec.arg("-trace").arg("loadvm_process_command_ping");
     }
     let src = need(Vm::spawn(&spec, dir.path()).await);
     if case.linux {
@@ -145,6 +151,7 @@ async fn run(case: Case) -> Outcome {
         .expect("bind");
     let addr = listener.local_addr().unwrap();
     let preempt = case.mode == Mode::Preempt;
+    let src_events = src.qmp().event_cursor();
     let sidecar = tokio::spawn(receive_on(
         listener,
         ReceiveOptions {
@@ -181,10 +188,18 @@ async fn run(case: Case) -> Outcome {
     assert_eq!(report.outcome, "completed", "{:?}", report.error);
     assert_eq!(report.destination.migration_status, "completed");
     let dst_requests_sent = requests_in_trace(&dst);
+    let source_states = src
+        .qmp()
+        .events_since(src_events)
+        .iter()
+        .filter(|e| e.name == "MIGRATION")
+        .filter_map(|e| e.data["status"].as_str().map(str::to_string))
+        .collect();
     Outcome {
         report,
         source,
         dst_requests_sent,
+        source_states,
         src,
         dst,
         _dir: dir,
@@ -465,6 +480,103 @@ async fn postcopy_10_0_idle_vm_through_the_sidecar() {
     assert!(o.dst.qmp().run_state().await.unwrap() == "running");
 }
 
+/// What a 10.2+ source does around the switch, seen for real on 11.1
+/// (protocol-spec/versions.md#versions-after-10-0): the package carries PING(0x42), the
+/// destination loads it, its PONG reaches the source through the sidecar's return path
+/// (a source that never got it would stay in `postcopy-device`), and the destination
+/// reports its own fault latencies (10.1).
+fn assert_10_2_switch(o: &Outcome) {
+    let pinged = o
+        .dst
+        .stderr()
+        .lines()
+        .iter()
+        .any(|l| l.contains("loadvm_process_command_ping") && l.contains("0x42"));
+    assert!(pinged, "the destination loaded no PING(0x42)");
+    let device = o.source_states.iter().position(|s| s == "postcopy-device");
+    let active = o.source_states.iter().position(|s| s == "postcopy-active");
+    assert!(
+        matches!((device, active), (Some(d), Some(a)) if d < a),
+        "the source went postcopy-device, then postcopy-active: {:?}",
+        o.source_states
+    );
+    let q = o
+        .report
+        .destination
+        .qemu_faults
+        .as_ref()
+        .expect("11.1 reports its postcopy latencies");
+    assert!(q.latency_ns.is_some(), "{q:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_11_1_running_guest_through_the_sidecar() {
+    let o = run(Case {
+        random: true,
+        ..Case::postcopy(QemuVersion::V11_1)
+    })
+    .await;
+    assert!(o.report.postcopy.pages > 0, "pages arrived in postcopy");
+    assert!(o.report.requests.messages > 0, "the guest faulted");
+    assert_10_2_switch(&o);
+    assert_request_counts(&o, true);
+    assert_guest_healthy(&o).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_preempt_11_1_running_guest_through_the_sidecar() {
+    let o = run(Case {
+        mode: Mode::Preempt,
+        random: true,
+        ..Case::postcopy(QemuVersion::V11_1)
+    })
+    .await;
+    assert!(o.report.preempt);
+    assert_10_2_switch(&o);
+    assert_request_counts(&o, true);
+    assert_guest_healthy(&o).await;
+}
+
+/// Multifd and postcopy together, allowed again from 10.2
+/// (protocol-spec/multifd.md#multifd-postcopy): multifd carries precopy pages, and after
+/// the switch pages travel on main only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multifd_and_postcopy_11_1_through_the_sidecar() {
+    let o = run(Case {
+        multifd: Some(4),
+        ..Case::postcopy(QemuVersion::V11_1)
+    })
+    .await;
+    assert!(o.report.timeline.run_ms.is_some(), "no POSTCOPY_RUN seen");
+    assert!(o.report.postcopy.pages > 0, "pages arrived in postcopy");
+    let m = &o.report.multifd;
+    assert_eq!(m.len(), 4, "{m:?}");
+    assert!(
+        m.values().all(|c| c.pages > 0),
+        "every channel carried pages: {m:?}"
+    );
+    assert!(o.dst.qmp().capability("multifd").await.expect("QMP"));
+    assert!(o.dst.qmp().capability("postcopy-ram").await.expect("QMP"));
+    assert_10_2_switch(&o);
+    assert_request_counts(&o, true);
+    assert_guest_healthy(&o).await;
+}
+
+/// An upgrade: a 10.0 source to an 11.1 destination, on the 10.0 machine type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_10_0_to_11_1_running_guest_through_the_sidecar() {
+    let o = run(Case {
+        src: QemuVersion::V10_0,
+        dst: QemuVersion::V11_1,
+        machine: Some("pc-q35-10.0"),
+        ..Case::postcopy(QemuVersion::V10_0)
+    })
+    .await;
+    assert!(o.report.postcopy.pages > 0);
+    assert_request_counts(&o, true);
+    assert_guest_healthy(&o).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postcopy_7_2_running_guest_through_the_sidecar() {
     let o = run(Case::postcopy(QemuVersion::V7_2)).await;
@@ -738,6 +850,7 @@ async fn postcopy_following_the_destinations_manager() {
         report,
         source,
         dst_requests_sent: 0,
+        source_states: Vec::new(),
         src,
         dst,
         _dir: dir,

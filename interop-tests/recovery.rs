@@ -409,6 +409,26 @@ async fn resets_of_the_source_link_are_held_7_2() {
     );
 }
 
+/// QEMU 11.1 with preempt: held cuts and resumes of a 10.2+ source, whose resume
+/// handshake the sidecar answers as for 10.0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_of_the_source_link_are_held_with_preempt_11_1() {
+    let (rig, sidecar) = Rig::start(QemuVersion::V11_1, true, |o| o).await;
+    rig.postcopy().await;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        rig.advance(256 * 1024).await;
+        times.push(rig.cut_and_resume(Link::cut).await);
+    }
+    let report = rig.finish(sidecar).await;
+    eprintln!("11.1: {}", percentiles(times));
+    assert_eq!(report.recoveries.len(), 5);
+    assert!(
+        !rig.destination_states()
+            .contains(&MigrationStatus::PostcopyPaused)
+    );
+}
+
 /// Only the preempt connection breaks: QEMU's source pauses as a whole, the sidecar holds
 /// the destination, and the resumed source reconnects both channels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
