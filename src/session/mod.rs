@@ -1677,7 +1677,12 @@ impl Session {
         let Some(b) = t.block_index(block.as_bytes()) else {
             return;
         };
-        let len = len.max(t.target_page_size());
+        // Never past the block's end: no QEMU asks for that, and a source refuses it.
+        let room = t.block_length(b).unwrap_or(0).saturating_sub(offset);
+        let len = len.max(t.target_page_size()).min(room);
+        if len == 0 {
+            return;
+        }
         if t.guard_requested(b, offset, len, now) == RequestDecision::Forward && up {
             RpMessage::ReqPagesId {
                 start: offset,

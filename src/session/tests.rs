@@ -1049,3 +1049,37 @@ fn a_source_preempt_connection_cut_inside_a_record_is_a_held_cut_not_a_failure()
     w.assert_complete();
     assert_eq!(w.dst.preempt_pages, 1);
 }
+
+/// The guard asks for a whole huge page as the destination would, but never past the
+/// block's end, and one message for the pages still missing.
+#[test]
+fn a_guard_request_is_one_message_and_stays_inside_its_block() {
+    let mut w = Wire::new(CutPolicy::Hold);
+    let start = w.src.start(4);
+    w.carry(&start, 4096);
+    let _ = w.s.take_to_source();
+    w.s.guard_wants("pc.bios", 6 * PAGE, 4 * PAGE, w.now);
+    let (_, rp) = w.s.take_to_source();
+    let mut d = RpDecoder::new();
+    match d.next(&rp).unwrap() {
+        crate::wire::Step::Event {
+            len,
+            event:
+                RpMessage::ReqPagesId {
+                    start,
+                    len: l,
+                    block,
+                },
+            ..
+        } => {
+            assert_eq!(
+                (start, u64::from(l), block),
+                (6 * PAGE, 2 * PAGE, &b"pc.bios"[..])
+            );
+            assert_eq!(len, rp.len(), "one message");
+        }
+        other => panic!("{other:?}"),
+    }
+    w.s.guard_wants("pc.bios", 8 * PAGE, PAGE, w.now);
+    assert!(w.s.take_to_source().1.is_empty(), "nothing past the end");
+}

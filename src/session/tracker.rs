@@ -471,6 +471,11 @@ impl PageTracker {
         latency_of(&self.latency)
     }
 
+    /// Bytes of block `block`, as the stream announced it.
+    pub fn block_length(&self, block: usize) -> Option<u64> {
+        self.blocks.get(block).map(|b| b.figures.length)
+    }
+
     /// Per-block figures.
     pub fn block_figures(&self) -> Vec<BlockFigures> {
         self.blocks.iter().map(|b| b.figures.clone()).collect()
