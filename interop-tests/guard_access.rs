@@ -75,17 +75,24 @@ async fn pair_on(
     Pair { src, dst, dir }
 }
 
-/// Checks that the guest RAM block `m` is on the layout's pages, so a test on hugepages
-/// cannot pass on 4 KiB ones.
+/// Checks that the guest RAM is in the layout's blocks, on the layout's pages, so a test
+/// on hugepages or two nodes cannot pass on one 4 KiB block.
 async fn assert_page_size(vm: &Vm, layout: RamLayout) {
     let blocks = vm.qmp().ram_blocks().await.expect("QMP");
-    let m = blocks.iter().find(|b| b.name == "m").expect("block m");
+    let names: &[&str] = if layout == RamLayout::TwoNodes {
+        &["m0", "m1"]
+    } else {
+        &["m"]
+    };
     let want = if layout == RamLayout::Hugepages2M {
         2 << 20
     } else {
         4096
     };
-    assert_eq!(m.page_size, want, "block m's page size");
+    for name in names {
+        let b = blocks.iter().find(|b| b.name == *name).expect("the block");
+        assert_eq!(b.page_size, want, "block {name}'s page size");
+    }
 }
 
 /// Caps the source's postcopy bandwidth so that pages stay missing on the destination for
@@ -439,6 +446,15 @@ async fn running_guest_verified_at_placement(version: QemuVersion, layout: RamLa
         "only {} postcopy pages checked",
         placed.pages
     );
+    if layout == RamLayout::TwoNodes {
+        assert!(
+            ["m0", "m1"]
+                .iter()
+                .all(|b| placed.blocks.iter().any(|x| x == b)),
+            "both nodes checked: {:?}",
+            placed.blocks
+        );
+    }
     // Not zero by definition: the running guest may write a page between QEMU's placement
     // and the check. An idle guest writes few; corruption of the stream would show on
     // every page.
@@ -468,6 +484,13 @@ async fn running_guest_verified_at_placement_7_2_memfd_found_by_size() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_guest_on_hugepage_ram_verified_at_placement_10_0() {
     running_guest_verified_at_placement(QemuVersion::V10_0, RamLayout::Hugepages2M).await;
+}
+
+/// Two memfd backends (two NUMA nodes): both guarded, each placed page of either read
+/// through the guard as soon as QEMU placed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_guest_on_two_numa_nodes_verified_at_placement_10_0() {
+    running_guest_verified_at_placement(QemuVersion::V10_0, RamLayout::TwoNodes).await;
 }
 
 /// QEMU 7.2 prints no block address: the guard finds QEMU's mapping of the hugetlbfs memfd
