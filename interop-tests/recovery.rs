@@ -391,9 +391,9 @@ async fn twenty_resets_of_the_source_link_are_held_with_preempt_10_0() {
     twenty_cuts_held(QemuVersion::V10_0, true).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resets_of_the_source_link_are_held_7_2() {
-    let (rig, sidecar) = Rig::start(QemuVersion::V7_2, false, |o| o).await;
+/// Five cuts, each held and resumed, on `version`: the destination never pauses.
+async fn five_cuts_held(version: QemuVersion, preempt: bool) {
+    let (rig, sidecar) = Rig::start(version, preempt, |o| o).await;
     rig.postcopy().await;
     let mut times = Vec::new();
     for _ in 0..5 {
@@ -401,7 +401,7 @@ async fn resets_of_the_source_link_are_held_7_2() {
         times.push(rig.cut_and_resume(Link::cut).await);
     }
     let report = rig.finish(sidecar).await;
-    eprintln!("7.2: {}", percentiles(times));
+    eprintln!("{}: {}", version.as_str(), percentiles(times));
     assert_eq!(report.recoveries.len(), 5);
     assert!(
         !rig.destination_states()
@@ -409,24 +409,16 @@ async fn resets_of_the_source_link_are_held_7_2() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_of_the_source_link_are_held_7_2() {
+    five_cuts_held(QemuVersion::V7_2, false).await;
+}
+
 /// QEMU 11.1 with preempt: held cuts and resumes of a 10.2+ source, whose resume
 /// handshake the sidecar answers as for 10.0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resets_of_the_source_link_are_held_with_preempt_11_1() {
-    let (rig, sidecar) = Rig::start(QemuVersion::V11_1, true, |o| o).await;
-    rig.postcopy().await;
-    let mut times = Vec::new();
-    for _ in 0..5 {
-        rig.advance(256 * 1024).await;
-        times.push(rig.cut_and_resume(Link::cut).await);
-    }
-    let report = rig.finish(sidecar).await;
-    eprintln!("11.1: {}", percentiles(times));
-    assert_eq!(report.recoveries.len(), 5);
-    assert!(
-        !rig.destination_states()
-            .contains(&MigrationStatus::PostcopyPaused)
-    );
+    five_cuts_held(QemuVersion::V11_1, true).await;
 }
 
 /// Only the preempt connection breaks: QEMU's source pauses as a whole, the sidecar holds
