@@ -31,6 +31,8 @@ use working_set::WorkingSet;
 
 /// A snapshot opened and checked for restoring: metadata, opening and package verified
 /// against their checksums, the page store's index verified and its length checked.
+/// Cloning shares the page store; the page service's thread gets a clone.
+#[derive(Clone)]
 pub struct Snapshot {
     /// Where it lives.
     pub dir: PathBuf,
@@ -350,12 +352,25 @@ async fn attach_and_serve(
         .map_err(|e| net("setting the send buffer", e))?;
     report.timeline.connected_ms = Some(ms(Instant::now()));
 
-    let (rd, wr) = sock.into_split();
     let knobs = ServeKnobs {
         working_set: opts.working_set,
         ..ServeKnobs::default()
     };
-    let served = stream::serve(snapshot, rd, wr, knobs, host_pages, opts.timeout).await?;
+    // The page service blocks on its socket, on a thread of its own (`stream::serve`).
+    let sock = sock
+        .into_std()
+        .map_err(|e| net("handing the socket to the page service", e))?;
+    let (snap, timeout) = (snapshot.clone(), opts.timeout);
+    let served = tokio::task::spawn_blocking(move || {
+        stream::serve(&snap, &sock, knobs, host_pages, timeout)
+    })
+    .await
+    .map_err(|e| {
+        net(
+            "the page service's thread",
+            std::io::Error::other(e.to_string()),
+        )
+    })??;
     report.timeline.package_sent_ms = Some(ms(served.package_sent));
     report.timeline.all_sent_ms = served.all_sent.map(ms);
     report.timeline.device_state_loaded_ms = served.pong3.map(ms);

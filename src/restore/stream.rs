@@ -1,13 +1,17 @@
 //! The restore stream over any byte channel: the prologue, then requested pages ahead of
 //! a background sweep, then the end (protocol-spec/snapshot.md#snapshot-restore-stream).
 //! `restore` runs it over the unix socket of a destination QEMU; the fault-service
-//! benchmark runs it over a socket pair to the synthetic destination.
+//! benchmark runs it over a socket pair to the synthetic destination. It blocks, on a
+//! thread of its own (see [`serve`]).
 
 use std::time::{Duration, Instant};
 
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::serve::{PREFETCH_PAGES, PageServer, RequestError, ServeError, ServeFigures};
 use super::working_set::WorkingSet;
@@ -70,26 +74,26 @@ struct Request {
     at: Instant,
 }
 
-/// Writes the restore stream of `snapshot` to `wr` and serves the requests read from `rd`
-/// until the destination shuts its return path.
+/// Writes the restore stream of `snapshot` to `sock` and serves the requests read from it
+/// until the destination shuts its return path. Blocks: run it on a thread of its own.
 ///
-/// One task does both directions: requests are read and served in the same pass, so a
-/// request never waits for a hand-over between tasks. (Spinning for the next request
-/// instead of sleeping was measured on 2 cores and made faults slower: the spinning task
-/// takes the core the destination needs.)
-pub async fn serve<R, W>(
+/// One thread does both directions, and sleeps in a plain blocking `read` when it has
+/// nothing to send: a fault then costs the service one `read` and one `write`, as few
+/// system calls as the least any page service can do (the fault-service benchmark's echo
+/// thread). An async loop costs one `epoll_wait` more per fault, which on two busy cores
+/// was felt (service 91–99 % of echo). A request never waits for a hand-over between tasks
+/// either. (Spinning for the next request instead of sleeping was measured on 2 cores and
+/// made faults slower: the spinning thread takes the core the destination needs.)
+///
+/// A destination silent for `timeout` while the service waits, or not reading for
+/// `timeout` while it writes, ends the stream with a timeout error.
+pub fn serve(
     snapshot: &Snapshot,
-    mut rd: R,
-    mut wr: W,
+    sock: &UnixStream,
     knobs: ServeKnobs,
     host_pages: Vec<u64>,
     timeout: Duration,
-) -> Result<ServeOutcome, RestoreError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    use futures::FutureExt;
+) -> Result<ServeOutcome, RestoreError> {
     let mut server = PageServer::new(
         snapshot.store.clone(),
         RamSections {
@@ -112,10 +116,10 @@ where
         .map(|b| b.name.clone().into_bytes())
         .collect();
     let mut rp = ReturnPath::new(names);
+    let mut link = Link::new(sock, timeout)?;
 
     let prologue = snapshot.prologue();
-    wr.write_all(&prologue)
-        .await
+    link.write(&prologue)
         .map_err(|e| net("sending the prologue", e))?;
     let mut out = Vec::with_capacity(256 * 1024);
     let mut o = ServeOutcome {
@@ -137,24 +141,7 @@ where
     // the hold's end at the latest.
     let hold_end = server.is_recording().then(|| o.package_sent + RECORD_HOLD);
     let mut last_request = o.package_sent;
-    // One timer for the whole stream, moved only when it fired or lags by more than half
-    // the timeout: a fresh timer per idle wait costs a timer-wheel insert and removal on
-    // every fault. So a silent destination is given up on after 1 to 1.5 times `timeout`.
-    let idle = tokio::time::sleep(timeout);
-    tokio::pin!(idle);
     loop {
-        let now = Instant::now();
-        let holding =
-            rp_open && hold_end.is_some_and(|end| now < end && now < last_request + RECORD_QUIET);
-        // Whatever the destination has sent by now, without waiting.
-        if rp_open {
-            match rd.read_buf(&mut rp.buf).now_or_never() {
-                Some(Ok(0)) => rp_open = false,
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(net("reading the destination's return path", e)),
-                None => {}
-            }
-        }
         rp.decode(&mut requests, &mut o)?;
         if o.shut.is_some() {
             rp_open = false;
@@ -169,7 +156,7 @@ where
                     served_at.push(r.at);
                 }
             }
-            write(&mut wr, &mut out, &mut o.bytes_sent).await?;
+            link.send(&mut out, &mut o.bytes_sent)?;
             let now = Instant::now();
             for at in served_at {
                 let us = (now - at).as_micros() as u64;
@@ -177,56 +164,142 @@ where
             }
             continue;
         }
+        let now = Instant::now();
+        let holding =
+            rp_open && hold_end.is_some_and(|end| now < end && now < last_request + RECORD_QUIET);
         if more && !holding {
+            // Whatever the destination has sent by now goes first, without waiting.
+            if rp_open {
+                match link.read_now(&mut rp.buf) {
+                    Ok(0) => rp_open = false,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(net("reading the destination's return path", e)),
+                }
+            }
             more = server.background(BACKGROUND_BATCH, &mut out)?;
-            write(&mut wr, &mut out, &mut o.bytes_sent).await?;
+            link.send(&mut out, &mut o.bytes_sent)?;
             if !more {
                 o.all_sent = Some(Instant::now());
                 server.finish(&mut out);
                 ended = true;
-                write(&mut wr, &mut out, &mut o.bytes_sent).await?;
+                link.send(&mut out, &mut o.bytes_sent)?;
             }
             continue;
         }
         if !rp_open {
             break;
         }
-        // Nothing to send and no request for a while: sleep until the destination speaks
-        // (or, holding the sweep, until the guest has been quiet long enough).
-        let deadline = match hold_end {
-            Some(end) if holding => {
-                tokio::time::Instant::from_std((last_request + RECORD_QUIET).min(end))
-            }
-            _ => tokio::time::Instant::from_std(now) + timeout,
+        // Nothing to send: sleep until the destination speaks (or, holding the sweep,
+        // until the guest has been quiet long enough).
+        let wait = match hold_end {
+            Some(end) if holding => (last_request + RECORD_QUIET)
+                .min(end)
+                .saturating_duration_since(now),
+            _ => timeout,
         };
-        let lags = deadline.saturating_duration_since(idle.deadline()) > timeout / 2;
-        if idle.is_elapsed() || lags || idle.deadline() > deadline {
-            idle.as_mut().reset(deadline);
-        }
-        tokio::select! {
-            r = rd.read_buf(&mut rp.buf) => match r {
-                Ok(0) => rp_open = false,
-                Ok(_) => {}
-                Err(e) => return Err(net("reading the destination's return path", e)),
-            },
-            // Set for this wait: a full `timeout` of silence (or the hold's end). Set for an
-            // earlier one: it fired early, and the next wait sets it afresh.
-            _ = &mut idle => {
-                if !holding && idle.deadline() >= deadline {
+        match link.read_waiting(&mut rp.buf, wait) {
+            Ok(0) => rp_open = false,
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {
+                if !holding {
                     return Err(net("waiting for the destination to finish", timed_out()));
                 }
             }
+            Err(e) => return Err(net("reading the destination's return path", e)),
         }
     }
     if !ended {
         server.finish(&mut out);
         // The destination may be gone already (no background: it closed first).
-        let _ = write(&mut wr, &mut out, &mut o.bytes_sent).await;
+        let _ = link.send(&mut out, &mut o.bytes_sent);
     }
     rp.finish()?;
     o.served = server.figures().clone();
     o.recorded = server.take_recorded();
     Ok(o)
+}
+
+/// Whether a blocking socket call ended on its `SO_RCVTIMEO`/`SO_SNDTIMEO`.
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// The service's socket, blocking, with its receive timeout set only when it changes
+/// (a `setsockopt` per wait would cost a system call per fault).
+struct Link<'a> {
+    sock: &'a UnixStream,
+    read_timeout: Duration,
+    scratch: Box<[u8]>,
+}
+
+impl<'a> Link<'a> {
+    fn new(sock: &'a UnixStream, timeout: Duration) -> Result<Link<'a>, RestoreError> {
+        let set = |e| net("setting the socket's timeouts", e);
+        sock.set_nonblocking(false).map_err(set)?;
+        let timeout = timeout.max(Duration::from_millis(1));
+        sock.set_read_timeout(Some(timeout)).map_err(set)?;
+        sock.set_write_timeout(Some(timeout)).map_err(set)?;
+        Ok(Link {
+            sock,
+            read_timeout: timeout,
+            scratch: vec![0u8; 16 * 1024].into_boxed_slice(),
+        })
+    }
+
+    /// Writes all of `bytes`; a destination that takes none for the timeout is an error.
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        (&mut &*self.sock).write_all(bytes).map_err(
+            |e| {
+                if is_timeout(&e) { timed_out() } else { e }
+            },
+        )
+    }
+
+    /// Writes and clears `out`, counting it.
+    fn send(&mut self, out: &mut Vec<u8>, sent: &mut u64) -> Result<(), RestoreError> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.write(out)
+            .map_err(|e| net("writing to the destination", e))?;
+        *sent += out.len() as u64;
+        out.clear();
+        Ok(())
+    }
+
+    /// Appends what the destination has sent by now to `buf`, without waiting
+    /// (`WouldBlock` when nothing is there).
+    fn read_now(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        let n = nix::sys::socket::recv(
+            self.sock.as_raw_fd(),
+            &mut self.scratch,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(std::io::Error::from)?;
+        buf.extend_from_slice(&self.scratch[..n]);
+        Ok(n)
+    }
+
+    /// Appends to `buf` what the destination sends next, waiting at most `wait`.
+    fn read_waiting(&mut self, buf: &mut BytesMut, wait: Duration) -> std::io::Result<usize> {
+        let wait = wait.max(Duration::from_millis(1));
+        if wait != self.read_timeout {
+            self.sock.set_read_timeout(Some(wait))?;
+            self.read_timeout = wait;
+        }
+        let n = loop {
+            match (&mut &*self.sock).read(&mut self.scratch) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                r => break r?,
+            }
+        };
+        buf.extend_from_slice(&self.scratch[..n]);
+        Ok(n)
+    }
 }
 
 /// The return path as `serve` reads it: bytes not decoded yet, and the block of the last
@@ -303,20 +376,4 @@ impl ReturnPath {
         self.dec.finish(&self.buf)?;
         Ok(())
     }
-}
-
-async fn write<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    out: &mut Vec<u8>,
-    sent: &mut u64,
-) -> Result<(), RestoreError> {
-    if out.is_empty() {
-        return Ok(());
-    }
-    wr.write_all(out)
-        .await
-        .map_err(|e| net("writing to the destination", e))?;
-    *sent += out.len() as u64;
-    out.clear();
-    Ok(())
 }

@@ -124,28 +124,15 @@ pub fn through_restore(
     let served = Arc::new(std::sync::Mutex::new(None));
     let kept = served.clone();
     let sidecar = std::thread::spawn(move || -> Result<(), RunError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| RunError::Setup(e.to_string()))?;
-        rt.block_on(async move {
-            ours.set_nonblocking(true)
-                .map_err(|e| RunError::Setup(e.to_string()))?;
-            let sock = tokio::net::UnixStream::from_std(ours)
-                .map_err(|e| RunError::Setup(e.to_string()))?;
-            let (rd, wr) = sock.into_split();
-            let outcome = serve(
-                &snapshot,
-                rd,
-                wr,
-                knobs,
-                Vec::new(),
-                Duration::from_secs(600),
-            )
-            .await?;
-            *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.served);
-            Ok(())
-        })
+        let outcome = serve(
+            &snapshot,
+            &ours,
+            knobs,
+            Vec::new(),
+            Duration::from_secs(600),
+        )?;
+        *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.served);
+        Ok(())
     });
     // Without a background sweep, closing the return path is what ends the stream.
     let mut f = drive(
