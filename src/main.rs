@@ -352,6 +352,10 @@ struct ReceiveArgs {
     /// Ask the source only for the faulting page, never for a window after it.
     #[arg(long)]
     no_prefetch: bool,
+    /// Keep zero pages at their place in the stream instead of sending queued data pages
+    /// before them.
+    #[arg(long)]
+    no_data_first: bool,
     /// Open the destination's postcopy-preempt channel from the sidecar and send requested
     /// pages there, ahead of the bulk on main, for a source WITHOUT preempt. Recovering the
     /// migration then needs a sidecar (this one, or one started with --recover).
@@ -483,6 +487,7 @@ fn run_receive(a: ReceiveArgs) -> ExitCode {
         preempt: a.preempt,
         requests_first: !a.no_requests_first,
         prefetch: !a.no_prefetch,
+        data_first: !a.no_data_first,
         own_preempt: a.own_preempt,
         multifd: a.multifd,
         read_ahead: a.read_ahead_mib.max(1) << 20,

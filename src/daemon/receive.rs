@@ -101,6 +101,9 @@ pub struct ReceiveOptions {
     /// Ask the source for a window of pages after a fault while the guest walks memory in
     /// order (protocol-spec/postcopy-sequence.md#sequence-prefetch).
     pub prefetch: bool,
+    /// Send queued data pages before queued zero pages
+    /// (protocol-spec/postcopy-sequence.md#sequence-data-first).
+    pub data_first: bool,
     /// Open the destination's preempt channel from the sidecar (the source has no
     /// preempt) and send requested pages there, ahead of main
     /// (protocol-spec/postcopy-sequence.md#sequence-own-preempt). Private incoming only.
@@ -203,6 +206,7 @@ impl ReceiveOptions {
             preempt: false,
             requests_first: true,
             prefetch: true,
+            data_first: true,
             own_preempt: false,
             multifd: None,
             read_ahead: crate::daemon::relay::DEFAULT_READ_AHEAD,
@@ -629,6 +633,8 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
         check_placement: opts.verify,
         requests_first: opts.requests_first,
         prefetch: opts.prefetch,
+        data_first: opts.data_first,
+        max_queued_units: crate::session::MAX_QUEUED_UNITS,
         own_preempt,
         // Set below once the destination's capabilities are known.
         no_postcopy: None,

@@ -255,9 +255,10 @@ impl Report {
         let q = &self.requests_first;
         let _ = writeln!(
             s,
-            "queue        {} requested pages sent ahead of queued bulk, {} queued pages sent with them, peak {} KiB queued",
+            "queue        {} requested pages sent ahead of queued bulk, {} queued pages sent with them, {} data pages ahead of zero pages, peak {} KiB queued",
             q.promoted_pages,
             q.window_pages,
+            q.data_first_pages,
             q.peak_queued_bytes >> 10
         );
         if q.preempt_pages > 0 {

@@ -76,6 +76,10 @@ pub enum TimerAction {
     GiveUp(String),
 }
 
+/// Most records (pages, zero pages, moved places) the main channel's queue holds before
+/// the sidecar stops reading the source: about 20 MiB of bookkeeping at most.
+pub const MAX_QUEUED_UNITS: usize = 1 << 18;
+
 /// How a session behaves.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -97,6 +101,12 @@ pub struct SessionConfig {
     /// Ask the source for a window of pages after a faulting one while the guest walks
     /// memory in order ([`prefetch`]).
     pub prefetch: bool,
+    /// Send queued data pages before queued zero pages ([`outbox`],
+    /// protocol-spec/postcopy-sequence.md#sequence-data-first); needs `requests_first`.
+    pub data_first: bool,
+    /// Most records the main channel's queue holds before the sidecar stops reading the
+    /// source ([`MAX_QUEUED_UNITS`] by default).
+    pub max_queued_units: usize,
     /// The sidecar opens a preempt channel to the destination itself and sends requested
     /// pages there (protocol-spec/postcopy-sequence.md#sequence-own-preempt); needs
     /// `requests_first`, a destination with `postcopy-preempt` and a source without it.
@@ -118,6 +128,8 @@ impl Default for SessionConfig {
             decoder: DecoderOptions::default(),
             requests_first: true,
             prefetch: true,
+            data_first: true,
+            max_queued_units: MAX_QUEUED_UNITS,
             own_preempt: false,
             no_postcopy: None,
         }
@@ -355,6 +367,9 @@ impl Session {
     fn with_own_preempt(mut self) -> Session {
         if self.cfg.own_preempt && self.cfg.requests_first {
             self.outbox.use_preempt_channel();
+        }
+        if self.cfg.data_first && self.cfg.requests_first {
+            self.outbox.data_first();
         }
         self
     }
@@ -792,6 +807,7 @@ impl Session {
                         && !self.main.in_package()
                         && !self.huge_blocks.contains(&h.block),
                     answers: self.answered_last,
+                    zero: matches!(rec, RamRecord::Zero { .. }),
                 };
                 self.marks.push((pos, len, mark));
             }
@@ -941,6 +957,11 @@ impl Session {
     /// (what the source has buffered ahead of that answer drains into the sidecar, where
     /// the answer can pass it).
     pub fn main_wants_more(&self, read_ahead: usize) -> bool {
+        // Zero-page records are a few bytes each: bounded by bytes alone, a queue of them
+        // held back behind data pages could grow with the guest's RAM.
+        if self.outbox.queued_units() >= self.cfg.max_queued_units {
+            return false;
+        }
         let queued = self.outbox.queued_bytes();
         let owed = self
             .tracker

@@ -15,6 +15,14 @@
 //! destination keeps a previous block per channel), and the main channel only skips
 //! their places: nothing on main waits for a place where a page may stand.
 //!
+//! Data pages before zero pages ([`Outbox::data_first`],
+//! protocol-spec/postcopy-sequence.md#sequence-data-first): most of a guest's RAM is zero
+//! pages, and the destination places each with an ioctl of its own, so in stream order
+//! the pages the guest needs wait behind thousands of zero pages. With the queue full
+//! (the destination slower than the source) data pages go out first, from anywhere in
+//! the queue, and zero pages follow in order once no data page is queued. A zero page
+//! the guest asks for is promoted like any other.
+//!
 //! Exactly once: a promoted page leaves its place in the queue, a page that is not
 //! promoted leaves in stream order, and a promoted page never goes out later than its own
 //! place. A page record that relied on CONTINUE (the block of the record before it) gets
@@ -24,7 +32,12 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use bytes::Bytes;
+/// A hash map for per-page bookkeeping. Every queued page makes an entry, so hashing
+/// is felt per byte carried: foldhash is several times cheaper than std's SipHash, and
+/// still seeded per map at random, so a peer cannot choose colliding keys ahead of time.
+pub(crate) type PageMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+use bytes::{Bytes, BytesMut};
 
 use crate::wire::primitives::put_counted;
 use crate::wire::ram::FLAG_CONTINUE;
@@ -44,7 +57,20 @@ pub struct PageMark {
     /// Whether a request was waiting for it (the source's answer): it goes ahead of the
     /// queue as soon as it is queued.
     pub answers: bool,
+    /// Whether it is a zero-page record (no data).
+    pub zero: bool,
 }
+
+/// Records shorter than this are copied into the queue's own small buffers: a zero-page
+/// record waiting at its place must not hold a whole read buffer of the relay's alive.
+const SMALL_RECORD: usize = 256;
+
+/// Size of each buffer that small records are copied into.
+const ARENA: usize = 64 * 1024;
+
+/// Pieces shorter than this are copied together into one piece on the way out, so a run
+/// of zero-page records leaves in one write, not one vector element each.
+const COALESCE: usize = 256;
 
 /// One queued piece of the stream.
 #[derive(Debug)]
@@ -77,6 +103,8 @@ pub struct OutboxFigures {
     pub peak_queued_bytes: u64,
     /// Promoted and window pages that left on the sidecar's own preempt channel.
     pub preempt_pages: u64,
+    /// Data pages sent ahead of queued zero pages ([`Outbox::data_first`]).
+    pub data_first_pages: u64,
 }
 
 /// The queue of decoded main-stream bytes not yet written to the destination.
@@ -87,7 +115,7 @@ pub struct Outbox {
     first_seq: u64,
     /// Movable pages still queued at their place, by (block, offset): their sequence
     /// number, and whether they already wait in `ahead`.
-    waiting: HashMap<(usize, u64), (u64, bool)>,
+    waiting: PageMap<(usize, u64), (u64, bool)>,
     /// Promoted pages, in the order they were asked for.
     urgent: VecDeque<u64>,
     /// Pages sent with a promoted one (the window after it while the guest walks memory in
@@ -102,6 +130,13 @@ pub struct Outbox {
     names: Vec<Vec<u8>>,
     /// Promoted pages leave on the destination's preempt channel, not on main.
     preempt: bool,
+    /// Data pages queued, for [`Self::data_first`]: after the promoted ones and before the
+    /// stream's order.
+    data: VecDeque<u64>,
+    /// Data pages go out before zero pages.
+    data_first: bool,
+    /// Where small records are copied (see [`SMALL_RECORD`]).
+    arena: BytesMut,
     figures: OutboxFigures,
 }
 
@@ -123,6 +158,22 @@ impl Outbox {
         self.preempt = true;
     }
 
+    /// Sends queued data pages before queued zero pages from now on (see the module's
+    /// documentation): the pages with content the guest is likely to need reach the
+    /// destination first, and zero pages follow when no data page is queued.
+    pub fn data_first(&mut self) {
+        self.data_first = true;
+    }
+
+    /// A copy of a small record in the queue's own buffers.
+    fn small_copy(&mut self, bytes: &[u8]) -> Bytes {
+        if self.arena.capacity() - self.arena.len() < bytes.len() {
+            self.arena = BytesMut::with_capacity(ARENA);
+        }
+        self.arena.extend_from_slice(bytes);
+        self.arena.split().freeze()
+    }
+
     /// Queues stream bytes that go out as they are. `then_between_pages`: after them a
     /// page record may be inserted (a postcopy RAM section stands open, outside the
     /// package); `unmarked_pages`: they may hold page records not queued as pages.
@@ -141,9 +192,12 @@ impl Outbox {
 
     /// Queues one page record. A movable record of a block without a known name is
     /// queued as unmovable: it could not be named if its neighbour moved.
-    pub fn push_page(&mut self, bytes: Bytes, mut mark: PageMark) {
+    pub fn push_page(&mut self, mut bytes: Bytes, mut mark: PageMark) {
         if mark.block >= self.names.len() {
             mark.movable = false;
+        }
+        if bytes.len() < SMALL_RECORD {
+            bytes = self.small_copy(&bytes);
         }
         self.queued_bytes += bytes.len();
         let seq = self.first_seq + self.units.len() as u64;
@@ -157,6 +211,9 @@ impl Outbox {
                     self.urgent.push_back(seq);
                 } else {
                     v.insert((seq, false));
+                    if self.data_first && !mark.zero {
+                        self.data.push_back(seq);
+                    }
                 }
             }
         }
@@ -199,10 +256,19 @@ impl Outbox {
 
     /// The next promoted page still at its place: urgent ones first, then the windows.
     fn pop_promoted(&mut self) -> Option<(Bytes, PageMark, bool)> {
+        if let Some((bytes, mark)) = self.pop_lane(Lane::Urgent) {
+            return Some((bytes, mark, true));
+        }
+        self.pop_lane(Lane::Ahead).map(|(b, m)| (b, m, false))
+    }
+
+    /// The next page of `lane` still at its place, taken out of the queue.
+    fn pop_lane(&mut self, lane: Lane) -> Option<(Bytes, PageMark)> {
         loop {
-            let (seq, urgent) = match self.urgent.pop_front() {
-                Some(seq) => (seq, true),
-                None => (self.ahead.pop_front()?, false),
+            let seq = match lane {
+                Lane::Urgent => self.urgent.pop_front()?,
+                Lane::Ahead => self.ahead.pop_front()?,
+                Lane::Data => self.data.pop_front()?,
             };
             // A page given out since (in stream order, or on an earlier turn) is gone.
             let Some(i) = seq.checked_sub(self.first_seq) else {
@@ -217,13 +283,18 @@ impl Outbox {
             if self.waiting.get(&(mark.block, mark.offset)).map(|w| w.0) == Some(seq) {
                 self.waiting.remove(&(mark.block, mark.offset));
             }
-            return Some((bytes, mark, urgent));
+            return Some((bytes, mark));
         }
     }
 
     /// Bytes queued and not yet given out.
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes
+    }
+
+    /// Records and other pieces queued, with the places of pages already sent ahead.
+    pub fn queued_units(&self) -> usize {
+        self.units.len()
     }
 
     /// Whether nothing is queued.
@@ -242,17 +313,18 @@ impl Outbox {
     pub fn reset(&mut self) {
         let names = std::mem::take(&mut self.names);
         let figures = self.figures;
-        let preempt = self.preempt;
+        let (preempt, data_first) = (self.preempt, self.data_first);
         *self = Outbox::default();
         self.names = names;
         self.figures = figures;
         self.preempt = preempt;
+        self.data_first = data_first;
     }
 
     /// Gives out the next bytes for the destination, about `max` of them (at least one
     /// unit when any is queued), promoted pages first wherever a page may stand.
     pub fn take(&mut self, max: usize) -> Vec<Bytes> {
-        let mut out = Vec::new();
+        let mut out = Out::default();
         let mut n = 0;
         while n < max {
             if !self.preempt
@@ -263,6 +335,26 @@ impl Outbox {
                     self.figures.promoted_pages += 1;
                 } else {
                     self.figures.window_pages += 1;
+                }
+                n += self.give_page(bytes, mark, &mut out);
+                continue;
+            }
+            // Places of pages sent ahead leave the front as soon as they reach it.
+            while matches!(self.units.front(), Some(Unit::Moved)) {
+                self.units.pop_front();
+                self.first_seq += 1;
+            }
+            if self.between_pages
+                && let Some((bytes, mark)) = self.pop_lane(Lane::Data)
+            {
+                // Only a page that overtakes an older record counts; the stream's own
+                // next page is just that.
+                if self
+                    .units
+                    .front()
+                    .is_some_and(|u| !matches!(u, Unit::Moved))
+                {
+                    self.figures.data_first_pages += 1;
                 }
                 n += self.give_page(bytes, mark, &mut out);
                 continue;
@@ -298,7 +390,7 @@ impl Outbox {
                 }
             }
         }
-        out
+        out.finish()
     }
 
     /// Gives out the promoted pages for the preempt channel, about `max` bytes (at least
@@ -342,7 +434,7 @@ impl Outbox {
 
     /// Gives out one page record, naming its block if the record relied on a block the
     /// destination did not see last.
-    fn give_page(&mut self, bytes: Bytes, mark: PageMark, out: &mut Vec<Bytes>) -> usize {
+    fn give_page(&mut self, bytes: Bytes, mark: PageMark, out: &mut Out) -> usize {
         self.queued_bytes -= bytes.len();
         let len;
         // Only a block with a known name can be named; such records never move, and
@@ -364,6 +456,47 @@ impl Outbox {
         self.last_block = Some(mark.block);
         self.between_pages = true;
         len
+    }
+}
+
+/// Which queue of page turns.
+#[derive(Clone, Copy)]
+enum Lane {
+    /// Requested pages.
+    Urgent,
+    /// Windows sent with a requested page.
+    Ahead,
+    /// Data pages, ahead of zero pages.
+    Data,
+}
+
+/// What [`Outbox::take`] gives out: pieces in order, small neighbours copied into one
+/// (see [`COALESCE`]).
+#[derive(Default)]
+struct Out {
+    pieces: Vec<Bytes>,
+    small: BytesMut,
+}
+
+impl Out {
+    fn push(&mut self, bytes: Bytes) {
+        if bytes.len() < COALESCE {
+            self.small.extend_from_slice(&bytes);
+            return;
+        }
+        self.flush_small();
+        self.pieces.push(bytes);
+    }
+
+    fn flush_small(&mut self) {
+        if !self.small.is_empty() {
+            self.pieces.push(self.small.split().freeze());
+        }
+    }
+
+    fn finish(mut self) -> Vec<Bytes> {
+        self.flush_small();
+        self.pieces
     }
 }
 
@@ -404,7 +537,72 @@ mod tests {
             continues,
             movable: true,
             answers: false,
+            zero: false,
         }
+    }
+
+    fn zero(block: Option<&[u8]>, offset: u64) -> Bytes {
+        let mut v = Vec::new();
+        RamRecord::Zero {
+            header: PageHeader {
+                offset,
+                idstr: block,
+                block: 0,
+            },
+        }
+        .encode(&mut v);
+        Bytes::from(v)
+    }
+
+    fn zero_mark(offset: u64) -> PageMark {
+        PageMark {
+            zero: true,
+            ..mark(0, offset, true)
+        }
+    }
+
+    /// A section of `pages` pages, every `every`-th a data page and the rest zero pages,
+    /// each record naming its block (so moving one never changes its bytes), as the queue
+    /// holds it; and the records by offset.
+    fn mixed(o: &mut Outbox, pages: u64, every: u64) -> Vec<(u64, Bytes)> {
+        o.push_bytes(Bytes::from_static(b"\x03\0\0\0\x02"), true, false);
+        let mut recs = Vec::new();
+        for p in 0..pages {
+            let off = p * 4096;
+            let first = Some(&b"pc.ram"[..]);
+            if p % every == every - 1 {
+                let b = page(first, off, p as u8);
+                o.push_page(b.clone(), mark(0, off, first.is_none()));
+                recs.push((off, b));
+            } else {
+                let b = zero(first, off);
+                o.push_page(
+                    b.clone(),
+                    PageMark {
+                        continues: first.is_none(),
+                        ..zero_mark(off)
+                    },
+                );
+                recs.push((off, b));
+            }
+        }
+        recs
+    }
+
+    /// Splits what the destination reads back into the records it was made of, by the
+    /// records' own bytes.
+    fn order_of(out: &[u8], recs: &[(u64, Bytes)]) -> Vec<u64> {
+        let mut at = 5;
+        let mut seen = Vec::new();
+        while at < out.len() {
+            let (off, r) = recs
+                .iter()
+                .find(|(_, r)| out[at..].starts_with(r))
+                .expect("every piece is a whole record");
+            seen.push(*off);
+            at += r.len();
+        }
+        seen
     }
 
     fn flat(v: Vec<Bytes>) -> Vec<u8> {
@@ -420,6 +618,81 @@ mod tests {
         let mut o = Outbox::new();
         o.set_block_names(vec![b"pc.ram".to_vec(), b"other".to_vec()]);
         o
+    }
+
+    #[test]
+    fn data_first_sends_data_pages_before_queued_zero_pages_each_once() {
+        let mut o = outbox();
+        o.data_first();
+        let recs = mixed(&mut o, 64, 8);
+        let out = flat(o.take(usize::MAX));
+        assert_eq!(
+            &out[..5],
+            b"\x03\0\0\0\x02",
+            "the section's head stays first"
+        );
+        let seen = order_of(&out, &recs);
+        let data: Vec<u64> = (0..64).filter(|p| p % 8 == 7).map(|p| p * 4096).collect();
+        let zeros: Vec<u64> = (0..64).filter(|p| p % 8 != 7).map(|p| p * 4096).collect();
+        assert_eq!(&seen[..data.len()], &data[..], "data pages first, in order");
+        assert_eq!(&seen[data.len()..], &zeros[..], "then zero pages, in order");
+        assert_eq!(o.figures().data_first_pages, data.len() as u64);
+        assert!(o.is_empty());
+        assert_eq!(o.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn without_data_first_zero_pages_keep_their_place() {
+        let mut o = outbox();
+        let recs = mixed(&mut o, 32, 4);
+        let seen = order_of(&flat(o.take(usize::MAX)), &recs);
+        assert_eq!(seen, (0..32).map(|p| p * 4096).collect::<Vec<_>>());
+        assert_eq!(o.figures().data_first_pages, 0);
+    }
+
+    #[test]
+    fn a_requested_zero_page_passes_the_data_pages() {
+        let mut o = outbox();
+        o.data_first();
+        let recs = mixed(&mut o, 16, 4);
+        assert!(o.promote(0, 9 * 4096), "a queued zero page");
+        let seen = order_of(&flat(o.take(usize::MAX)), &recs);
+        assert_eq!(seen[0], 9 * 4096, "{seen:?}");
+        assert_eq!(seen[1], 3 * 4096, "then the data pages: {seen:?}");
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 16, "every page once: {seen:?}");
+    }
+
+    #[test]
+    fn a_run_of_zero_pages_leaves_as_one_piece() {
+        let mut o = outbox();
+        let recs = mixed(&mut o, 100, 1000);
+        let pieces = o.take(usize::MAX);
+        assert_eq!(
+            pieces.len(),
+            1,
+            "a section head and 100 zero records coalesce"
+        );
+        assert_eq!(order_of(&pieces[0], &recs).len(), 100);
+    }
+
+    #[test]
+    fn a_queued_zero_page_does_not_keep_the_read_buffer_alive() {
+        let mut o = outbox();
+        o.data_first();
+        let mut buf = BytesMut::with_capacity(1 << 20);
+        buf.extend_from_slice(&zero(Some(b"pc.ram"), 0));
+        buf.extend_from_slice(&[0u8; 4096]);
+        let rec = buf.split_to(zero(Some(b"pc.ram"), 0).len()).freeze();
+        o.push_page(rec, zero_mark(0));
+        buf.clear();
+        assert!(
+            buf.try_reclaim(1 << 20),
+            "the read buffer is the relay's again while the zero page waits"
+        );
+        assert!(!o.is_empty());
     }
 
     #[test]

@@ -314,6 +314,8 @@ pub struct SimDestination {
     pub ended: bool,
     /// Pages placed in postcopy.
     pub postcopy_pages: u64,
+    /// Pages placed in postcopy from the main channel, in order: (block, page, zero).
+    pub placed: Vec<(usize, u64, bool)>,
     /// The preempt channel's reader: QEMU starts it at POSTCOPY_LISTEN.
     preempt: Option<PreemptDecoder>,
     /// Preempt bytes not decoded yet.
@@ -337,6 +339,7 @@ impl SimDestination {
             names: blocks.iter().map(|(n, _)| n.to_vec()).collect(),
             ended: false,
             postcopy_pages: 0,
+            placed: Vec::new(),
             preempt: None,
             preempt_buf: Vec::new(),
             preempt_pages: 0,
@@ -420,6 +423,11 @@ impl SimDestination {
                         *slot = true;
                         if postcopy {
                             self.postcopy_pages += 1;
+                            self.placed.push((
+                                h.block,
+                                page,
+                                matches!(rec, RamRecord::Zero { .. }),
+                            ));
                         }
                     }
                 }

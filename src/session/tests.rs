@@ -62,6 +62,24 @@ impl Wire {
         }
     }
 
+    /// A queued wire with data pages first on or off.
+    fn queued_data_first(policy: CutPolicy, drain: usize, data_first: bool) -> Wire {
+        let now = Instant::now();
+        let mut s = Session::new(
+            SessionConfig {
+                on_cut: policy,
+                data_first,
+                ..Default::default()
+            },
+            now,
+        );
+        s.source_main_connected(now).unwrap();
+        Wire {
+            s,
+            ..Wire::queued(policy, drain)
+        }
+    }
+
     /// A queued wire whose sidecar opened the destination's preempt channel itself.
     fn own_preempt(policy: CutPolicy, drain: usize) -> Wire {
         let now = Instant::now();
@@ -348,21 +366,23 @@ impl Lcg {
 
 #[test]
 fn twenty_cuts_at_arbitrary_bytes_lose_no_page_and_place_none_twice() {
-    twenty_cuts(|_| Wire::new(CutPolicy::Hold));
+    let _ = twenty_cuts(|_| Wire::new(CutPolicy::Hold));
 }
 
 #[test]
 fn twenty_cuts_with_a_queue_and_requested_pages_first_lose_no_page_and_place_none_twice() {
     // The destination reads slower than the source sends, so requests find their pages
     // queued and cuts find a queue to hold.
-    let promoted = twenty_cuts(|seed| Wire::queued(CutPolicy::Hold, 1500 + seed as usize * 700));
+    let (promoted, data_first) =
+        twenty_cuts(|seed| Wire::queued(CutPolicy::Hold, 1500 + seed as usize * 700));
     assert!(promoted > 0, "requests found queued pages and moved them");
+    assert!(data_first > 0, "data pages overtook queued zero pages");
 }
 
 /// Twelve seeds of a postcopy stream cut twenty times at arbitrary bytes; returns the
-/// pages the queue sent ahead.
-fn twenty_cuts(wire: impl Fn(u64) -> Wire) -> u64 {
-    let mut promoted = 0;
+/// pages the queue sent ahead: requested ones, and data pages ahead of zero pages.
+fn twenty_cuts(wire: impl Fn(u64) -> Wire) -> (u64, u64) {
+    let (mut promoted, mut data_first) = (0, 0);
     for seed in 1..=12u64 {
         let mut rng = Lcg(seed);
         let mut w = wire(seed);
@@ -395,14 +415,15 @@ fn twenty_cuts(wire: impl Fn(u64) -> Wire) -> u64 {
             "seed {seed}"
         );
         promoted += w.s.outbox_figures().promoted_pages;
+        data_first += w.s.outbox_figures().data_first_pages;
     }
-    promoted
+    (promoted, data_first)
 }
 
 #[test]
 fn twenty_cuts_with_the_sidecars_own_preempt_channel_lose_no_page_and_place_none_twice() {
     // With its own preempt channel the queue promotes onto that channel only.
-    let promoted =
+    let (promoted, _) =
         twenty_cuts(|seed| Wire::own_preempt(CutPolicy::Hold, 1500 + seed as usize * 700));
     assert!(promoted > 0, "requested pages left on the preempt channel");
 }
@@ -432,7 +453,9 @@ fn with_its_own_preempt_channel_a_requested_page_overtakes_all_of_main() {
 
 #[test]
 fn faults_in_order_open_a_prefetch_window_and_every_page_still_arrives_once() {
-    let mut w = Wire::queued(CutPolicy::Hold, 3000);
+    // Prefetch alone: with data pages first, zero pages the walk meets may still be
+    // queued behind data pages, and their faults (answered from the queue) would count.
+    let mut w = Wire::queued_data_first(CutPolicy::Hold, 3000, false);
     let start = w.src.start(0);
     w.carry(&start, 4096);
     // The guest walks block m from page 100 on, faulting on what is missing; the source
@@ -483,6 +506,70 @@ fn random_faults_ask_only_for_the_faulting_pages() {
     }
     let r = w.s.tracker().unwrap().request_figures();
     assert!(r.prefetched_pages <= 4, "{r:?}");
+    w.run_to_end(20, 3000);
+    w.assert_complete();
+}
+
+#[test]
+fn with_a_slow_destination_queued_data_pages_overtake_zero_pages_and_each_arrives_once() {
+    for data_first in [true, false] {
+        let mut w = Wire::queued_data_first(CutPolicy::Hold, 0, data_first);
+        let start = w.src.start(4);
+        w.carry(&start, 4096);
+        w.drain(usize::MAX);
+        let placed_before = w.dst.placed.len();
+        // A long PART is read whole while the destination reads nothing, then read.
+        let part = w.src.part(60);
+        w.carry(&part, 8192);
+        w.drain(usize::MAX);
+        let zeros: Vec<bool> = w.dst.placed[placed_before..].iter().map(|p| p.2).collect();
+        assert!(zeros.len() > 40, "{} pages placed", zeros.len());
+        assert!(zeros.contains(&true) && zeros.contains(&false));
+        let first_zero = zeros.iter().position(|z| *z).unwrap();
+        let last_data = zeros.iter().rposition(|z| !*z).unwrap();
+        if data_first {
+            assert!(
+                last_data < first_zero,
+                "every data page before any zero page"
+            );
+            assert!(w.s.outbox_figures().data_first_pages > 0);
+        } else {
+            assert!(first_zero < last_data, "stream order mixes them");
+            assert_eq!(w.s.outbox_figures().data_first_pages, 0);
+        }
+        w.run_to_end(20, 3000);
+        w.assert_complete();
+    }
+}
+
+#[test]
+fn the_queue_stops_reading_at_its_record_bound_though_its_bytes_are_few() {
+    let now = Instant::now();
+    let mut s = Session::new(
+        SessionConfig {
+            max_queued_units: 50,
+            ..Default::default()
+        },
+        now,
+    );
+    s.source_main_connected(now).unwrap();
+    let mut w = Wire {
+        s,
+        ..Wire::queued(CutPolicy::Hold, 0)
+    };
+    let start = w.src.start(4);
+    w.carry(&start, 4096);
+    w.drain(usize::MAX);
+    assert!(w.s.main_wants_more(32 << 20));
+    let part = w.src.part(60);
+    w.carry(&part, 8192);
+    assert!(w.s.main_queued_bytes() < 1 << 20);
+    assert!(
+        !w.s.main_wants_more(32 << 20),
+        "60 records queued, bound 50"
+    );
+    w.drain(usize::MAX);
+    assert!(w.s.main_wants_more(32 << 20), "drained, it reads again");
     w.run_to_end(20, 3000);
     w.assert_complete();
 }

@@ -8,7 +8,6 @@
 //! so the tracker mirrors the source's view: a page is *delivered* once a PAGE or ZERO
 //! record for it has been forwarded after the last discard of its range.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -61,7 +60,7 @@ struct BlockState {
     figures: BlockFigures,
     delivered: Vec<u64>,
     /// page index → time and origin of the first unanswered request.
-    pending: HashMap<u64, (Instant, Origin)>,
+    pending: super::outbox::PageMap<u64, (Instant, Origin)>,
 }
 
 impl BlockState {
@@ -146,7 +145,7 @@ impl PageTracker {
                         ..Default::default()
                     },
                     delivered: vec![0; pages.div_ceil(64) as usize],
-                    pending: HashMap::new(),
+                    pending: Default::default(),
                 }
             })
             .collect();
