@@ -7,12 +7,20 @@
 //! its trace (`-msg timestamp=on`) stamps each fault request of its fault thread and each
 //! page placement; latency = placement of the page − first request for it.
 //!
+//! The sidecar runs on a thread of its own with its own runtime, as in its own process,
+//! so the harness's readers of the destination's trace do not queue in front of its
+//! tasks. `cpu ms` is this process's CPU time during the migration: the harness alone in
+//! direct modes, the harness and the sidecar in the others.
+//!
 //! `cargo bench --bench migration` (env: BENCH_ROUNDS, default 5; BENCH_MODES, a comma
-//! list of the names in [`MODES`] (sidecar: requests first and prefetch; -plain: neither;
-//! -no-prefetch, -in-order: one of them; -multifd: precopy with four multifd channels,
+//! list of the names in [`MODES`] (sidecar: requests first, prefetch and data pages
+//! first; -plain: none of them; -no-data-first, -no-prefetch: all but that one;
+//! -in-order: prefetch only, the queue in stream order; -multifd: precopy with four
+//! multifd channels,
 //! as QEMU 10.0 refuses postcopy beside multifd), default [`DEFAULT_MODES`]; BENCH_WORKLOAD,
 //! random or hot; BENCH_TLS=1 for TLS on every path: the source's
-//! migration is TLS, ended either by the destination QEMU or by the sidecar). Needs
+//! migration is TLS, ended either by the destination QEMU or by the sidecar;
+//! BENCH_READ_AHEAD_MIB, the sidecar's read-ahead). Needs
 //! `scripts/setup.sh`.
 
 use std::collections::HashMap;
@@ -53,6 +61,17 @@ struct Sample {
     source_requests: f64,
     blocktime_ms: f64,
     faults: Vec<f64>,
+    /// CPU time of this process (the sidecar, and the harness beside it) during the
+    /// migration, ms: what the sidecar takes from the two QEMUs on a shared host.
+    cpu_ms: f64,
+}
+
+/// User + system CPU time of this process so far, ms.
+fn process_cpu_ms() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+    let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
+    ms(u.user_time()) + ms(u.system_time())
 }
 
 fn parse_trace_time(line: &str) -> Option<(f64, &str)> {
@@ -110,6 +129,7 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
         prefetch,
         own_preempt,
         multifd,
+        data_first,
         ..
     } = mode;
     let multifd = multifd.then_some(4u8);
@@ -158,22 +178,45 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let sidecar = if through_sidecar {
-        Some(tokio::spawn(receive_on(
-            listener,
-            ReceiveOptions {
-                preempt,
-                requests_first,
-                prefetch,
-                own_preempt,
-                multifd,
-                tls: TlsOptions {
-                    source: tls
-                        .map(|t| SourceTls::load(t.server.path(), true, Vec::new()).unwrap()),
-                    ..TlsOptions::default()
-                },
-                ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
+        let opts = ReceiveOptions {
+            preempt,
+            requests_first,
+            prefetch,
+            data_first,
+            own_preempt,
+            multifd,
+            tls: TlsOptions {
+                source: tls.map(|t| SourceTls::load(t.server.path(), true, Vec::new()).unwrap()),
+                ..TlsOptions::default()
             },
-        )))
+            read_ahead: std::env::var("BENCH_READ_AHEAD_MIB")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .map_or(postcopy_sidecar::daemon::relay::DEFAULT_READ_AHEAD, |m| {
+                    m << 20
+                }),
+            ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
+        };
+        let std_listener = listener.into_std().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("sidecar".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let r = rt.block_on(async move {
+                    receive_on(
+                        tokio::net::TcpListener::from_std(std_listener).unwrap(),
+                        opts,
+                    )
+                    .await
+                });
+                let _ = tx.send(r);
+            })
+            .unwrap();
+        Some(rx)
     } else {
         drop(listener);
         let q = dst.qmp();
@@ -198,6 +241,7 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
         q.migrate_incoming(&format!("tcp:{addr}")).await.unwrap();
         None
     };
+    let cpu0 = process_cpu_ms();
     let r = send(&SendOptions {
         qmp: src.spare_qmp_path().to_path_buf(),
         to: addr,
@@ -209,6 +253,7 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
     .await
     .unwrap();
     assert_eq!(r.status, "completed", "{r:?}");
+    let cpu_ms = process_cpu_ms() - cpu0;
     if let Some(s) = sidecar {
         let report = s.await.unwrap().unwrap();
         assert!(report.error.is_none(), "{:?}", report.error);
@@ -229,6 +274,7 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
         source_requests: r.postcopy_requests.unwrap_or(0) as f64,
         blocktime_ms: blocktime as f64,
         faults: fault_latencies(&dst.stderr().lines()),
+        cpu_ms,
     }
 }
 
@@ -247,6 +293,8 @@ struct Mode {
     own_preempt: bool,
     /// Precopy with four multifd channels instead of postcopy.
     multifd: bool,
+    /// The sidecar sends queued data pages before queued zero pages.
+    data_first: bool,
 }
 
 const fn mode(name: &'static str, sidecar: bool, rf: bool, pf: bool, preempt: bool) -> Mode {
@@ -258,13 +306,18 @@ const fn mode(name: &'static str, sidecar: bool, rf: bool, pf: bool, preempt: bo
         preempt,
         own_preempt: false,
         multifd: false,
+        data_first: rf,
     }
 }
 
 /// Every mode; the default run leaves out the single-means sidecar modes.
-const MODES: [Mode; 11] = [
+const MODES: [Mode; 12] = [
     mode("direct", false, false, false, false),
     mode("sidecar", true, true, true, false),
+    Mode {
+        data_first: false,
+        ..mode("sidecar-no-data-first", true, true, true, false)
+    },
     mode("sidecar-plain", true, false, false, false),
     mode("sidecar-no-prefetch", true, true, false, false),
     mode("sidecar-in-order", true, false, true, false),
@@ -297,7 +350,7 @@ const DEFAULT_MODES: [&str; 7] = [
 
 /// Medians over rounds (total, downtime, requests, blocktime) and pooled fault-latency
 /// percentiles (p50, p90, p99) with the pooled fault count.
-fn row(name: &str, s: &[Sample]) -> [f64; 8] {
+fn row(name: &str, s: &[Sample]) -> [f64; 9] {
     let mut faults: Vec<f64> = s.iter().flat_map(|x| x.faults.iter().copied()).collect();
     let v = [
         median(s.iter().map(|x| x.total_ms).collect()),
@@ -308,10 +361,11 @@ fn row(name: &str, s: &[Sample]) -> [f64; 8] {
         pct(&mut faults, 0.9),
         pct(&mut faults, 0.99),
         faults.len() as f64,
+        median(s.iter().map(|x| x.cpu_ms).collect()),
     ];
     println!(
-        "{name:<16} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>8.0}",
-        v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
+        "{name:<21} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>8.0} {:>7.0}",
+        v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]
     );
     v
 }
@@ -398,7 +452,7 @@ async fn main() {
         }
     );
     println!(
-        "{:<16} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8}",
+        "{:<21} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7}",
         "mode",
         "total ms",
         "down ms",
@@ -407,9 +461,10 @@ async fn main() {
         "p50 µs",
         "p90 µs",
         "p99 µs",
-        "faults"
+        "faults",
+        "cpu ms"
     );
-    let rows: Vec<[f64; 8]> = modes
+    let rows: Vec<[f64; 9]> = modes
         .iter()
         .zip(&samples)
         .map(|(m, s)| row(m.name, s))
