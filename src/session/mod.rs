@@ -156,6 +156,11 @@ pub struct TakeoverState {
     /// keeps listening there while paused.
     #[serde(default)]
     pub destination: Option<String>,
+    /// Blocks whose host page is larger than a target page (idstr, host page size): no
+    /// record may be moved between the records of one of their host pages. `None` in a
+    /// file from an older sidecar: then the taken-over queue keeps stream order.
+    #[serde(default)]
+    pub huge_pages: Option<Vec<(String, u64)>>,
 }
 
 /// One step of the byte stream towards the destination's main or preempt connection.
@@ -314,9 +319,10 @@ pub struct Session {
     marking: bool,
     /// Page records of the current step: input position, length, mark.
     marks: Vec<(usize, usize, PageMark)>,
-    /// Blocks whose host page is larger than a target page: their records assemble one
-    /// host page in order on one channel, so none of them may move.
-    huge_blocks: Vec<usize>,
+    /// Blocks whose host page is larger than a target page, with that page size: their
+    /// records assemble one host page in order on one channel, so none of them may move,
+    /// and no other record may stand between two of one host page.
+    huge_blocks: Vec<(usize, u64)>,
     /// The EOS that ends the sidecar's own preempt channel was given out.
     own_preempt_ended: bool,
 }
@@ -364,6 +370,20 @@ impl Session {
         .with_own_preempt()
     }
 
+    /// Whether `block`'s host page is larger than a target page.
+    fn huge_block(&self, block: usize) -> bool {
+        self.huge_blocks.iter().any(|(b, _)| *b == block)
+    }
+
+    /// Whether the target page at `offset` of `block` is the last of its host page (a
+    /// record may stand after it).
+    fn ends_host_page(&self, block: usize, offset: u64) -> bool {
+        match self.huge_blocks.iter().find(|(b, _)| *b == block) {
+            Some((_, ps)) => (offset + self.main.target_page_size()).is_multiple_of(*ps),
+            None => true,
+        }
+    }
+
     fn with_own_preempt(mut self) -> Session {
         if self.cfg.own_preempt && self.cfg.requests_first {
             self.outbox.use_preempt_channel();
@@ -382,9 +402,14 @@ impl Session {
         for (name, len) in &state.blocks {
             layout.announce(name.as_bytes(), *len);
         }
+        // Without the host page sizes no record may move: one could land inside a huge
+        // page the destination is assembling.
+        let ordered = state.huge_pages.is_none();
         let mut s = Session::new(
             SessionConfig {
                 on_cut: CutPolicy::PassThrough,
+                requests_first: cfg.requests_first && !ordered,
+                data_first: cfg.data_first && !ordered,
                 ..cfg
             },
             now,
@@ -395,6 +420,11 @@ impl Session {
             layout,
             state.target_page_size,
         );
+        for (name, ps) in state.huge_pages.iter().flatten() {
+            if let Some(id) = s.main.layout().find(name.as_bytes()) {
+                s.huge_blocks.push((id, *ps));
+            }
+        }
         s.publish_layout();
         s.stats.phase = PostcopyPhase::Running;
         s.link = Link::Away(Cut {
@@ -428,6 +458,15 @@ impl Session {
             preempt: self.preempt_used,
             own_preempt: self.cfg.own_preempt,
             destination: None,
+            huge_pages: Some(
+                self.huge_blocks
+                    .iter()
+                    .filter_map(|(b, ps)| {
+                        let block = self.main.layout().blocks().get(*b)?;
+                        Some((String::from_utf8_lossy(&block.name).into_owned(), *ps))
+                    })
+                    .collect(),
+            ),
         })
     }
 
@@ -805,9 +844,10 @@ impl Session {
                     continues: h.idstr.is_none(),
                     movable: matches!(rec, RamRecord::Page { .. } | RamRecord::Zero { .. })
                         && !self.main.in_package()
-                        && !self.huge_blocks.contains(&h.block),
+                        && !self.huge_block(h.block),
                     answers: self.answered_last,
                     zero: matches!(rec, RamRecord::Zero { .. }),
+                    ends_host_page: self.ends_host_page(h.block, h.offset),
                 };
                 self.marks.push((pos, len, mark));
             }
@@ -1018,9 +1058,10 @@ impl Session {
                     && b.page_size
                         .is_some_and(|ps| ps > self.main.target_page_size())
                     && let Some(id) = self.main.layout().find(b.idstr)
-                    && !self.huge_blocks.contains(&id)
+                    && !self.huge_block(id)
+                    && let Some(ps) = b.page_size
                 {
-                    self.huge_blocks.push(id);
+                    self.huge_blocks.push((id, ps));
                 }
             }
             Event::Command(Command::PostcopyAdvise(_)) if self.cfg.no_postcopy.is_some() => {

@@ -59,6 +59,9 @@ pub struct PageMark {
     pub answers: bool,
     /// Whether it is a zero-page record (no data).
     pub zero: bool,
+    /// Whether it is the last target page of its host page: only then may another record
+    /// follow it (the destination assembles a huge page from consecutive records).
+    pub ends_host_page: bool,
 }
 
 /// Records shorter than this are copied into the queue's own small buffers: a zero-page
@@ -454,7 +457,7 @@ impl Outbox {
             out.push(bytes);
         }
         self.last_block = Some(mark.block);
-        self.between_pages = true;
+        self.between_pages = mark.ends_host_page;
         len
     }
 }
@@ -538,6 +541,7 @@ mod tests {
             movable: true,
             answers: false,
             zero: false,
+            ends_host_page: true,
         }
     }
 
@@ -639,6 +643,34 @@ mod tests {
         assert_eq!(o.figures().data_first_pages, data.len() as u64);
         assert!(o.is_empty());
         assert_eq!(o.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn nothing_moves_between_the_records_of_one_huge_page() {
+        let mut o = outbox();
+        o.data_first();
+        o.push_bytes(Bytes::from_static(b"\x03\0\0\0\x02"), false, false);
+        // Four target pages of one host page of block 0 (huge: never movable), then a
+        // data page of block 1 that would otherwise go first, and a request for it.
+        let mut recs = Vec::new();
+        for p in 0..4u64 {
+            let b = page(Some(b"pc.ram"), p * 4096, p as u8);
+            o.push_page(
+                b.clone(),
+                PageMark {
+                    movable: false,
+                    ends_host_page: p == 3,
+                    ..mark(0, p * 4096, false)
+                },
+            );
+            recs.push((p * 4096, b));
+        }
+        let other = page(Some(b"other"), 1 << 20, 9);
+        o.push_page(other.clone(), mark(1, 1 << 20, false));
+        recs.push((1 << 20, other));
+        assert!(o.promote(1, 1 << 20));
+        let seen = order_of(&flat(o.take(usize::MAX)), &recs);
+        assert_eq!(seen, vec![0, 4096, 8192, 12288, 1 << 20]);
     }
 
     #[test]

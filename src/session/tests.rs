@@ -1170,3 +1170,34 @@ fn a_guard_request_is_one_message_and_stays_inside_its_block() {
     w.s.guard_wants("pc.bios", 8 * PAGE, PAGE, w.now);
     assert!(w.s.take_to_source().1.is_empty(), "nothing past the end");
 }
+
+#[test]
+fn a_taken_over_queue_knows_huge_pages_or_keeps_stream_order() {
+    let now = Instant::now();
+    let state = TakeoverState {
+        ram_section_id: 2,
+        target_page_size: PAGE,
+        blocks: vec![("m".into(), 8 << 20)],
+        preempt: false,
+        own_preempt: false,
+        destination: None,
+        huge_pages: Some(vec![("m".into(), 2 << 20)]),
+    };
+    let s = Session::takeover(SessionConfig::default(), &state, now);
+    assert!(s.cfg.requests_first && s.cfg.data_first);
+    assert!(
+        !s.ends_host_page(0, 0),
+        "inside a huge page nothing may stand"
+    );
+    assert!(s.ends_host_page(0, (2 << 20) - PAGE));
+    // A state file from a sidecar that did not write host page sizes.
+    let mut json: serde_json::Value = serde_json::to_value(&state).unwrap();
+    json.as_object_mut().unwrap().remove("huge_pages");
+    let old: TakeoverState = serde_json::from_value(json).unwrap();
+    assert_eq!(old.huge_pages, None);
+    let s = Session::takeover(SessionConfig::default(), &old, now);
+    assert!(
+        !s.cfg.requests_first && !s.cfg.data_first,
+        "without host page sizes nothing moves"
+    );
+}
