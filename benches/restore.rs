@@ -194,9 +194,18 @@ async fn size(ram: u64, touched: u64, rounds: usize) -> Row {
         .await
         .unwrap();
     assert_eq!(st, "completed", "file migration");
-    q.execute(qapi::qmp::cont {})
-        .await
-        .expect("cont after the file migration");
+    // QEMU refuses `cont` until the completed migration's cleanup has run ("Migration is
+    // not finalized yet"), which follows the `completed` event a moment later.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match q.execute(qapi::qmp::cont {}).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline && format!("{e:?}").contains("not finalized") => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cont after the file migration: {e:?}"),
+        }
+    }
     src.wait_progress(src.serial().len(), 1, LONG)
         .await
         .unwrap();
