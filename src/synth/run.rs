@@ -123,17 +123,20 @@ pub fn through_restore(
         .map_err(|e| setup(&e))?;
     let served = Arc::new(std::sync::Mutex::new(None));
     let kept = served.clone();
-    let sidecar = std::thread::spawn(move || -> Result<(), RunError> {
-        let outcome = serve(
-            &snapshot,
-            &ours,
-            knobs,
-            Vec::new(),
-            Duration::from_secs(600),
-        )?;
-        *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.served);
-        Ok(())
-    });
+    let sidecar = std::thread::Builder::new()
+        .name("page-service".into())
+        .spawn(move || -> Result<(), RunError> {
+            let outcome = serve(
+                &snapshot,
+                &ours,
+                knobs,
+                Vec::new(),
+                Duration::from_secs(600),
+            )?;
+            *kept.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome.served);
+            Ok(())
+        })
+        .map_err(|e| setup(&e))?;
     // Without a background sweep, closing the return path is what ends the stream.
     let mut f = drive(
         w,
