@@ -1,6 +1,6 @@
 //! The relay pumps carry real captured bytes unchanged through in-memory pipes, around
-//! the session, and the return path drops requests for pages the stream already
-//! delivered.
+//! the session (with data pages first on, the same pages each once, reordered), and the
+//! return path drops requests for pages the stream already delivered.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,11 +21,23 @@ fn capture(name: &str) -> Vec<u8> {
     read_capture(&p).expect("capture present")
 }
 
-/// A relay with its first source main connection accepted.
+/// A relay with its first source main connection accepted, keeping stream order when
+/// nothing is asked for: data pages first off, so bytes pass unchanged.
 fn relay() -> (Arc<Relay>, mpsc::UnboundedReceiver<PumpReport>) {
+    relay_with(false)
+}
+
+/// A relay with data pages first on or off.
+fn relay_with(data_first: bool) -> (Arc<Relay>, mpsc::UnboundedReceiver<PumpReport>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let r = Arc::new(Relay::new(
-        Session::new(SessionConfig::default(), Instant::now()),
+        Session::new(
+            SessionConfig {
+                data_first,
+                ..SessionConfig::default()
+            },
+            Instant::now(),
+        ),
         None,
         tx,
     ));
@@ -88,6 +100,85 @@ async fn through_main_pump(
     dst_r.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
     out
+}
+
+/// Every page record of a main stream, in order: (block, offset, zero, its bytes' hash).
+fn pages_of(stream: &[u8]) -> Vec<(usize, u64, bool, u64)> {
+    use postcopy_sidecar::wire::{DecoderOptions, Event, RamRecord, StreamDecoder};
+    use std::hash::{Hash, Hasher};
+    let mut dec = StreamDecoder::new(DecoderOptions::default());
+    let mut pos = 0;
+    let mut pages = Vec::new();
+    while let Step::Event { len, event, .. } = dec.next(&stream[pos..]).unwrap() {
+        if let Event::Ram(rec) = &event
+            && let Some(h) = rec.page_header()
+        {
+            // The content, not the header: a moved record may have its block named.
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            if let RamRecord::Page { data, .. } = rec {
+                data.hash(&mut hasher);
+            }
+            pages.push((
+                h.block,
+                h.offset,
+                matches!(rec, RamRecord::Zero { .. }),
+                hasher.finish(),
+            ));
+        }
+        pos += len;
+    }
+    assert_eq!(pos, stream.len(), "the whole stream decodes");
+    dec.finish(&stream[pos..]).unwrap();
+    pages
+}
+
+/// With data pages first and a destination that reads nothing until the source has sent
+/// everything, the captured stream reaches it reordered: the same pages, each once, data
+/// pages ahead of the zero pages they were queued with.
+#[tokio::test]
+async fn with_data_first_a_slow_destination_gets_every_page_once_data_pages_first() {
+    let main = capture("main.fwd.gz");
+    let (relay, mut reports) = relay_with(true);
+    let (mut src_w, src_r) = tokio::io::duplex(64 * 1024);
+    let (dst_w, mut dst_r) = tokio::io::duplex(64 * 1024);
+    let (feed, feeds) = mpsc::channel(1);
+    let pump = tokio::spawn(main_pump(relay.clone(), feeds));
+    feed.send(Feed {
+        source: Box::new(src_r),
+        epoch: 1,
+        destination: Some(Box::new(dst_w)),
+        own_preempt: None,
+    })
+    .await
+    .unwrap();
+    // The whole capture fits in the read-ahead: the source's writes complete while the
+    // destination reads nothing.
+    src_w.write_all(&main).await.unwrap();
+    let reader = tokio::spawn(async move {
+        let mut out = Vec::new();
+        dst_r.read_to_end(&mut out).await.unwrap();
+        out
+    });
+    drop(src_w);
+    // The source's close (this test has no return path, so no SHUT: the session would
+    // hold it); the pump ends once its input is closed and its queue written.
+    match reports.recv().await.unwrap() {
+        PumpReport::SourceLost { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(relay.with(|s| s.ended()), "the whole stream was decoded");
+    drop(feed);
+    pump.await.unwrap().unwrap();
+    let out = reader.await.unwrap();
+    let (sent, got) = (pages_of(&main), pages_of(&out));
+    let mut a = sent.clone();
+    let mut b = got.clone();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "the same pages with the same content, each once");
+    assert_ne!(sent, got, "the order changed");
+    let moved = relay.with(|s| s.outbox_figures().data_first_pages);
+    assert!(moved > 0, "data pages overtook zero pages");
 }
 
 #[tokio::test]
@@ -188,6 +279,8 @@ async fn an_own_preempt_channel_ends_with_eos_and_is_handed_over_open() {
         Session::new(
             SessionConfig {
                 own_preempt: true,
+                // Stream order when nothing is asked for, so main passes unchanged.
+                data_first: false,
                 ..SessionConfig::default()
             },
             Instant::now(),
