@@ -1,14 +1,13 @@
-//! The restore stream over any byte channel: the prologue, then requested pages ahead of
+//! The restore stream over a unix socket: the prologue, then requested pages ahead of
 //! a background sweep, then the end (protocol-spec/snapshot.md#snapshot-restore-stream).
 //! `restore` runs it over the unix socket of a destination QEMU; the fault-service
 //! benchmark runs it over a socket pair to the synthetic destination. It blocks, on a
 //! thread of its own (see [`serve`]).
 
-use std::time::{Duration, Instant};
-
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;

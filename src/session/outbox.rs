@@ -32,15 +32,15 @@
 
 use std::collections::{HashMap, VecDeque};
 
-/// A hash map for per-page bookkeeping. Every queued page makes an entry, so hashing
-/// is felt per byte carried: foldhash is several times cheaper than std's SipHash, and
-/// still seeded per map at random, so a peer cannot choose colliding keys ahead of time.
-pub(crate) type PageMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
 use bytes::{Bytes, BytesMut};
 
 use crate::wire::primitives::put_counted;
 use crate::wire::ram::FLAG_CONTINUE;
+
+/// A hash map for per-page bookkeeping. Every queued page makes an entry, so hashing
+/// is felt per byte carried: foldhash is several times cheaper than std's SipHash, and
+/// still seeded per map at random, so a peer cannot choose colliding keys ahead of time.
+pub(crate) type PageMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A page record's place in the stream, as the decoder saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
