@@ -367,7 +367,7 @@ impl Session {
             own_preempt_ended: false,
             cfg,
         }
-        .with_own_preempt()
+        .with_queue_modes()
     }
 
     /// Whether `block`'s host page is larger than a target page.
@@ -384,7 +384,9 @@ impl Session {
         }
     }
 
-    fn with_own_preempt(mut self) -> Session {
+    /// Sets the queue's modes from the configuration: the own preempt channel and data
+    /// pages first, both only with requests first (they move queued pages).
+    fn with_queue_modes(mut self) -> Session {
         if self.cfg.own_preempt && self.cfg.requests_first {
             self.outbox.use_preempt_channel();
         }
