@@ -45,18 +45,19 @@ fn relay_with(data_first: bool) -> (Arc<Relay>, mpsc::UnboundedReceiver<PumpRepo
     (r, rx)
 }
 
-/// Carries `stream` from a source pipe to a destination pipe through the main pump, as
-/// the carrier would, and returns what reached the destination. `before_close` runs once
-/// the destination has every byte and before the source closes (a QEMU source closes
-/// only after the destination's SHUT came back).
-async fn through_main_pump(
+/// The main pump fed with its first source connection and a destination connection:
+/// the source's write end, the destination's read end, the feed (closing it ends the
+/// pump) and the pump.
+async fn start_main_pump(
     relay: &Arc<Relay>,
-    reports: &mut mpsc::UnboundedReceiver<PumpReport>,
-    stream: Vec<u8>,
-    before_close: impl std::future::Future<Output = ()>,
-) -> Vec<u8> {
-    let (mut src_w, src_r) = tokio::io::duplex(64 * 1024);
-    let (dst_w, mut dst_r) = tokio::io::duplex(64 * 1024);
+) -> (
+    tokio::io::DuplexStream,
+    tokio::io::DuplexStream,
+    mpsc::Sender<Feed>,
+    tokio::task::JoinHandle<Result<(), postcopy_sidecar::daemon::relay::RelayError>>,
+) {
+    let (src_w, src_r) = tokio::io::duplex(64 * 1024);
+    let (dst_w, dst_r) = tokio::io::duplex(64 * 1024);
     let (feed, feeds) = mpsc::channel(1);
     let pump = tokio::spawn(main_pump(relay.clone(), feeds));
     feed.send(Feed {
@@ -67,6 +68,20 @@ async fn through_main_pump(
     })
     .await
     .unwrap();
+    (src_w, dst_r, feed, pump)
+}
+
+/// Carries `stream` from a source pipe to a destination pipe through the main pump, as
+/// the carrier would, and returns what reached the destination. `before_close` runs once
+/// the destination has every byte and before the source closes (a QEMU source closes
+/// only after the destination's SHUT came back).
+async fn through_main_pump(
+    relay: &Arc<Relay>,
+    reports: &mut mpsc::UnboundedReceiver<PumpReport>,
+    stream: Vec<u8>,
+    before_close: impl std::future::Future<Output = ()>,
+) -> Vec<u8> {
+    let (mut src_w, mut dst_r, feed, pump) = start_main_pump(relay).await;
     let len = stream.len();
     let feeder = tokio::spawn(async move {
         // Odd chunk sizes so records straddle reads.
@@ -139,18 +154,7 @@ fn pages_of(stream: &[u8]) -> Vec<(usize, u64, bool, u64)> {
 async fn with_data_first_a_slow_destination_gets_every_page_once_data_pages_first() {
     let main = capture("main.fwd.gz");
     let (relay, mut reports) = relay_with(true);
-    let (mut src_w, src_r) = tokio::io::duplex(64 * 1024);
-    let (dst_w, mut dst_r) = tokio::io::duplex(64 * 1024);
-    let (feed, feeds) = mpsc::channel(1);
-    let pump = tokio::spawn(main_pump(relay.clone(), feeds));
-    feed.send(Feed {
-        source: Box::new(src_r),
-        epoch: 1,
-        destination: Some(Box::new(dst_w)),
-        own_preempt: None,
-    })
-    .await
-    .unwrap();
+    let (mut src_w, mut dst_r, feed, pump) = start_main_pump(&relay).await;
     // The whole capture fits in the read-ahead: the source's writes complete while the
     // destination reads nothing.
     src_w.write_all(&main).await.unwrap();

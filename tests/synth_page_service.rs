@@ -141,49 +141,43 @@ fn a_recording_restore_holds_its_sweep_while_the_guest_keeps_asking() {
     );
 }
 
-/// A destination that falls silent (its return path open, nothing asked, nothing left to
-/// sweep) is given up on after the timeout, never before it, with the reason named.
-#[test]
-fn a_silent_destination_is_given_up_on_after_the_timeout_not_before() {
+/// Serves a snapshot to a destination socket that never reads nor asks, with or
+/// without a background sweep, until the service gives up; returns its error and how
+/// long it took, against a `timeout` of 300 ms.
+fn serve_a_dead_destination(background: bool) -> (String, std::time::Duration) {
     use postcopy_sidecar::restore::stream::serve;
     let dir = tempfile::tempdir().unwrap();
     let s = snap(&dir);
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let knobs = ServeKnobs {
         prefetch: 0,
-        background: false,
+        background,
         working_set: false,
     };
-    let timeout = std::time::Duration::from_millis(300);
     let t0 = std::time::Instant::now();
-    let e = serve(&s, &ours, knobs, Vec::new(), timeout).expect_err("a silent destination");
-    assert!(
-        e.to_string()
-            .contains("waiting for the destination to finish"),
-        "{e}"
-    );
-    assert!(t0.elapsed() >= timeout, "gave up after {:?}", t0.elapsed());
+    let e = serve(&s, &ours, knobs, Vec::new(), DEAD_TIMEOUT).expect_err("a dead destination");
+    let took = t0.elapsed();
     drop(theirs);
+    (e.to_string(), took)
+}
+
+const DEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// A destination that falls silent (its return path open, nothing asked, nothing left to
+/// sweep) is given up on after the timeout, never before it, with the reason named.
+#[test]
+fn a_silent_destination_is_given_up_on_after_the_timeout_not_before() {
+    let (e, took) = serve_a_dead_destination(false);
+    assert!(e.contains("waiting for the destination to finish"), "{e}");
+    assert!(took >= DEAD_TIMEOUT, "gave up after {took:?}");
 }
 
 /// A destination that stops reading (its socket full, the sweep still going) is given up
 /// on too: a page service never blocks forever on a stuck destination.
 #[test]
 fn a_destination_that_stops_reading_is_given_up_on_after_the_timeout() {
-    use postcopy_sidecar::restore::stream::serve;
-    let dir = tempfile::tempdir().unwrap();
-    let s = snap(&dir);
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    let knobs = ServeKnobs {
-        prefetch: 0,
-        background: true,
-        working_set: false,
-    };
-    let timeout = std::time::Duration::from_millis(300);
-    let t0 = std::time::Instant::now();
-    let e = serve(&s, &ours, knobs, Vec::new(), timeout).expect_err("a stuck destination");
-    assert!(e.to_string().contains("writing to the destination"), "{e}");
-    assert!(e.to_string().contains("timed out"), "{e}");
-    assert!(t0.elapsed() >= timeout, "gave up after {:?}", t0.elapsed());
-    drop(theirs);
+    let (e, took) = serve_a_dead_destination(true);
+    assert!(e.contains("writing to the destination"), "{e}");
+    assert!(e.contains("timed out"), "{e}");
+    assert!(took >= DEAD_TIMEOUT, "gave up after {took:?}");
 }
