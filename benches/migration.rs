@@ -10,13 +10,15 @@
 //! The sidecar runs on a thread of its own with its own runtime, as in its own process,
 //! so the harness's readers of the destination's trace do not queue in front of its
 //! tasks. `cpu ms` is this process's CPU time during the migration: the harness alone in
-//! direct modes, the harness and the sidecar in the others.
+//! direct modes, the harness and the sidecar in the others; `side ms` is the sidecar's
+//! thread alone (its whole run), or the copy relay's two threads.
 //!
 //! `cargo bench --bench migration` (env: BENCH_ROUNDS, default 5; BENCH_MODES, a comma
 //! list of the names in [`MODES`] (sidecar: requests first, prefetch and data pages
 //! first; -plain: none of them; -no-data-first, -no-prefetch: all but that one;
 //! -in-order: prefetch only, the queue in stream order; -multifd: precopy with four
-//! multifd channels,
+//! multifd channels; copy-relay: no sidecar but a plain copying relay, the floor of any
+//! relay on this host,
 //! as QEMU 10.0 refuses postcopy beside multifd), default [`DEFAULT_MODES`]; BENCH_WORKLOAD,
 //! random or hot; BENCH_TLS=1 for TLS on every path: the source's
 //! migration is TLS, ended either by the destination QEMU or by the sidecar;
@@ -64,14 +66,55 @@ struct Sample {
     /// CPU time of this process (the sidecar, and the harness beside it) during the
     /// migration, ms: what the sidecar takes from the two QEMUs on a shared host.
     cpu_ms: f64,
+    /// CPU time of the sidecar's own thread (its whole run, set-up included), ms: the
+    /// sidecar alone, without the harness's reading of QEMU's trace.
+    sidecar_cpu_ms: f64,
 }
 
 /// User + system CPU time of this process so far, ms.
 fn process_cpu_ms() -> f64 {
-    use nix::sys::resource::{UsageWho, getrusage};
-    let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+    cpu_ms(nix::sys::resource::UsageWho::RUSAGE_SELF)
+}
+
+/// User + system CPU time of `who` so far, ms.
+fn cpu_ms(who: nix::sys::resource::UsageWho) -> f64 {
+    let u = nix::sys::resource::getrusage(who).expect("getrusage");
     let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
     ms(u.user_time()) + ms(u.system_time())
+}
+
+/// The cheapest relay there is, for the floor any relay pays on this host: one blocking
+/// thread per direction copying 64 KiB reads, nothing parsed. Accepts one connection on
+/// `listener`, connects it to `to`, and returns both threads' CPU time (ms) at the end.
+fn copy_relay_thread(
+    listener: std::net::TcpListener,
+    to: std::net::SocketAddr,
+) -> std::thread::JoinHandle<f64> {
+    use std::io::{Read, Write};
+    fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream) -> f64 {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+        cpu_ms(nix::sys::resource::UsageWho::RUSAGE_THREAD)
+    }
+    listener.set_nonblocking(false).unwrap();
+    std::thread::spawn(move || {
+        let (src, _) = listener.accept().expect("source connection");
+        let dst = std::net::TcpStream::connect(to).expect("destination");
+        let (s2, d2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        let back = std::thread::spawn(move || pump(d2, s2));
+        let fwd = pump(src, dst);
+        fwd + back.join().expect("return path")
+    })
 }
 
 fn parse_trace_time(line: &str) -> Option<(f64, &str)> {
@@ -130,6 +173,7 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
         own_preempt,
         multifd,
         data_first,
+        copy_relay,
         ..
     } = mode;
     let multifd = multifd.then_some(4u8);
@@ -177,6 +221,7 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
     let dst = Vm::spawn(&dspec, dir.path()).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let mut relay_floor = None;
     let sidecar = if through_sidecar {
         let opts = ReceiveOptions {
             preempt,
@@ -213,12 +258,11 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
                     )
                     .await
                 });
-                let _ = tx.send(r);
+                let _ = tx.send((r, cpu_ms(nix::sys::resource::UsageWho::RUSAGE_THREAD)));
             })
             .unwrap();
         Some(rx)
     } else {
-        drop(listener);
         let q = dst.qmp();
         let mut caps = vec![("events", true), ("return-path", true)];
         if let Some(n) = multifd {
@@ -238,7 +282,16 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
                 .await
                 .unwrap();
         }
-        q.migrate_incoming(&format!("tcp:{addr}")).await.unwrap();
+        if copy_relay {
+            let behind = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let to = behind.local_addr().unwrap();
+            drop(behind);
+            q.migrate_incoming(&format!("tcp:{to}")).await.unwrap();
+            relay_floor = Some(copy_relay_thread(listener.into_std().unwrap(), to));
+        } else {
+            drop(listener);
+            q.migrate_incoming(&format!("tcp:{addr}")).await.unwrap();
+        }
         None
     };
     let cpu0 = process_cpu_ms();
@@ -254,9 +307,15 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
     .unwrap();
     assert_eq!(r.status, "completed", "{r:?}");
     let cpu_ms = process_cpu_ms() - cpu0;
+    let mut sidecar_cpu_ms = 0.0;
     if let Some(s) = sidecar {
-        let report = s.await.unwrap().unwrap();
+        let (report, cpu) = s.await.unwrap();
+        let report = report.unwrap();
         assert!(report.error.is_none(), "{:?}", report.error);
+        sidecar_cpu_ms = cpu;
+    }
+    if let Some(t) = relay_floor {
+        sidecar_cpu_ms = t.join().expect("copy relay");
     }
     dst.qmp()
         .wait_migration_end(Duration::from_secs(60))
@@ -275,6 +334,7 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
         blocktime_ms: blocktime as f64,
         faults: fault_latencies(&dst.stderr().lines()),
         cpu_ms,
+        sidecar_cpu_ms,
     }
 }
 
@@ -295,6 +355,8 @@ struct Mode {
     multifd: bool,
     /// The sidecar sends queued data pages before queued zero pages.
     data_first: bool,
+    /// Not the sidecar: a plain copying relay in the path (the floor of any relay).
+    copy_relay: bool,
 }
 
 const fn mode(name: &'static str, sidecar: bool, rf: bool, pf: bool, preempt: bool) -> Mode {
@@ -307,12 +369,17 @@ const fn mode(name: &'static str, sidecar: bool, rf: bool, pf: bool, preempt: bo
         own_preempt: false,
         multifd: false,
         data_first: rf,
+        copy_relay: false,
     }
 }
 
 /// Every mode; the default run leaves out the single-means sidecar modes.
-const MODES: [Mode; 12] = [
+const MODES: [Mode; 13] = [
     mode("direct", false, false, false, false),
+    Mode {
+        copy_relay: true,
+        ..mode("copy-relay", false, false, false, false)
+    },
     mode("sidecar", true, true, true, false),
     Mode {
         data_first: false,
@@ -350,7 +417,7 @@ const DEFAULT_MODES: [&str; 7] = [
 
 /// Medians over rounds (total, downtime, requests, blocktime) and pooled fault-latency
 /// percentiles (p50, p90, p99) with the pooled fault count.
-fn row(name: &str, s: &[Sample]) -> [f64; 9] {
+fn row(name: &str, s: &[Sample]) -> [f64; 10] {
     let mut faults: Vec<f64> = s.iter().flat_map(|x| x.faults.iter().copied()).collect();
     let v = [
         median(s.iter().map(|x| x.total_ms).collect()),
@@ -362,10 +429,11 @@ fn row(name: &str, s: &[Sample]) -> [f64; 9] {
         pct(&mut faults, 0.99),
         faults.len() as f64,
         median(s.iter().map(|x| x.cpu_ms).collect()),
+        median(s.iter().map(|x| x.sidecar_cpu_ms).collect()),
     ];
     println!(
-        "{name:<21} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>8.0} {:>7.0}",
-        v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]
+        "{name:<21} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>8.0} {:>7.0} {:>8.0}",
+        v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9]
     );
     v
 }
@@ -452,7 +520,7 @@ async fn main() {
         }
     );
     println!(
-        "{:<21} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7}",
+        "{:<21} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7} {:>8}",
         "mode",
         "total ms",
         "down ms",
@@ -462,9 +530,10 @@ async fn main() {
         "p90 µs",
         "p99 µs",
         "faults",
-        "cpu ms"
+        "cpu ms",
+        "side ms"
     );
-    let rows: Vec<[f64; 9]> = modes
+    let rows: Vec<[f64; 10]> = modes
         .iter()
         .zip(&samples)
         .map(|(m, s)| row(m.name, s))
@@ -473,11 +542,12 @@ async fn main() {
     // Each sidecar mode against the direct mode with the same channels (the sidecar's own
     // preempt channel also against direct preempt, what it stands in for).
     for (m, r) in modes.iter().zip(&rows) {
-        if !m.through_sidecar {
+        if !m.through_sidecar && !m.copy_relay {
             continue;
         }
         for (b, base) in modes.iter().zip(&rows).filter(|(b, _)| {
             !b.through_sidecar
+                && !b.copy_relay
                 && b.multifd == m.multifd
                 && (b.preempt == m.preempt || (m.own_preempt && b.preempt))
         }) {
