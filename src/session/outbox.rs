@@ -42,6 +42,14 @@ use crate::wire::ram::FLAG_CONTINUE;
 /// still seeded per map at random, so a peer cannot choose colliding keys ahead of time.
 pub(crate) type PageMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
+/// Queued pages by (block, offset). A B-tree, not a hash map: with data pages first the
+/// queue holds up to [`super::MAX_QUEUED_UNITS`] zero pages, and a hash table that size
+/// misses the cache on every insert and removal, while the stream inserts pages at the
+/// tree's right edge (addresses rising) and the queue removes them at its left edge or
+/// in order: measured with `cargo bench --bench session`, 90 against 50-64 ms for a
+/// composed 512 MiB guest.
+type WaitingPages = std::collections::BTreeMap<(usize, u64), (u64, bool)>;
+
 /// A page record's place in the stream, as the decoder saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageMark {
@@ -118,7 +126,7 @@ pub struct Outbox {
     first_seq: u64,
     /// Movable pages still queued at their place, by (block, offset): their sequence
     /// number, and whether they already wait in `ahead`.
-    waiting: PageMap<(usize, u64), (u64, bool)>,
+    waiting: WaitingPages,
     /// Promoted pages, in the order they were asked for.
     urgent: VecDeque<u64>,
     /// Pages sent with a promoted one (the window after it while the guest walks memory in
@@ -207,7 +215,7 @@ impl Outbox {
         if mark.movable {
             // A page appears once in a stream while it is queued; if a source sent it
             // again, the later record must not be moved ahead of the earlier.
-            if let std::collections::hash_map::Entry::Vacant(v) =
+            if let std::collections::btree_map::Entry::Vacant(v) =
                 self.waiting.entry((mark.block, mark.offset))
             {
                 if mark.answers {
