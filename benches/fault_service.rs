@@ -110,6 +110,7 @@ fn main() {
                 prefetch: 0,
                 background: false,
                 working_set: false,
+                sweep_rate: None,
             };
             let s = through_restore(w, snap.clone(), pure).expect("page service");
             check(&s, "service");

@@ -15,7 +15,9 @@
 //! guest's first `WL progress` line on the destination's serial.
 //!
 //! `cargo bench --bench restore` (env: BENCH_ROUNDS, default 3; BENCH_SIZES, default
-//! `1024:256,4096:1024` as RAM:touched MiB). Needs `scripts/setup.sh`.
+//! `1024:256,4096:1024` as RAM:touched MiB; BENCH_SWEEP_MIBPS, the lazy restores' sweep
+//! rate (`restore --sweep-rate`), default none: a store as slow as a shared one, where
+//! what the working set is worth shows). Needs `scripts/setup.sh`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,6 +29,12 @@ use postcopy_sidecar::restore::{RestoreOptions, Snapshot, restore};
 use postcopy_sidecar::snapshot::take::{SnapshotMode, SnapshotOptions, snapshot};
 
 const LONG: Duration = Duration::from_secs(1200);
+
+/// BENCH_SWEEP_MIBPS as bytes per second.
+fn sweep_rate() -> Option<u64> {
+    let mib: f64 = std::env::var("BENCH_SWEEP_MIBPS").ok()?.parse().ok()?;
+    Some((mib * (1u64 << 20) as f64) as u64)
+}
 
 fn wall_us() -> u64 {
     SystemTime::now()
@@ -122,6 +130,7 @@ async fn lazy(spec: &VmSpec, snap: &Path, dir: &Path, working_set: bool) -> Samp
                 timeout: LONG,
                 progress: None,
                 working_set,
+                sweep_rate: sweep_rate(),
             },
         )
         .await;
@@ -278,7 +287,11 @@ async fn main() {
         rows.push(size(ram, touched, rounds).await);
     }
     println!(
-        "eager (QEMU migrate-incoming from a file) vs lazy (sidecar restore), medians of {rounds} rounds, QEMU 10.0, TCG"
+        "eager (QEMU migrate-incoming from a file) vs lazy (sidecar restore{}), medians of {rounds} rounds, QEMU 10.0, TCG",
+        match sweep_rate() {
+            Some(r) => format!(", sweep at {} MiB/s", r >> 20),
+            None => String::new(),
+        }
     );
     println!(
         "{:>8} {:>8} | {:>11} {:>11} {:>7} | {:>12} {:>12} {:>7} | {:>11} {:>11}",

@@ -140,6 +140,7 @@ fn opts(dst: &Vm) -> RestoreOptions {
             marker: DEFAULT_MARKER.into(),
         }),
         working_set: true,
+        sweep_rate: None,
     }
 }
 
@@ -237,8 +238,11 @@ async fn snapshot_and_restore_a_running_guest_11_1() {
     assert_restored(&dst, &report).await;
 }
 
+/// Three clones from one snapshot at once, each sweep paced as for a store they share
+/// (`--sweep-rate`): every clone runs clean, and each sweep kept to its rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_clones_restore_concurrently_from_one_snapshot() {
+    const RATE: u64 = 64 << 20;
     let dir = tempfile::Builder::new().prefix("lazy-").tempdir().unwrap();
     let (spec, src, _) = snapshot_running_guest(QemuVersion::V10_0, dir.path()).await;
     src.kill().await;
@@ -247,9 +251,21 @@ async fn three_clones_restore_concurrently_from_one_snapshot() {
     for i in 0..3 {
         clones.push(destination(&spec, QemuVersion::V10_0, &format!("clone{i}"), dir.path()).await);
     }
-    let reports = restore_clones(snapshot, clones.iter().map(opts).collect()).await;
+    let paced = |vm: &Vm| RestoreOptions {
+        sweep_rate: Some(RATE),
+        ..opts(vm)
+    };
+    let reports = restore_clones(snapshot, clones.iter().map(paced).collect()).await;
     for (vm, report) in clones.iter().zip(&reports) {
         assert_restored(vm, report).await;
+        let t = &report.timeline;
+        let sweep_ms = t.all_sent_ms.unwrap() - t.package_sent_ms.unwrap();
+        let floor_ms = report.served.background_pages.saturating_sub(1) * 4096 * 1000 / RATE;
+        assert!(
+            report.served.background_pages > 0 && sweep_ms >= floor_ms,
+            "{} pages swept in {sweep_ms} ms, faster than {RATE} B/s allows ({floor_ms} ms)",
+            report.served.background_pages
+        );
     }
 }
 

@@ -173,6 +173,12 @@ enum Cmd {
         /// the snapshot directory, and later restores send them ahead of the sweep).
         #[arg(long)]
         no_working_set: bool,
+        /// Most MiB per second of pages the background sweep sends to each destination
+        /// (pages nobody asked for yet), so clones restored from one store at once leave
+        /// it bandwidth for their faults; requested pages and the recorded working set
+        /// always go at once. Default: no limit.
+        #[arg(long, value_name = "MIB_PER_S", value_parser = parse_sweep_rate)]
+        sweep_rate: Option<u64>,
     },
     /// libvirt integration: the qemu hook that runs the sidecar for incoming migrations,
     /// and its installer (deploy/README.md).
@@ -298,6 +304,7 @@ fn main() -> ExitCode {
             progress_marker,
             timeout,
             no_working_set,
+            sweep_rate,
         } => run_restore(RestoreArgs {
             from,
             qmp,
@@ -308,6 +315,7 @@ fn main() -> ExitCode {
             progress_marker,
             timeout,
             no_working_set,
+            sweep_rate,
         }),
         Cmd::LibvirtHook(args) => postcopy_sidecar::deploy::libvirt::run(args),
     }
@@ -616,6 +624,16 @@ fn run_snapshot(opts: postcopy_sidecar::snapshot::take::SnapshotOptions) -> Exit
     })
 }
 
+/// `--sweep-rate`: MiB per second, more than zero, as bytes per second.
+fn parse_sweep_rate(s: &str) -> Result<u64, String> {
+    match s.parse::<f64>() {
+        Ok(m) if m.is_finite() && m > 0.0 && m <= 1e9 => Ok((m * (1u64 << 20) as f64) as u64),
+        _ => Err(format!(
+            "{s:?}: expected MiB per second, a number above 0 (e.g. 200)"
+        )),
+    }
+}
+
 /// The `restore` arguments, as parsed.
 struct RestoreArgs {
     from: PathBuf,
@@ -627,6 +645,7 @@ struct RestoreArgs {
     progress_marker: String,
     timeout: f64,
     no_working_set: bool,
+    sweep_rate: Option<u64>,
 }
 
 fn run_restore(args: RestoreArgs) -> ExitCode {
@@ -642,6 +661,7 @@ fn run_restore(args: RestoreArgs) -> ExitCode {
         progress_marker,
         timeout,
         no_working_set,
+        sweep_rate,
     } = args;
     if !guest_log.is_empty() && guest_log.len() != qmp.len() {
         eprintln!(
@@ -680,6 +700,7 @@ fn run_restore(args: RestoreArgs) -> ExitCode {
                 marker: progress_marker.clone(),
             }),
             working_set: !no_working_set,
+            sweep_rate,
         })
         .collect();
     runtime().block_on(async move {
@@ -749,6 +770,21 @@ fn run_inspect(
         Some(e) => {
             eprintln!("error: {} at offset {}: {}", e.channel, e.offset, e.message);
             ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_sweep_rate;
+
+    #[test]
+    fn a_sweep_rate_is_mib_per_second_above_zero() {
+        assert_eq!(parse_sweep_rate("200"), Ok(200 << 20));
+        assert_eq!(parse_sweep_rate("0.5"), Ok(512 << 10));
+        for bad in ["0", "-3", "NaN", "inf", "fast", ""] {
+            let e = parse_sweep_rate(bad).expect_err(bad);
+            assert!(e.contains("MiB per second"), "{bad}: {e}");
         }
     }
 }

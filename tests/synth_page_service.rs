@@ -50,6 +50,7 @@ fn pure_fault_service_answers_every_fault_once_with_the_right_page() {
         prefetch: 0,
         background: false,
         working_set: false,
+        sweep_rate: None,
     };
     for (threads, pattern) in [
         (1, Pattern::Sequential),
@@ -92,6 +93,43 @@ fn with_prefetch_and_background_every_page_arrives_once() {
     );
     assert_eq!(f.duplicates, 0);
     assert_eq!(f.wrong_pages, 0);
+}
+
+/// A paced sweep (`restore --sweep-rate`) still brings every page exactly once, while
+/// the guest's faults are served at once, not at the sweep's pace; and it does keep to
+/// its rate: the pages it swept took at least their share of time.
+#[test]
+fn a_paced_sweep_delivers_every_page_once_and_keeps_to_its_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    // 8 MiB of RAM at 16 MiB/s: a sweep of its own would take half a second.
+    let rate = 16u64 << 20;
+    let t0 = std::time::Instant::now();
+    let f = through_restore(
+        workload(2, Pattern::Random { seed: 21 }),
+        snap(&dir),
+        ServeKnobs {
+            working_set: false,
+            sweep_rate: Some(rate),
+            ..ServeKnobs::default()
+        },
+    )
+    .unwrap();
+    let took = t0.elapsed();
+    let s = f.served.expect("the service's figures");
+    assert_eq!(
+        (f.placed, f.duplicates, f.wrong_pages),
+        (PAGES as u64, 0, 0),
+        "{s:?}"
+    );
+    assert!(s.requested_pages > 0, "faults were served: {s:?}");
+    assert!(s.background_pages > 0, "the sweep ran: {s:?}");
+    let floor =
+        std::time::Duration::from_secs_f64((s.background_pages - 1) as f64 * 4096.0 / rate as f64);
+    assert!(
+        took >= floor,
+        "{} swept pages in {took:?}, faster than {rate} B/s allows ({floor:?})",
+        s.background_pages
+    );
 }
 
 /// A restore that records the snapshot's working set holds its sweep while the guest keeps
@@ -153,6 +191,7 @@ fn serve_a_dead_destination(background: bool) -> (String, std::time::Duration) {
         prefetch: 0,
         background,
         working_set: false,
+        sweep_rate: None,
     };
     let t0 = std::time::Instant::now();
     let e = serve(&s, &ours, knobs, Vec::new(), DEAD_TIMEOUT).expect_err("a dead destination");

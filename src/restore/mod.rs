@@ -110,6 +110,9 @@ pub struct RestoreOptions {
     /// Use the snapshot's working set (stream it first), or record one if it has none
     /// (protocol-spec/snapshot.md#snapshot-working-set).
     pub working_set: bool,
+    /// Most bytes per second the background sweep sends ([`ServeKnobs::sweep_rate`]):
+    /// requested pages and the working set are never held back. `None`: no limit.
+    pub sweep_rate: Option<u64>,
 }
 
 /// How long the report waits, after the migration completed, for a first progress line
@@ -354,6 +357,7 @@ async fn attach_and_serve(
 
     let knobs = ServeKnobs {
         working_set: opts.working_set,
+        sweep_rate: opts.sweep_rate,
         ..ServeKnobs::default()
     };
     // The page service blocks on its socket, on a thread of its own (`stream::serve`).

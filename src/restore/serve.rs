@@ -342,6 +342,19 @@ impl PageServer {
     /// never placed reads as zero once the migration ends (protocol-spec/snapshot.md#snapshot-zero-pages).
     /// Returns false once the sweep is complete.
     pub fn background(&mut self, max_pages: usize, out: &mut Vec<u8>) -> Result<bool, ServeError> {
+        self.background_paced(max_pages, usize::MAX, out)
+    }
+
+    /// [`Self::background`] with at most `sweep_pages` of the pages from the sweep proper:
+    /// the working set is not counted, as the guest is about to wait on it (a paced
+    /// restore, [`super::stream::ServeKnobs::sweep_rate`]). A host page is never split, so
+    /// the sweep may pass `sweep_pages` by less than one host page.
+    pub fn background_paced(
+        &mut self,
+        max_pages: usize,
+        sweep_pages: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, ServeError> {
         // The working set first, zero pages included: the guest will touch them, and a
         // page never placed blocks it until asked for.
         let before = self.figures.working_set_pages;
@@ -350,7 +363,8 @@ impl PageServer {
         let mark = out.len();
         let mut first = true;
         let mut last_block = None;
-        while n < max_pages {
+        let mut swept = 0;
+        while n < max_pages && swept < sweep_pages {
             let (block, page) = self.cursor;
             if block >= self.names.len() {
                 break;
@@ -373,6 +387,7 @@ impl PageServer {
                 self.put_in_section(out, mark, &mut first, &mut last_block, block, p)?;
                 self.figures.background_pages += 1;
                 n += 1;
+                swept += 1;
             }
         }
         if out.len() > mark {
@@ -558,6 +573,54 @@ mod tests {
         assert_eq!(n, 63);
         assert!(!seen.contains(&40));
         assert_eq!(srv.figures().already_sent, 1);
+    }
+
+    #[test]
+    fn a_paced_sweep_sends_the_working_set_whole_and_the_sweep_by_its_allowance() {
+        let (_d, s) = store(64, &[]);
+        let mut srv = PageServer::new(
+            s,
+            RamSections {
+                section_id: 3,
+                footers: true,
+            },
+        )
+        .with_prefetch(0)
+        .with_working_set({
+            let mut rec = Recorder::new([64]);
+            for p in [50, 51, 52] {
+                rec.requested(0, p);
+            }
+            rec.into_set()
+        });
+        let mut out = Vec::new();
+        // No sweep allowed: the working set still goes, and nothing else.
+        assert!(srv.background_paced(16, 0, &mut out).unwrap());
+        assert_eq!(
+            offsets(&out).iter().map(|p| p.0).collect::<Vec<_>>(),
+            vec![50, 51, 52]
+        );
+        assert_eq!(srv.figures().background_pages, 0);
+        out.clear();
+        assert!(srv.background_paced(16, 0, &mut out).unwrap());
+        assert!(
+            out.is_empty(),
+            "nothing left but the sweep, and none allowed"
+        );
+        // Then the sweep, by its allowance.
+        assert!(srv.background_paced(16, 5, &mut out).unwrap());
+        assert_eq!(
+            offsets(&out).iter().map(|p| p.0).collect::<Vec<_>>(),
+            (0..5).collect::<Vec<_>>()
+        );
+        out.clear();
+        while srv.background_paced(16, 7, &mut out).unwrap() {}
+        let mut seen: Vec<u64> = offsets(&out).iter().map(|p| p.0).collect();
+        seen.extend(0..5);
+        seen.extend([50, 51, 52]);
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 64, "every page once");
     }
 
     #[test]

@@ -30,6 +30,13 @@ pub struct ServeKnobs {
     /// Stream the snapshot's recorded working set ahead of the sweep when it has one,
     /// and record the guest's requests ([`ServeOutcome::recorded`]) when it has none.
     pub working_set: bool,
+    /// Most bytes per second of page data the sweep reads and sends; `None`: as fast
+    /// as the destination takes them. Many clones restored from one store at once
+    /// would otherwise each take all of its bandwidth for pages nobody asked for yet, and
+    /// their guests' faults would queue behind that. Requested pages, their prefetch
+    /// windows and the recorded working set are never held back: a guest waits on them
+    /// (protocol-spec/snapshot.md#snapshot-sweep-rate).
+    pub sweep_rate: Option<u64>,
 }
 
 impl Default for ServeKnobs {
@@ -38,6 +45,7 @@ impl Default for ServeKnobs {
             prefetch: PREFETCH_PAGES,
             background: true,
             working_set: true,
+            sweep_rate: None,
         }
     }
 }
@@ -64,6 +72,50 @@ pub struct ServeOutcome {
     /// The pages the guest asked for, in order, when the snapshot had no working set yet.
     pub recorded: Option<WorkingSet>,
 }
+
+/// The sweep's pace: pages it may have sent by a given time at `rate` bytes per second
+/// since `since`. Pure arithmetic over the instants it is given, so it is tested without
+/// a clock.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    /// Target pages per second.
+    pages_per_s: f64,
+    since: Instant,
+    swept: u64,
+}
+
+impl Pace {
+    fn new(rate: u64, since: Instant) -> Pace {
+        Pace {
+            pages_per_s: (rate as f64 / PAGE_BYTES as f64).max(1.0),
+            since,
+            swept: 0,
+        }
+    }
+
+    /// Sweep pages that may go out at `now` (at least one page's worth must have
+    /// accrued: the sweep never runs ahead of its rate).
+    fn allowed(&self, now: Instant) -> usize {
+        let due =
+            (now.saturating_duration_since(self.since).as_secs_f64() * self.pages_per_s) as u64;
+        due.saturating_sub(self.swept) as usize
+    }
+
+    /// When the next sweep page may go out (a microsecond late rather than a rounding
+    /// early, so a wait until then always finds it allowed).
+    fn next_at(&self) -> Instant {
+        self.since
+            + Duration::from_secs_f64((self.swept + 1) as f64 / self.pages_per_s)
+            + Duration::from_micros(1)
+    }
+
+    fn swept(&mut self, pages: u64) {
+        self.swept += pages;
+    }
+}
+
+/// Target page size, what the sweep's rate counts in.
+const PAGE_BYTES: u64 = 4096;
 
 /// A page request as the return-path reader hands it to the writer.
 struct Request {
@@ -133,6 +185,9 @@ pub fn serve(
         recorded: None,
     };
     let mut more = knobs.background;
+    let mut pace = knobs.sweep_rate.map(|r| Pace::new(r, o.package_sent));
+    // The sweep is behind its pace: wait for requests until this instant.
+    let mut paced_until: Option<Instant> = None;
     let mut ended = false;
     let mut rp_open = true;
     let mut requests = Vec::new();
@@ -166,7 +221,10 @@ pub fn serve(
         let now = Instant::now();
         let holding =
             rp_open && hold_end.is_some_and(|end| now < end && now < last_request + RECORD_QUIET);
-        if more && !holding {
+        if paced_until.is_some_and(|t| t <= now) {
+            paced_until = None;
+        }
+        if more && !holding && paced_until.is_none() {
             // Whatever the destination has sent by now goes first, without waiting.
             if rp_open {
                 match link.read_now(&mut rp.buf) {
@@ -176,7 +234,16 @@ pub fn serve(
                     Err(e) => return Err(net("reading the destination's return path", e)),
                 }
             }
-            more = server.background(BACKGROUND_BATCH, &mut out)?;
+            let allowed = pace.as_ref().map_or(usize::MAX, |p| p.allowed(now));
+            let swept = server.figures().background_pages;
+            more = server.background_paced(BACKGROUND_BATCH, allowed, &mut out)?;
+            if let Some(p) = pace.as_mut() {
+                p.swept(server.figures().background_pages - swept);
+                if more && out.is_empty() {
+                    // Nothing of the working set left and the sweep at its pace.
+                    paced_until = Some(p.next_at());
+                }
+            }
             link.send(&mut out, &mut o.bytes_sent)?;
             if !more {
                 o.all_sent = Some(Instant::now());
@@ -187,21 +254,27 @@ pub fn serve(
             continue;
         }
         if !rp_open {
+            if let Some(t) = paced_until {
+                // Nothing more will be asked for; the sweep goes on at its pace.
+                std::thread::sleep(t.saturating_duration_since(now));
+                continue;
+            }
             break;
         }
         // Nothing to send: sleep until the destination speaks (or, holding the sweep,
         // until the guest has been quiet long enough).
-        let wait = match hold_end {
-            Some(end) if holding => (last_request + RECORD_QUIET)
+        let wait = match (hold_end, paced_until) {
+            (Some(end), _) if holding => (last_request + RECORD_QUIET)
                 .min(end)
                 .saturating_duration_since(now),
+            (_, Some(t)) => t.saturating_duration_since(now),
             _ => timeout,
         };
         match link.read_waiting(&mut rp.buf, wait) {
             Ok(0) => rp_open = false,
             Ok(_) => {}
             Err(e) if is_timeout(&e) => {
-                if !holding {
+                if !holding && paced_until.is_none() {
                     return Err(net("waiting for the destination to finish", timed_out()));
                 }
             }
@@ -374,5 +447,37 @@ impl ReturnPath {
     fn finish(&mut self) -> Result<(), RestoreError> {
         self.dec.finish(&self.buf)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pace_allows_what_its_rate_accrued_and_no_more() {
+        let t0 = Instant::now();
+        // 4 MiB/s: 1024 pages a second, one per ~977 µs.
+        let mut p = Pace::new(4 << 20, t0);
+        assert_eq!(p.allowed(t0), 0, "nothing before time passed");
+        assert_eq!(p.allowed(t0 + Duration::from_millis(500)), 512);
+        p.swept(512);
+        assert_eq!(p.allowed(t0 + Duration::from_millis(500)), 0);
+        let next = p.next_at();
+        assert!(next > t0 + Duration::from_millis(500), "{next:?}");
+        assert!(next <= t0 + Duration::from_millis(502), "{next:?}");
+        assert_eq!(p.allowed(next), 1);
+        // A sweep that went past its allowance (a host page is never split) waits
+        // for its rate to catch up.
+        p.swept(600);
+        assert_eq!(p.allowed(t0 + Duration::from_secs(1)), 0);
+        assert_eq!(p.allowed(t0 + Duration::from_millis(1100)), 14);
+    }
+
+    #[test]
+    fn a_pace_too_slow_for_a_page_still_moves() {
+        let t0 = Instant::now();
+        let p = Pace::new(1, t0);
+        assert_eq!(p.allowed(t0 + Duration::from_secs(1)), 1);
     }
 }
