@@ -324,7 +324,6 @@ impl PageStore {
                 Ok(())
             }
             PageKind::Data(want) => {
-                let path = self.dir.join(PAGES_FILE);
                 if let Err(e) = self.pages.read_exact_at(out, b.store_offset + offset) {
                     if e.kind() == std::io::ErrorKind::UnexpectedEof {
                         let found = self.pages.metadata().map(|m| m.len()).unwrap_or(0);
@@ -334,6 +333,7 @@ impl PageStore {
                             found,
                         });
                     }
+                    let path = self.dir.join(PAGES_FILE);
                     return Err(SnapshotError::io("reading a page from", &path, e));
                 }
                 if xxh3_64(out) != want {
