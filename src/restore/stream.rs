@@ -85,9 +85,9 @@ struct Pace {
 }
 
 impl Pace {
-    fn new(rate: u64, since: Instant) -> Pace {
+    fn new(rate: u64, page_bytes: u64, since: Instant) -> Pace {
         Pace {
-            pages_per_s: (rate as f64 / PAGE_BYTES as f64).max(1.0),
+            pages_per_s: (rate as f64 / page_bytes.max(1) as f64).max(1.0),
             since,
             swept: 0,
         }
@@ -113,9 +113,6 @@ impl Pace {
         self.swept += pages;
     }
 }
-
-/// Target page size, what the sweep's rate counts in.
-const PAGE_BYTES: u64 = 4096;
 
 /// A page request as the return-path reader hands it to the writer.
 struct Request {
@@ -185,7 +182,11 @@ pub fn serve(
         recorded: None,
     };
     let mut more = knobs.background;
-    let mut pace = knobs.sweep_rate.map(|r| Pace::new(r, o.package_sent));
+    // The sweep counts the store's (target) pages.
+    let page_bytes = snapshot.store.page_size();
+    let mut pace = knobs
+        .sweep_rate
+        .map(|r| Pace::new(r, page_bytes, o.package_sent));
     // The sweep is behind its pace: wait for requests until this instant.
     let mut paced_until: Option<Instant> = None;
     let mut ended = false;
@@ -460,7 +461,7 @@ mod tests {
     fn the_pace_allows_what_its_rate_accrued_and_no_more() {
         let t0 = Instant::now();
         // 4 MiB/s: 1024 pages a second, one per ~977 µs.
-        let mut p = Pace::new(4 << 20, t0);
+        let mut p = Pace::new(4 << 20, 4096, t0);
         assert_eq!(p.allowed(t0), 0, "nothing before time passed");
         assert_eq!(p.allowed(t0 + Duration::from_millis(500)), 512);
         p.swept(512);
@@ -479,7 +480,7 @@ mod tests {
     #[test]
     fn a_pace_too_slow_for_a_page_still_moves() {
         let t0 = Instant::now();
-        let p = Pace::new(1, t0);
+        let p = Pace::new(1, 4096, t0);
         assert_eq!(p.allowed(t0 + Duration::from_secs(1)), 1);
     }
 }
