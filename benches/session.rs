@@ -39,10 +39,8 @@ fn capture(name: &str) -> Vec<u8> {
 /// migration bench's guest, at its size, so the queue reaches the bound it reaches there.
 fn composed(mib: u64) -> Vec<u8> {
     use postcopy_sidecar::wire::compose::{
-        RamSections, put_opening, put_package, put_page, put_zero,
+        RamSections, put_opening, put_page, put_postcopy_switch, put_zero,
     };
-    use postcopy_sidecar::wire::stream::SectionIdent;
-    use postcopy_sidecar::wire::{Command, SectionHeader, SectionKind};
     const PAGE: u64 = 4096;
     let ram = RamSections {
         section_id: 2,
@@ -50,23 +48,7 @@ fn composed(mib: u64) -> Vec<u8> {
     };
     let mut out = Vec::new();
     put_opening(&mut out, b"pc-q35-10.0", 2, &[(b"pc.ram", mib << 20)]);
-    Command::Ping(2).encode(&mut out);
-    let mut blob = Vec::new();
-    Command::PostcopyListen.encode(&mut blob);
-    SectionHeader {
-        kind: SectionKind::Full,
-        section_id: 3,
-        ident: Some(SectionIdent {
-            idstr: b"timer",
-            instance_id: 0,
-            version_id: 2,
-        }),
-    }
-    .encode(&mut blob);
-    blob.extend_from_slice(b"device state");
-    Command::Ping(3).encode(&mut blob);
-    Command::PostcopyRun.encode(&mut blob);
-    put_package(&mut out, &blob);
+    put_postcopy_switch(&mut out, b"device state");
     let pages = (mib << 20) / PAGE;
     let mut data = [0u8; PAGE as usize];
     for part in (0..pages).collect::<Vec<_>>().chunks(1024) {

@@ -423,6 +423,17 @@ mod tests {
     use crate::snapshot::store::StoreWriter;
     use crate::wire::{Event, RamRecord, Step, StreamDecoder};
 
+    /// A server of `s` as the tests read its stream: `ram` is section 3, with footers.
+    fn server(s: Arc<PageStore>) -> PageServer {
+        PageServer::new(
+            s,
+            RamSections {
+                section_id: 3,
+                footers: true,
+            },
+        )
+    }
+
     fn store(pages: u64, zero: &[u64]) -> (tempfile::TempDir, Arc<PageStore>) {
         let dir = tempfile::tempdir().unwrap();
         let mut w = StoreWriter::create(dir.path(), &[("m".into(), pages * 4096)], 4096).unwrap();
@@ -518,14 +529,7 @@ mod tests {
         // Host page 1 (pages 16..32) is all zero; page 40 is zero inside host page 2.
         let zero: Vec<u64> = (16..32).chain([40]).collect();
         let (_d, s) = store(64, &zero);
-        let mut srv = PageServer::new(
-            s,
-            RamSections {
-                section_id: 3,
-                footers: true,
-            },
-        )
-        .with_host_pages(vec![16]);
+        let mut srv = server(s).with_host_pages(vec![16]);
         let mut out = Vec::new();
         // A request in the middle of host page 2, then one for the zero host page 1.
         assert_eq!(srv.serve_request(0, 37 * 4096, 4096, &mut out).unwrap(), 16);
@@ -544,13 +548,7 @@ mod tests {
     #[test]
     fn requests_first_then_background_never_twice() {
         let (_d, s) = store(64, &[3, 40]);
-        let mut srv = PageServer::new(
-            s,
-            RamSections {
-                section_id: 3,
-                footers: true,
-            },
-        );
+        let mut srv = server(s);
         let mut out = Vec::new();
         assert_eq!(srv.serve_request(0, 2 * 4096, 4096, &mut out).unwrap(), 1);
         // 2 requested, 3..=9 prefetched (3 is a zero page, sent as ZERO)
@@ -578,15 +576,7 @@ mod tests {
     #[test]
     fn a_paced_sweep_sends_the_working_set_whole_and_the_sweep_by_its_allowance() {
         let (_d, s) = store(64, &[]);
-        let mut srv = PageServer::new(
-            s,
-            RamSections {
-                section_id: 3,
-                footers: true,
-            },
-        )
-        .with_prefetch(0)
-        .with_working_set({
+        let mut srv = server(s).with_prefetch(0).with_working_set({
             let mut rec = Recorder::new([64]);
             for p in [50, 51, 52] {
                 rec.requested(0, p);
@@ -653,16 +643,7 @@ mod tests {
             rec.requested(0, p);
         }
         let set = rec.into_set();
-        let mut srv = PageServer::new(
-            s,
-            RamSections {
-                section_id: 3,
-                footers: true,
-            },
-        )
-        .with_prefetch(0)
-        .with_working_set(set)
-        .recording();
+        let mut srv = server(s).with_prefetch(0).with_working_set(set).recording();
         let mut out = Vec::new();
         // A live request comes before anything of the working set.
         assert_eq!(srv.serve_request(0, 30 * 4096, 4096, &mut out).unwrap(), 1);

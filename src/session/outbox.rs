@@ -46,8 +46,9 @@ pub(crate) type PageMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// queue holds up to [`super::MAX_QUEUED_UNITS`] zero pages, and a hash table that size
 /// misses the cache on every insert and removal, while the stream inserts pages at the
 /// tree's right edge (addresses rising) and the queue removes them at its left edge or
-/// in order: measured with `cargo bench --bench session`, 90 against 50-64 ms for a
-/// composed 512 MiB guest.
+/// in order: measured with `cargo bench --bench session` for a composed 512 MiB guest,
+/// hash map against B-tree, 90 against 50-64 ms in one run and 133 against 89 ms in
+/// another (a different machine's day).
 type WaitingPages = std::collections::BTreeMap<(usize, u64), (u64, bool)>;
 
 /// A page record's place in the stream, as the decoder saw it.

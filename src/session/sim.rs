@@ -12,12 +12,11 @@
 use std::collections::VecDeque;
 
 use crate::wire::compose::{
-    RamSections, put_discards, put_opening, put_package, put_page, put_zero,
+    RamSections, put_discards, put_opening, put_page, put_postcopy_switch, put_zero,
 };
-use crate::wire::stream::SectionIdent;
 use crate::wire::{
-    Command, Event, PostcopyPhase, PreemptDecoder, RamRecord, RpDecoder, RpMessage, SectionHeader,
-    SectionKind, Step, StreamDecoder,
+    Command, Event, PostcopyPhase, PreemptDecoder, RamRecord, RpDecoder, RpMessage, Step,
+    StreamDecoder,
 };
 
 /// Target page size of the simulated migration.
@@ -113,24 +112,8 @@ impl SimSource {
         }
         // QEMU resets the main channel's previous block at the switch.
         self.last_block = None;
-        Command::Ping(2).encode(&mut out);
-        let mut blob = Vec::new();
-        Command::PostcopyListen.encode(&mut blob);
         // Device state: a FULL section, which the codec passes through unframed.
-        SectionHeader {
-            kind: SectionKind::Full,
-            section_id: 3,
-            ident: Some(SectionIdent {
-                idstr: b"timer",
-                instance_id: 0,
-                version_id: 2,
-            }),
-        }
-        .encode(&mut blob);
-        blob.extend_from_slice(b"device state bytes");
-        Command::Ping(3).encode(&mut blob);
-        Command::PostcopyRun.encode(&mut blob);
-        put_package(&mut out, &blob);
+        put_postcopy_switch(&mut out, b"device state bytes");
         Command::Ping(4).encode(&mut out);
         out
     }

@@ -96,6 +96,30 @@ pub fn put_package(out: &mut Vec<u8>, blob: &[u8]) {
     out.extend_from_slice(blob);
 }
 
+/// Appends the switch to postcopy as a source writes it, for made-up streams (tests,
+/// benches): PING(2), then the package of LISTEN, one FULL device section (id 3, `timer`)
+/// whose opaque state is `device_state`, PING(3) and RUN.
+pub fn put_postcopy_switch(out: &mut Vec<u8>, device_state: &[u8]) {
+    use super::stream::SectionIdent;
+    Command::Ping(2).encode(out);
+    let mut blob = Vec::new();
+    Command::PostcopyListen.encode(&mut blob);
+    SectionHeader {
+        kind: SectionKind::Full,
+        section_id: 3,
+        ident: Some(SectionIdent {
+            idstr: b"timer",
+            instance_id: 0,
+            version_id: 2,
+        }),
+    }
+    .encode(&mut blob);
+    blob.extend_from_slice(device_state);
+    Command::Ping(3).encode(&mut blob);
+    Command::PostcopyRun.encode(&mut blob);
+    put_package(out, &blob);
+}
+
 /// Appends a stream's opening as a postcopy source writes it, for streams the sidecar
 /// makes up (synthetic snapshots, tests): file header, configuration for `machine`,
 /// OPEN_RETURN_PATH, PING(1), POSTCOPY_ADVISE for 4 KiB pages, and the `ram` START
