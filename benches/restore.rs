@@ -12,12 +12,17 @@
 //!
 //! Time to running = from the first restore action (lazy: opening the snapshot) to the
 //! destination's QMP `RESUME` (QEMU's own timestamp); time to first progress = to the
-//! guest's first `WL progress` line on the destination's serial.
+//! guest's first `WL progress` line on the destination's serial; time to first work = to
+//! its second `WL mark` line, when it has processed between one and two more units of
+//! `BENCH_MARK_MIB` (the same work for every restore of one snapshot). The progress line
+//! follows the guest's clock, which runs on while a vCPU waits for a page, so only the
+//! work figure shows what waiting for pages cost the guest.
 //!
 //! `cargo bench --bench restore` (env: BENCH_ROUNDS, default 3; BENCH_SIZES, default
 //! `1024:256,4096:1024` as RAM:touched MiB; BENCH_SWEEP_MIBPS, the lazy restores' sweep
 //! rate (`restore --sweep-rate`), default none: a store as slow as a shared one, where
-//! what the working set is worth shows). Needs `scripts/setup.sh`.
+//! what the working set is worth shows; BENCH_MARK_MIB, the unit of work, default 64).
+//! Needs `scripts/setup.sh`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,6 +34,14 @@ use postcopy_sidecar::restore::{RestoreOptions, Snapshot, restore};
 use postcopy_sidecar::snapshot::take::{SnapshotMode, SnapshotOptions, snapshot};
 
 const LONG: Duration = Duration::from_secs(1200);
+
+/// BENCH_MARK_MIB: the MiB of pages processed per `WL mark` (the guest's `wl.mark_mib`).
+fn mark_mib() -> u64 {
+    std::env::var("BENCH_MARK_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
+}
 
 /// BENCH_SWEEP_MIBPS as bytes per second.
 fn sweep_rate() -> Option<u64> {
@@ -47,6 +60,8 @@ fn wall_us() -> u64 {
 struct Sample {
     running_ms: f64,
     progress_ms: f64,
+    /// To the guest's second `WL mark`: a fixed amount of work done.
+    work_ms: f64,
     all_ram_ms: f64,
     /// Lazy: the destination's page requests (remote faults).
     faults: f64,
@@ -65,9 +80,17 @@ async fn resume_at(
     }
 }
 
-async fn first_progress(vm: &Vm) -> Instant {
-    vm.wait_progress(0, 1, LONG).await.expect("first progress");
-    Instant::now()
+/// When the guest printed its first progress line and when its second work mark.
+async fn first_progress(vm: &Vm) -> (Instant, Instant) {
+    let timed = async {
+        vm.wait_progress(0, 1, LONG).await.expect("first progress");
+        Instant::now()
+    };
+    let work = async {
+        vm.wait_marks(0, 2, LONG).await.expect("work marks");
+        Instant::now()
+    };
+    tokio::join!(timed, work)
 }
 
 async fn eager(spec: &VmSpec, file: &Path, dir: &Path) -> Sample {
@@ -99,7 +122,8 @@ async fn eager(spec: &VmSpec, file: &Path, dir: &Path) -> Sample {
     let ((loaded, resumed), p) = tokio::join!(drive, progress);
     let s = Sample {
         running_ms: resumed.saturating_sub(t0_wall) as f64 / 1000.0,
-        progress_ms: (p - t0).as_secs_f64() * 1000.0,
+        progress_ms: (p.0 - t0).as_secs_f64() * 1000.0,
+        work_ms: (p.1 - t0).as_secs_f64() * 1000.0,
         all_ram_ms: loaded.as_secs_f64() * 1000.0,
         faults: 0.0,
     };
@@ -146,7 +170,8 @@ async fn lazy(spec: &VmSpec, snap: &Path, dir: &Path, working_set: bool) -> Samp
     let ((all, resumed, requests), p) = tokio::join!(run, progress);
     let s = Sample {
         running_ms: resumed.saturating_sub(t0_wall) as f64 / 1000.0,
-        progress_ms: (p - t0).as_secs_f64() * 1000.0,
+        progress_ms: (p.0 - t0).as_secs_f64() * 1000.0,
+        work_ms: (p.1 - t0).as_secs_f64() * 1000.0,
         all_ram_ms: all.as_secs_f64() * 1000.0,
         faults: requests as f64,
     };
@@ -182,7 +207,8 @@ async fn size(ram: u64, touched: u64, rounds: usize) -> Row {
             mode: WorkloadMode::Hot,
             hot_mib: 16,
             seed: 5,
-        });
+        })
+        .kernel_arg(format!("wl.mark_mib={}", mark_mib()));
     let src = Vm::spawn(&spec, dir.path()).await.expect("source");
     src.wait_workload_ready(LONG).await.expect("workload ready");
     src.wait_progress(src.serial().len(), 1, LONG)
@@ -256,6 +282,7 @@ async fn size(ram: u64, touched: u64, rounds: usize) -> Row {
     let med = |v: &[Sample]| Sample {
         running_ms: median(v.iter().map(|s| s.running_ms).collect()),
         progress_ms: median(v.iter().map(|s| s.progress_ms).collect()),
+        work_ms: median(v.iter().map(|s| s.work_ms).collect()),
         all_ram_ms: median(v.iter().map(|s| s.all_ram_ms).collect()),
         faults: median(v.iter().map(|s| s.faults).collect()),
     };
@@ -322,15 +349,27 @@ async fn main() {
         );
     }
     println!(
-        "lazy with the recorded working set vs without, same rounds: remote faults, time to first progress"
+        "lazy with the recorded working set vs without, same rounds: remote faults, time to the first \
+         (timed) progress line, time to the first {} MiB of work (eager beside it: all RAM local)",
+        mark_mib()
     );
     println!(
-        "{:>8} | {:>9} {:>9} {:>7} | {:>11} {:>11} {:>7}",
-        "RAM MiB", "faults", "with set", "ratio", "first prog", "with set", "ratio"
+        "{:>8} | {:>9} {:>9} {:>7} | {:>11} {:>11} {:>7} | {:>11} {:>11} {:>7} {:>11}",
+        "RAM MiB",
+        "faults",
+        "with set",
+        "ratio",
+        "first prog",
+        "with set",
+        "ratio",
+        "first work",
+        "with set",
+        "ratio",
+        "eager work"
     );
     for r in &rows {
         println!(
-            "{:>8} | {:>9.0} {:>9.0} {:>6.2}× | {:>9.1}ms {:>9.1}ms {:>6.2}×",
+            "{:>8} | {:>9.0} {:>9.0} {:>6.2}× | {:>9.1}ms {:>9.1}ms {:>6.2}× | {:>9.1}ms {:>9.1}ms {:>6.2}× {:>9.1}ms",
             r.ram,
             r.lazy.faults,
             r.replay.faults,
@@ -338,6 +377,10 @@ async fn main() {
             r.lazy.progress_ms,
             r.replay.progress_ms,
             r.replay.progress_ms / r.lazy.progress_ms.max(0.001),
+            r.lazy.work_ms,
+            r.replay.work_ms,
+            r.replay.work_ms / r.lazy.work_ms.max(0.001),
+            r.eager.work_ms,
         );
     }
     if rows.len() > 1 {

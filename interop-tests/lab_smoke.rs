@@ -112,7 +112,9 @@ async fn qemu_10_0_runs_the_7_2_machine_type() {
 async fn linux_guest_runs_the_workload() {
     let dir = workdir();
     let t0 = Instant::now();
-    let vm = need(Vm::spawn(&guest_spec("boot"), dir.path()).await);
+    // With work marks every 16 MiB processed, as the restore bench counts work.
+    let spec = guest_spec("boot").kernel_arg("wl.mark_mib=16");
+    let vm = need(Vm::spawn(&spec, dir.path()).await);
     let ready = need(vm.wait_workload_ready(BOOT).await);
     eprintln!(
         "guest ready under {:?} in {:.1}s (fill {} ms)",
@@ -125,6 +127,14 @@ async fn linux_guest_runs_the_workload() {
     let progress = need(vm.wait_progress(0, 2, PROGRESS).await);
     assert!(progress[1].pages > progress[0].pages, "{progress:?}");
     assert!(progress.iter().all(|p| p.mismatches == 0), "{progress:?}");
+    let marks = need(vm.wait_marks(0, 3, PROGRESS).await);
+    for (i, m) in marks.iter().enumerate() {
+        assert_eq!(m.n, i as u64 + 1, "{marks:?}");
+        assert!(
+            m.pages >= m.n * 16 * 256,
+            "a mark before its work: {marks:?}"
+        );
+    }
     need(vm.check_workload_clean());
 }
 

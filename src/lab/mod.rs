@@ -33,7 +33,7 @@ pub use qemu::{GuestImage, QemuBinary, QemuVersion};
 pub use serial::{SerialLog, WaitEnd};
 pub use vm::{Guest, RamLayout, Vm, VmSpec, reserve_hugepages};
 pub use workload::{
-    WlLine, WlMismatch, WlProgress, WlReady, Workload, WorkloadMode, parse_wl_line,
+    WlLine, WlMark, WlMismatch, WlProgress, WlReady, Workload, WorkloadMode, parse_wl_line,
 };
 
 use crate::qmp::QmpError;

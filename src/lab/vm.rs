@@ -12,7 +12,7 @@ use super::LabError;
 use super::accel::{Accel, resolve_accel_for};
 use super::qemu::{GuestImage, QemuBinary};
 use super::serial::{SerialLog, WaitEnd};
-use super::workload::{WlLine, WlProgress, WlReady, Workload, parse_wl_line};
+use super::workload::{WlLine, WlMark, WlProgress, WlReady, Workload, parse_wl_line};
 use crate::qmp::Qmp;
 
 /// What runs inside the VM.
@@ -613,6 +613,39 @@ impl Vm {
         n: usize,
         timeout: Duration,
     ) -> Result<Vec<WlProgress>, LabError> {
+        self.wait_wl_lines(from, n, timeout, "`WL progress`", |l| match l {
+            WlLine::Progress(p) => Some(p),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Waits for `n` `WL mark` lines (a guest started with `wl.mark_mib=`) at serial index
+    /// `from` or later: the guest has done that much more work. A `WL fatal` line ends the
+    /// wait with an error.
+    pub async fn wait_marks(
+        &self,
+        from: usize,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<WlMark>, LabError> {
+        self.wait_wl_lines(from, n, timeout, "`WL mark`", |l| match l {
+            WlLine::Mark(m) => Some(m),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Collects `n` workload lines that `pick` accepts, from serial index `from` on; a
+    /// `WL fatal` line ends the wait with an error.
+    async fn wait_wl_lines<T>(
+        &self,
+        from: usize,
+        n: usize,
+        timeout: Duration,
+        what: &str,
+        pick: fn(WlLine) -> Option<T>,
+    ) -> Result<Vec<T>, LabError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut out = Vec::new();
         let mut next = from;
@@ -622,19 +655,18 @@ impl Vm {
                 .serial
                 .wait_after(
                     next,
-                    |l| {
-                        matches!(
-                            parse_wl_line(l),
-                            Some(WlLine::Progress(_) | WlLine::Fatal(_))
-                        )
+                    |l| match parse_wl_line(l) {
+                        Some(WlLine::Fatal(_)) => true,
+                        Some(w) => pick(w).is_some(),
+                        None => false,
                     },
                     left,
                 )
                 .await
-                .map_err(|e| self.wait_error(e, &format!("{n} `WL progress` lines"), timeout))?;
-            match parse_wl_line(&line) {
-                Some(WlLine::Progress(p)) => out.push(p),
-                _ => return Err(LabError::Workload(line)),
+                .map_err(|e| self.wait_error(e, &format!("{n} {what} lines"), timeout))?;
+            match parse_wl_line(&line).and_then(pick) {
+                Some(v) => out.push(v),
+                None => return Err(LabError::Workload(line)),
             }
             next = i + 1;
         }

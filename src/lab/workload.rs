@@ -112,6 +112,19 @@ pub struct WlProgress {
     pub t_ms: u64,
 }
 
+/// `WL mark ...` (with `wl.mark_mib=N`): another N MiB of pages processed. Work, not time:
+/// the guest's clock runs on while a vCPU waits for a page, so only a count of work shows
+/// what waiting for pages cost (a timed progress line comes on time regardless).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WlMark {
+    /// Marks since the fill (1, 2, ...).
+    pub n: u64,
+    /// Pages processed (rewritten + verified) since the fill.
+    pub pages: u64,
+    /// Guest milliseconds since `/init` started.
+    pub t_ms: u64,
+}
+
 /// `WL mismatch ...`: one word that did not hold its expected value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WlMismatch {
@@ -134,6 +147,8 @@ pub enum WlLine {
     Ready(WlReady),
     /// `WL progress`.
     Progress(WlProgress),
+    /// `WL mark`.
+    Mark(WlMark),
     /// `WL mismatch`.
     Mismatch(WlMismatch),
     /// `WL sweep`: a full verification pass ended with this many new mismatches.
@@ -181,6 +196,11 @@ pub fn parse_wl_line(line: &str) -> Option<WlLine> {
             mismatches: num(&f, "mismatches")?,
             mbps: f.get("mbps")?.parse().ok()?,
             t_ms: num(&f, "t_ms").unwrap_or(0),
+        }),
+        "mark" => WlLine::Mark(WlMark {
+            n: num(&f, "n")?,
+            pages: num(&f, "pages")?,
+            t_ms: num(&f, "t_ms")?,
         }),
         "mismatch" => WlLine::Mismatch(WlMismatch {
             page: num(&f, "page")?,
@@ -241,6 +261,15 @@ mod tests {
         );
         assert_eq!(parse_wl_line("[    0.000000] Linux version"), None);
         assert_eq!(parse_wl_line("WL progress round=1"), None);
+        assert_eq!(
+            parse_wl_line("WL mark n=2 pages=32768 t_ms=5120\r"),
+            Some(WlLine::Mark(WlMark {
+                n: 2,
+                pages: 32768,
+                t_ms: 5120
+            }))
+        );
+        assert_eq!(parse_wl_line("WL mark n=2"), None);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!
 //! Parameters come from the kernel command line (`/proc/cmdline`):
 //! `wl.mib=64 wl.mode=seq|random|hot|idle wl.hot_mib=8 wl.seed=1`, plus `wl.corrupt=1`
-//! (self-test: flip one bit after the fill, to prove mismatches get reported).
+//! (self-test: flip one bit after the fill, to prove mismatches get reported) and
+//! `wl.mark_mib=N` (a `WL mark` line per N MiB of pages processed: work, not time).
 //! Run outside a VM (not PID 1), the same `wl.*` words are taken from the arguments.
 //!
 //! # Page format (4 KiB pages, 512 little-endian u64 words)
@@ -90,6 +91,10 @@ struct Params {
     seed: u64,
     /// Self-test: flip one bit after the fill so the detection path can be tested.
     corrupt: bool,
+    /// Print `WL mark` each time this many more MiB have been processed (0: never): a
+    /// measure of work done, where `WL progress` follows the clock (which runs on while a
+    /// vCPU waits for a page, so a timed line cannot show what waiting cost).
+    mark_mib: usize,
 }
 
 fn parse_params(words: &str) -> Result<Params, String> {
@@ -99,6 +104,7 @@ fn parse_params(words: &str) -> Result<Params, String> {
         hot_mib: 8,
         seed: 1,
         corrupt: false,
+        mark_mib: 0,
     };
     for w in words.split_whitespace() {
         let Some((k, v)) = w.split_once('=') else {
@@ -110,6 +116,7 @@ fn parse_params(words: &str) -> Result<Params, String> {
             "wl.hot_mib" => p.hot_mib = num(v)? as usize,
             "wl.seed" => p.seed = num(v)?,
             "wl.corrupt" => p.corrupt = num(v)? != 0,
+            "wl.mark_mib" => p.mark_mib = num(v)? as usize,
             "wl.mode" => {
                 p.mode = match v {
                     "seq" => Mode::Seq,
@@ -284,6 +291,11 @@ struct Reporter {
     last: Instant,
     last_pages: u64,
     round: u64,
+    /// Pages per `WL mark` (0: off).
+    mark_pages: u64,
+    /// Processed pages at which the next mark is due.
+    next_mark: u64,
+    marks: u64,
 }
 
 impl Reporter {
@@ -313,6 +325,23 @@ impl Reporter {
         if self.due() {
             self.report(wl);
         }
+        let done = wl.rewritten + wl.verified;
+        if let Some(n) = self.mark_due(done) {
+            out!(
+                "WL mark n={n} pages={done} t_ms={}",
+                self.start.elapsed().as_millis()
+            );
+        }
+    }
+
+    /// The number of the mark due now that `done` pages have been processed, if one is.
+    fn mark_due(&mut self, done: u64) -> Option<u64> {
+        if self.mark_pages == 0 || done < self.next_mark {
+            return None;
+        }
+        self.marks += 1;
+        self.next_mark = (done / self.mark_pages + 1) * self.mark_pages;
+        Some(self.marks)
     }
 }
 
@@ -367,6 +396,9 @@ fn run(p: Params, start: Instant) -> ! {
         last: now,
         last_pages: 0,
         round: 0,
+        mark_pages: p.mark_mib as u64 * 256,
+        next_mark: p.mark_mib as u64 * 256,
+        marks: 0,
     };
     let mut rng = mix(p.seed ^ 0x5EED) | 1;
     let hot_pages = (p.hot_mib * 256).min(wl.pages);
@@ -451,6 +483,34 @@ mod tests {
 
     fn small() -> Workload {
         Workload::new(&parse_params("wl.mib=1 wl.seed=9").unwrap())
+    }
+
+    #[test]
+    fn a_mark_falls_due_once_per_unit_of_work() {
+        let p = parse_params("wl.mib=4 wl.mark_mib=1").unwrap();
+        let now = Instant::now();
+        let mut rep = Reporter {
+            start: now,
+            last: now,
+            last_pages: 0,
+            round: 0,
+            mark_pages: p.mark_mib as u64 * 256,
+            next_mark: p.mark_mib as u64 * 256,
+            marks: 0,
+        };
+        assert_eq!(rep.mark_due(255), None);
+        assert_eq!(rep.mark_due(256), Some(1));
+        assert_eq!(rep.mark_due(300), None);
+        // A step over two units gives one mark, and the next is due at the next unit.
+        assert_eq!(rep.mark_due(1000), Some(2));
+        assert_eq!(rep.mark_due(1023), None);
+        assert_eq!(rep.mark_due(1024), Some(3));
+        let mut off = Reporter {
+            mark_pages: 0,
+            next_mark: 0,
+            ..rep
+        };
+        assert_eq!(off.mark_due(1 << 30), None);
     }
 
     #[test]
