@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use super::working_set::{Recorder, WorkingSet};
+use super::working_set::{Recorder, Replay, WorkingSet};
 use crate::snapshot::store::PageKind;
 use crate::snapshot::{PageStore, SnapshotError};
 use crate::wire::compose::{RamSections, put_page, put_zero};
@@ -67,8 +67,8 @@ pub struct PageServer {
     /// always goes out whole, its target pages in order (protocol-spec/snapshot.md#snapshot-hugepages).
     host: Vec<u64>,
     cursor: (usize, u64),
-    /// The working set to replay and how far it went.
-    replay: Option<(WorkingSet, usize)>,
+    /// The working set being replayed (`None` once it is all out).
+    replay: Option<Replay>,
     recorder: Option<Recorder>,
     page: Vec<u8>,
     figures: ServeFigures,
@@ -129,7 +129,7 @@ impl PageServer {
     /// Streams `set` (a working set recorded by an earlier restore) ahead of the
     /// background sweep.
     pub fn with_working_set(mut self, set: WorkingSet) -> PageServer {
-        self.replay = Some((set, 0));
+        self.replay = Some(Replay::new(set));
         self
     }
 
@@ -243,6 +243,9 @@ impl PageServer {
         }
         let first_page = start / ps;
         let last_page = (start + len.max(1) - 1) / ps;
+        if let Some(r) = self.replay.as_mut() {
+            r.follow(block, first_page);
+        }
         let mark = out.len();
         self.sections.open_part(out);
         let mut first = true;
@@ -296,12 +299,10 @@ impl PageServer {
     /// The next page of the working set not sent yet (`None` once it is all sent).
     fn next_of_working_set(&mut self) -> Option<(usize, u64)> {
         loop {
-            let (set, at) = self.replay.as_mut()?;
-            let Some(&(block, page)) = set.pages().get(*at) else {
+            let Some((block, page)) = self.replay.as_mut()?.next_page() else {
                 self.replay = None;
                 return None;
             };
-            *at += 1;
             if !self.is_sent(block as usize, page) {
                 return Some((block as usize, page));
             }
@@ -633,6 +634,26 @@ mod tests {
             Err(RequestError::UnknownBlock("pc.ram".into()))
         );
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_request_ahead_of_the_replay_moves_it_on_and_the_rest_follows() {
+        let (_d, s) = store(64, &[]);
+        let mut rec = Recorder::new([64]);
+        for p in 0..16 {
+            rec.requested(0, p);
+        }
+        let mut srv = server(s).with_prefetch(2).with_working_set(rec.into_set());
+        let mut out = Vec::new();
+        assert!(srv.background_paced(2, 0, &mut out).unwrap());
+        // The guest got to page 8 before the replay: 8 and its window go now, and the
+        // replay goes on after them, then back to 2..8; each page once.
+        assert_eq!(srv.serve_request(0, 8 * 4096, 4096, &mut out).unwrap(), 1);
+        assert!(srv.background_paced(16, 0, &mut out).unwrap());
+        let got: Vec<u64> = offsets(&out).iter().map(|p| p.0).collect();
+        let want: Vec<u64> = (0..2).chain(8..16).chain(2..8).collect();
+        assert_eq!(got, want);
+        assert_eq!(srv.figures().working_set_pages, 13);
     }
 
     #[test]

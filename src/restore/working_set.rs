@@ -217,6 +217,78 @@ impl Recorder {
     }
 }
 
+/// Where a restore is in replaying a working set. It follows the guest: a request for a
+/// page further on in the set means the guest got there before the stream, so the replay
+/// jumps on past that page (what the guest touches next, in the recorded order) and comes
+/// back for the pages it skipped once the rest of the set is out. Without this a guest
+/// that outruns the stream (a sweep of its whole memory, say) faults on every page the
+/// stream has not reached, one prefetch window at a time.
+#[derive(Debug)]
+pub struct Replay {
+    set: WorkingSet,
+    /// Next position, and the end of the stretch being replayed.
+    at: usize,
+    end: usize,
+    /// Stretches jumped over, in the order to come back to them.
+    skipped: std::collections::VecDeque<std::ops::Range<usize>>,
+    /// (block, page, position in the set), sorted, to find a requested page's position.
+    positions: Vec<(u32, u64, u32)>,
+}
+
+impl Replay {
+    /// A replay of `set` from its start.
+    pub fn new(set: WorkingSet) -> Replay {
+        let mut positions: Vec<(u32, u64, u32)> = set
+            .pages
+            .iter()
+            .enumerate()
+            .map(|(i, &(b, p))| (b, p, i as u32))
+            .collect();
+        positions.sort_unstable();
+        Replay {
+            end: set.pages.len(),
+            set,
+            at: 0,
+            skipped: Default::default(),
+            positions,
+        }
+    }
+
+    /// The next page to stream (`None` once every stretch is out). The caller skips pages
+    /// it already sent.
+    pub fn next_page(&mut self) -> Option<(u32, u64)> {
+        while self.at >= self.end {
+            let r = self.skipped.pop_front()?;
+            (self.at, self.end) = (r.start, r.end);
+        }
+        let page = self.set.pages[self.at];
+        self.at += 1;
+        Some(page)
+    }
+
+    /// The guest asked for `page` of `block`: if the set has it further on in the stretch
+    /// being replayed, continue right after it and come back for what lies between later.
+    pub fn follow(&mut self, block: usize, page: u64) {
+        let Ok(block) = u32::try_from(block) else {
+            return;
+        };
+        let Ok(i) = self
+            .positions
+            .binary_search_by(|&(b, p, _)| (b, p).cmp(&(block, page)))
+        else {
+            return;
+        };
+        let pos = self.positions[i].2 as usize;
+        if pos < self.at || pos >= self.end {
+            return;
+        }
+        if pos > self.at {
+            self.skipped.push_back(self.at..pos);
+        }
+        self.at = pos + 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +314,50 @@ mod tests {
         // A second save (another clone) keeps the first record.
         assert!(!WorkingSet::default().save_new(dir.path()).unwrap());
         assert_eq!(WorkingSet::load(dir.path(), &store).unwrap(), Some(set));
+    }
+
+    /// The replay jumps on past a page the guest asked for and comes back for the pages
+    /// it jumped over, each page once; a request behind the replay or outside the set
+    /// changes nothing.
+    #[test]
+    fn the_replay_follows_the_guest_and_comes_back_for_what_it_skipped() {
+        let mut rec = Recorder::new([100, 100]);
+        for p in 0..10 {
+            rec.requested(p % 2, 10 * p as u64);
+        }
+        let mut r = Replay::new(rec.into_set());
+        let pos = |b: u32, p: u64| (b, p);
+        assert_eq!(r.next_page(), Some(pos(0, 0)));
+        assert_eq!(r.next_page(), Some(pos(1, 10)));
+        // The guest is at the 6th page of the set already.
+        r.follow(1, 50);
+        // Behind the replay, or not in the set: no jump.
+        r.follow(0, 0);
+        r.follow(0, 1);
+        assert_eq!(r.next_page(), Some(pos(0, 60)));
+        r.follow(0, 80);
+        assert_eq!(r.next_page(), Some(pos(1, 90)));
+        // The skipped stretches, in order, then nothing.
+        let rest: Vec<_> = std::iter::from_fn(|| r.next_page()).collect();
+        assert_eq!(
+            rest,
+            [pos(0, 20), pos(1, 30), pos(0, 40), pos(1, 70)],
+            "skipped stretches in order"
+        );
+        // A request inside a skipped stretch once it is being replayed jumps within it.
+        let mut rec = Recorder::new([100]);
+        for p in 0..6 {
+            rec.requested(0, p);
+        }
+        let mut r = Replay::new(rec.into_set());
+        r.follow(0, 4);
+        assert_eq!(r.next_page(), Some(pos(0, 5)));
+        assert_eq!(r.next_page(), Some(pos(0, 0)));
+        r.follow(0, 2);
+        assert_eq!(
+            std::iter::from_fn(|| r.next_page()).collect::<Vec<_>>(),
+            [pos(0, 3), pos(0, 1)]
+        );
     }
 
     #[test]
