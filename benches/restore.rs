@@ -350,11 +350,11 @@ async fn main() {
     }
     println!(
         "lazy with the recorded working set vs without, same rounds: remote faults, time to the first \
-         (timed) progress line, time to the first {} MiB of work (eager beside it: all RAM local)",
+         (timed) progress line, time to the first {} MiB of work",
         mark_mib()
     );
     println!(
-        "{:>8} | {:>9} {:>9} {:>7} | {:>11} {:>11} {:>7} | {:>11} {:>11} {:>7} {:>11}",
+        "{:>8} | {:>9} {:>9} {:>7} | {:>11} {:>11} {:>7} | {:>11} {:>11} {:>7}",
         "RAM MiB",
         "faults",
         "with set",
@@ -365,11 +365,10 @@ async fn main() {
         "first work",
         "with set",
         "ratio",
-        "eager work"
     );
     for r in &rows {
         println!(
-            "{:>8} | {:>9.0} {:>9.0} {:>6.2}× | {:>9.1}ms {:>9.1}ms {:>6.2}× | {:>9.1}ms {:>9.1}ms {:>6.2}× {:>9.1}ms",
+            "{:>8} | {:>9.0} {:>9.0} {:>6.2}× | {:>9.1}ms {:>9.1}ms {:>6.2}× | {:>9.1}ms {:>9.1}ms {:>6.2}×",
             r.ram,
             r.lazy.faults,
             r.replay.faults,
@@ -380,7 +379,6 @@ async fn main() {
             r.lazy.work_ms,
             r.replay.work_ms,
             r.replay.work_ms / r.lazy.work_ms.max(0.001),
-            r.eager.work_ms,
         );
     }
     if rows.len() > 1 {
