@@ -236,14 +236,18 @@ pub struct Replay {
 }
 
 impl Replay {
-    /// A replay of `set` from its start.
+    /// A replay of `set` from its start. A set of more than 2³² pages (16 TiB of 4 KiB
+    /// pages) is replayed in order only.
     pub fn new(set: WorkingSet) -> Replay {
-        let mut positions: Vec<(u32, u64, u32)> = set
-            .pages
-            .iter()
-            .enumerate()
-            .map(|(i, &(b, p))| (b, p, i as u32))
-            .collect();
+        let mut positions: Vec<(u32, u64, u32)> = match u32::try_from(set.pages.len()) {
+            Ok(_) => set
+                .pages
+                .iter()
+                .enumerate()
+                .map(|(i, &(b, p))| (b, p, i as u32))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
         positions.sort_unstable();
         Replay {
             end: set.pages.len(),
