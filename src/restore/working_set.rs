@@ -330,22 +330,21 @@ mod tests {
             rec.requested(p % 2, 10 * p as u64);
         }
         let mut r = Replay::new(rec.into_set());
-        let pos = |b: u32, p: u64| (b, p);
-        assert_eq!(r.next_page(), Some(pos(0, 0)));
-        assert_eq!(r.next_page(), Some(pos(1, 10)));
+        assert_eq!(r.next_page(), Some((0, 0)));
+        assert_eq!(r.next_page(), Some((1, 10)));
         // The guest is at the 6th page of the set already.
         r.follow(1, 50);
         // Behind the replay, or not in the set: no jump.
         r.follow(0, 0);
         r.follow(0, 1);
-        assert_eq!(r.next_page(), Some(pos(0, 60)));
+        assert_eq!(r.next_page(), Some((0, 60)));
         r.follow(0, 80);
-        assert_eq!(r.next_page(), Some(pos(1, 90)));
+        assert_eq!(r.next_page(), Some((1, 90)));
         // The skipped stretches, in order, then nothing.
         let rest: Vec<_> = std::iter::from_fn(|| r.next_page()).collect();
         assert_eq!(
             rest,
-            [pos(0, 20), pos(1, 30), pos(0, 40), pos(1, 70)],
+            [(0, 20), (1, 30), (0, 40), (1, 70)],
             "skipped stretches in order"
         );
         // A request inside a skipped stretch once it is being replayed jumps within it.
@@ -355,12 +354,12 @@ mod tests {
         }
         let mut r = Replay::new(rec.into_set());
         r.follow(0, 4);
-        assert_eq!(r.next_page(), Some(pos(0, 5)));
-        assert_eq!(r.next_page(), Some(pos(0, 0)));
+        assert_eq!(r.next_page(), Some((0, 5)));
+        assert_eq!(r.next_page(), Some((0, 0)));
         r.follow(0, 2);
         assert_eq!(
             std::iter::from_fn(|| r.next_page()).collect::<Vec<_>>(),
-            [pos(0, 3), pos(0, 1)]
+            [(0, 3), (0, 1)]
         );
     }
 
