@@ -467,10 +467,10 @@ fn describe(event: &Event<'_>) -> String {
 mod tests {
     use super::*;
     use crate::snapshot::meta::{OPENING_FILE, PACKAGE_FILE};
-    use crate::wire::compose::{RamSections, put_opening, put_page, put_zero};
-    use crate::wire::stream::{
-        SECTION_EOF, SectionHeader, SectionIdent, encode_footer, encode_vmdescription_header,
+    use crate::wire::compose::{
+        RamSections, put_opening, put_page, put_timer_section_header, put_zero,
     };
+    use crate::wire::stream::{SECTION_EOF, encode_footer, encode_vmdescription_header};
     use crate::wire::{DecoderOptions, Step};
 
     const BLOCK: &[u8] = b"m";
@@ -491,16 +491,7 @@ mod tests {
 
     fn device_sections() -> Vec<u8> {
         let mut out = Vec::new();
-        SectionHeader {
-            kind: SectionKind::Full,
-            section_id: 3,
-            ident: Some(SectionIdent {
-                idstr: b"timer",
-                instance_id: 0,
-                version_id: 2,
-            }),
-        }
-        .encode(&mut out);
+        put_timer_section_header(&mut out);
         // Bytes that look like an EOF + VMDESCRIPTION with a JSON value, but not QEMU's.
         out.extend_from_slice(&[0, 6, 0, 0, 0, 1, b'7', 0xaa, 0x55]);
         encode_footer(3, &mut out);

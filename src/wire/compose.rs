@@ -100,24 +100,29 @@ pub fn put_package(out: &mut Vec<u8>, blob: &[u8]) {
 /// benches): PING(2), then the package of LISTEN, one FULL device section (id 3, `timer`)
 /// whose opaque state is `device_state`, PING(3) and RUN.
 pub fn put_postcopy_switch(out: &mut Vec<u8>, device_state: &[u8]) {
-    use super::stream::SectionIdent;
     Command::Ping(2).encode(out);
     let mut blob = Vec::new();
     Command::PostcopyListen.encode(&mut blob);
+    put_timer_section_header(&mut blob);
+    blob.extend_from_slice(device_state);
+    Command::Ping(3).encode(&mut blob);
+    Command::PostcopyRun.encode(&mut blob);
+    put_package(out, &blob);
+}
+
+/// Appends the header of the one device section composed streams carry: FULL, id 3,
+/// `timer` version 2 (its state, which has no length on the wire, follows).
+pub fn put_timer_section_header(out: &mut Vec<u8>) {
     SectionHeader {
         kind: SectionKind::Full,
         section_id: 3,
-        ident: Some(SectionIdent {
+        ident: Some(super::stream::SectionIdent {
             idstr: b"timer",
             instance_id: 0,
             version_id: 2,
         }),
     }
-    .encode(&mut blob);
-    blob.extend_from_slice(device_state);
-    Command::Ping(3).encode(&mut blob);
-    Command::PostcopyRun.encode(&mut blob);
-    put_package(out, &blob);
+    .encode(out);
 }
 
 /// Appends a stream's opening as a postcopy source writes it, for streams the sidecar

@@ -299,6 +299,20 @@ struct Reporter {
 }
 
 impl Reporter {
+    /// A reporter from now on, with a mark every `mark_mib` MiB processed (0: none).
+    fn new(start: Instant, mark_mib: usize) -> Reporter {
+        let mark_pages = mark_mib as u64 * 256;
+        Reporter {
+            start,
+            last: Instant::now(),
+            last_pages: 0,
+            round: 0,
+            mark_pages,
+            next_mark: mark_pages,
+            marks: 0,
+        }
+    }
+
     fn due(&self) -> bool {
         self.last.elapsed() >= REPORT
     }
@@ -390,16 +404,7 @@ fn run(p: Params, start: Instant) -> ! {
         wl.pages,
         fill_ms
     );
-    let now = Instant::now();
-    let mut rep = Reporter {
-        start,
-        last: now,
-        last_pages: 0,
-        round: 0,
-        mark_pages: p.mark_mib as u64 * 256,
-        next_mark: p.mark_mib as u64 * 256,
-        marks: 0,
-    };
+    let mut rep = Reporter::new(start, p.mark_mib);
     let mut rng = mix(p.seed ^ 0x5EED) | 1;
     let hot_pages = (p.hot_mib * 256).min(wl.pages);
     let mut last_full = Instant::now();
@@ -488,16 +493,7 @@ mod tests {
     #[test]
     fn a_mark_falls_due_once_per_unit_of_work() {
         let p = parse_params("wl.mib=4 wl.mark_mib=1").unwrap();
-        let now = Instant::now();
-        let mut rep = Reporter {
-            start: now,
-            last: now,
-            last_pages: 0,
-            round: 0,
-            mark_pages: p.mark_mib as u64 * 256,
-            next_mark: p.mark_mib as u64 * 256,
-            marks: 0,
-        };
+        let mut rep = Reporter::new(Instant::now(), p.mark_mib);
         assert_eq!(rep.mark_due(255), None);
         assert_eq!(rep.mark_due(256), Some(1));
         assert_eq!(rep.mark_due(300), None);
