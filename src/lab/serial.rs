@@ -124,6 +124,27 @@ impl SerialLog {
         l[l.len().saturating_sub(n)..].join("\n")
     }
 
+    /// The last `n` lines that say why a guest died, joined: its workload's own lines, a
+    /// user-space panic or abort message, the kernel's verdict. A dying guest's tail is
+    /// its kernel's stack dump, which hides the line that explains it.
+    pub fn last_words(&self, n: usize) -> String {
+        const TELLING: [&str; 6] = [
+            "WL ",
+            "panicked",
+            "***",
+            "Kernel panic",
+            "segfault",
+            "traps:",
+        ];
+        let l = self.inner.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let telling: Vec<&str> = l
+            .iter()
+            .filter(|line| TELLING.iter().any(|t| line.contains(t)))
+            .map(String::as_str)
+            .collect();
+        telling[telling.len().saturating_sub(n)..].join("\n")
+    }
+
     /// Waits for the first line at index `from` or later that matches `pred`; returns its
     /// index and text.
     pub async fn wait_after(
@@ -216,6 +237,25 @@ mod tests {
             log.wait_after(0, |l| l == "zz", Duration::from_secs(5))
                 .await,
             Err(WaitEnd::Closed)
+        );
+    }
+
+    #[test]
+    fn last_words_skip_the_stack_dump() {
+        let log = SerialLog::new(None).unwrap();
+        for l in [
+            "WL progress round=3 mismatches=0",
+            "thread 'main' panicked at src/main.rs:9:5:",
+            "[ 3.55] Kernel panic - not syncing: Attempted to kill init!",
+            "[ 3.55] Call Trace:",
+            "[ 3.55]  dump_stack_lvl+0x44/0x5c",
+        ] {
+            log.push(l.into());
+        }
+        assert_eq!(
+            log.last_words(2),
+            "thread 'main' panicked at src/main.rs:9:5:\n\
+             [ 3.55] Kernel panic - not syncing: Attempted to kill init!"
         );
     }
 

@@ -554,8 +554,9 @@ impl Vm {
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| "console closed".into()),
                 stderr: format!(
-                    "{}\n(while waiting for {what}; last serial lines:\n{})",
+                    "{}\n(while waiting for {what}; the guest's last words:\n{}\nlast serial lines:\n{})",
                     self.stderr.tail(30),
+                    self.serial.last_words(20),
                     self.serial.tail(15)
                 ),
             },
