@@ -312,10 +312,20 @@ async fn own_preempt_channel_to_a_7_2_destination() {
 /// Multifd through the sidecar (protocol-spec/multifd.md#multifd-relay): a precopy
 /// migration with four channels, each connected after main, checked packet by packet and
 /// relayed; every page the source sent as a full page travelled on a multifd channel.
+///
+/// With a 10.0 source the guest runs on afterwards and stays clean. A 7.2 source leaves a
+/// few pages stale on any destination, directly as through the sidecar
+/// (protocol-spec/versions.md#versions-7-2-source-stale-pages), so its guest may die
+/// through no fault of the path: there the destination stays paused and the sidecar's
+/// exact check proves that its RAM holds every byte the source sent, multifd pages
+/// included, and nothing else.
 async fn multifd_precopy(v: QemuVersion) {
+    let sound_source = v != QemuVersion::V7_2;
     let o = run(Case {
         mode: Mode::Precopy,
         multifd: Some(4),
+        paused_destination: !sound_source,
+        verify: !sound_source,
         ..Case::postcopy(v)
     })
     .await;
@@ -339,7 +349,23 @@ async fn multifd_precopy(v: QemuVersion) {
         );
     }
     assert_eq!(o.report.requests.messages, 0);
-    assert_guest_healthy(&o).await;
+    if sound_source {
+        assert_guest_healthy(&o).await;
+    } else {
+        let exact = o
+            .report
+            .verify
+            .clone()
+            .and_then(|v| v.exact)
+            .expect("an exact check");
+        eprintln!(
+            "exact check: {} pages of {:?}, {} differ",
+            exact.pages, exact.blocks, exact.mismatches
+        );
+        assert_eq!(exact.mismatches, 0, "{:?}", exact.listed);
+        assert!(exact.pages >= pages, "{exact:?}");
+        need(o.src.check_workload_clean());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
