@@ -149,6 +149,10 @@ async fn snapshot_and_restore_a_running_guest_10_0() {
     let dir = tempfile::Builder::new().prefix("lazy-").tempdir().unwrap();
     let (spec, src, snap) = snapshot_running_guest(QemuVersion::V10_0, dir.path()).await;
     assert!(snap.data_pages > 0);
+    assert_eq!(
+        snap.caveat, None,
+        "no known defect of a 10.0 source applies"
+    );
     src.kill().await;
     let snapshot = Snapshot::open(&dir.path().join("snap"), false).expect("open snapshot");
     let dst = destination(&spec, QemuVersion::V10_0, "restored", dir.path()).await;
@@ -207,6 +211,18 @@ async fn snapshot_and_restore_a_running_guest_10_0() {
         report.timeline.first_progress_ms,
         replayed.timeline.first_progress_ms
     );
+}
+
+/// A precopy snapshot of a 7.2 guest is taken whole, and its report carries the caveat
+/// of 7.2's stale pages (protocol-spec/versions.md#versions-7-2-source-stale-pages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_precopy_snapshot_of_7_2_is_taken_with_its_caveat() {
+    let dir = tempfile::Builder::new().prefix("lazy-").tempdir().unwrap();
+    let (_, _, report) = snapshot_running_guest(QemuVersion::V7_2, dir.path()).await;
+    assert!(report.source.qemu_version.starts_with("7.2"), "{report:?}");
+    assert!(report.caveat.is_some(), "{report:?}");
+    let snapshot = Snapshot::open(&dir.path().join("snap"), true).expect("open snapshot");
+    assert!(snapshot.meta.blocks.iter().any(|b| b.data_pages > 0));
 }
 
 /// QEMU 11.1 at both ends: the sidecar snapshots an 11.1 guest and restores it into an
