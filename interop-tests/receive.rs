@@ -215,6 +215,23 @@ async fn assert_guest_healthy(o: &Outcome) {
     need(o.src.check_workload_clean());
 }
 
+/// The sidecar's exact check ran (the destination stayed paused) and found every page it
+/// compared equal to what it delivered.
+fn exact_check_clean(o: &Outcome) -> postcopy_sidecar::verify::VerifyReport {
+    let exact = o
+        .report
+        .verify
+        .clone()
+        .and_then(|v| v.exact)
+        .expect("an exact check: the destination is paused");
+    eprintln!(
+        "exact check: {} pages of {:?}, {} differ",
+        exact.pages, exact.blocks, exact.mismatches
+    );
+    assert_eq!(exact.mismatches, 0, "{:?}", exact.listed);
+    exact
+}
+
 fn assert_request_counts(o: &Outcome, dst_traced: bool) {
     let r = &o.report.requests;
     if dst_traced {
@@ -352,17 +369,7 @@ async fn multifd_precopy(v: QemuVersion) {
     if sound_source {
         assert_guest_healthy(&o).await;
     } else {
-        let exact = o
-            .report
-            .verify
-            .clone()
-            .and_then(|v| v.exact)
-            .expect("an exact check");
-        eprintln!(
-            "exact check: {} pages of {:?}, {} differ",
-            exact.pages, exact.blocks, exact.mismatches
-        );
-        assert_eq!(exact.mismatches, 0, "{:?}", exact.listed);
+        let exact = exact_check_clean(&o);
         assert!(exact.pages >= pages, "{exact:?}");
         need(o.src.check_workload_clean());
     }
@@ -686,15 +693,13 @@ async fn postcopy_10_0_two_numa_nodes_through_the_sidecar_verified_exactly() {
             o.report.blocks
         );
     }
-    let v = o.report.verify.clone().expect("verify figures");
-    let exact = v.exact.expect("an exact check: the destination is paused");
+    let exact = exact_check_clean(&o);
     assert!(
         ["m0", "m1"]
             .iter()
             .all(|b| exact.blocks.iter().any(|x| x == b)),
         "{exact:?}"
     );
-    assert_eq!(exact.mismatches, 0, "{:?}", exact.listed);
     assert_eq!(
         exact.pages,
         (256u64 << 20) / 4096,
@@ -714,13 +719,7 @@ async fn postcopy_10_0_pc_machine_verified_exactly() {
         ..Case::postcopy(QemuVersion::V10_0)
     })
     .await;
-    let exact = o
-        .report
-        .verify
-        .clone()
-        .and_then(|v| v.exact)
-        .expect("an exact check");
-    assert_eq!(exact.mismatches, 0, "{:?}", exact.listed);
+    let exact = exact_check_clean(&o);
     assert!(exact.blocks.iter().any(|b| b == "m"), "{exact:?}");
     assert_request_counts(&o, true);
 }
