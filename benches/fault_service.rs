@@ -19,7 +19,7 @@
 //! the workers' run, and fault → placement latency (µs) measured on the destination.
 //!
 //! `cargo bench --bench fault_service` (env: BENCH_ROUNDS, default 5; BENCH_PAGES, default
-//! 65536 = 256 MiB).
+//! 65536 = 256 MiB; BENCH_CASES, workloads whose names contain one of these, e.g. `random`).
 
 use std::sync::Arc;
 
@@ -83,8 +83,11 @@ fn main() {
             pages / 4,
         ),
     ];
+    // BENCH_CASES: run only the workloads whose names contain one of these (comma-separated).
+    let only = std::env::var("BENCH_CASES").unwrap_or_default();
+    let wanted = |name: &str| only.is_empty() || only.split(',').any(|w| name.contains(w.trim()));
     let mut rows = Vec::new();
-    for (name, threads, pattern, touches) in cases {
+    for (name, threads, pattern, touches) in cases.into_iter().filter(|c| wanted(c.0)) {
         let w = Workload {
             pages,
             threads,
