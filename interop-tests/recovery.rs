@@ -56,6 +56,8 @@ struct Rig {
     _dir: tempfile::TempDir,
     preempt: bool,
     dst_cursor: EventCursor,
+    /// The sidecar's source port itself, behind the link.
+    port: SocketAddr,
 }
 
 /// A source running the guest workload and a destination waiting for it.
@@ -192,6 +194,7 @@ impl Rig {
                 _dir: dir,
                 preempt,
                 dst_cursor,
+                port: addr,
             },
             sidecar,
         )
@@ -235,9 +238,17 @@ impl Rig {
     /// (QEMU 10.0 does not notice a reset of its preempt channel alone, with or without
     /// the sidecar: protocol-spec/postcopy-sequence.md#sequence-hold).
     async fn cut_and_resume_as(&self, cut: impl FnOnce(&Link), operator_pause: bool) -> Duration {
+        let t0 = Instant::now();
+        self.cut_until_paused(cut, operator_pause).await;
+        self.resume_source(self.link.addr()).await;
+        t0.elapsed()
+    }
+
+    /// Breaks the link with `cut` and waits for the source to pause (see
+    /// [`Self::cut_and_resume_as`] for `operator_pause`).
+    async fn cut_until_paused(&self, cut: impl FnOnce(&Link), operator_pause: bool) {
         let q = self.src.qmp();
         let cursor = q.event_cursor();
-        let t0 = Instant::now();
         cut(&self.link);
         if operator_pause {
             let mut ev = self.events.lock().await;
@@ -270,8 +281,6 @@ impl Rig {
             MigrationStatus::PostcopyPaused,
             "the source paused after the cut"
         );
-        self.resume_source(self.link.addr()).await;
-        t0.elapsed()
     }
 
     async fn resume_source(&self, to: SocketAddr) {
@@ -338,6 +347,28 @@ impl Rig {
             .filter_map(migration_event_status)
             .collect()
     }
+}
+
+/// For each recovery after the cursors, how long after the source reported
+/// `postcopy-recover` (on its TCP connect) the destination did (once it has the connection),
+/// in µs, from QEMU's own event timestamps: the window in which a manager that checks the
+/// destination as soon as the source recovers (libvirt 9.0's resume) finds it still paused.
+fn recovery_gaps_us(
+    src: &Vm,
+    src_cursor: EventCursor,
+    dst: &Vm,
+    dst_cursor: EventCursor,
+) -> Vec<i64> {
+    let recovers = |vm: &Vm, cursor| -> Vec<i64> {
+        vm.qmp()
+            .events_since(cursor)
+            .iter()
+            .filter(|e| migration_event_status(e) == Some(MigrationStatus::PostcopyRecover))
+            .map(|e| e.timestamp_us as i64)
+            .collect()
+    };
+    let (s, d) = (recovers(src, src_cursor), recovers(dst, dst_cursor));
+    s.iter().zip(&d).map(|(s, d)| d - s).collect()
 }
 
 fn percentiles(mut v: Vec<Duration>) -> String {
@@ -521,6 +552,7 @@ async fn pass_through_lets_the_destination_pause_and_relays_its_recovery_10_0() 
     })
     .await;
     rig.postcopy().await;
+    let cursors = (rig.src.qmp().event_cursor(), rig.dst.qmp().event_cursor());
     // vCPUs stopped across each cut: see pass_through_relays_the_recovery_of_7_2 (10.0
     // deadlocked the same way here once in a few runs, a cut 4 ms after a recovery).
     for _ in 0..3 {
@@ -529,6 +561,9 @@ async fn pass_through_lets_the_destination_pause_and_relays_its_recovery_10_0() 
         rig.cut_and_resume(Link::cut).await;
         cont_destination(&rig.dst).await;
     }
+    let gaps = recovery_gaps_us(&rig.src, cursors.0, &rig.dst, cursors.1);
+    eprintln!("the destination recovered this long after the source (µs): {gaps:?}");
+    assert_eq!(gaps.len(), 3, "both ends reported each recovery");
     let report = rig.finish(sidecar).await;
     assert_eq!(report.recoveries.len(), 3);
     assert!(report.recoveries.iter().all(|r| r.mode == "pass-through"));
@@ -566,6 +601,98 @@ async fn pass_through_relays_the_recovery_of_7_2() {
     let report = rig.finish(sidecar).await;
     assert_eq!(report.recoveries.len(), 2);
     assert!(report.recoveries.iter().all(|r| r.mode == "pass-through"));
+}
+
+/// A peer at the source's address (loopback: every peer here) at the sidecar's port while
+/// a pass-through cut waits for the source's resume. To a 10.0 destination the sidecar
+/// connects as soon as it accepts such a connection, so the destination recovers as early
+/// as a direct one would (protocol-spec/postcopy-sequence.md#sequence-early-destination);
+/// when the peer turns out not to be a resume, that connection is closed and the
+/// destination must pause again and take the real resume later. A 7.2 destination dies of
+/// such a connection (run here), so to it the sidecar connects only for a judged resume:
+/// it must stay paused, untouched, while the impostor is judged.
+async fn an_impostor_at_the_resume_port(version: QemuVersion) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (rig, sidecar) = Rig::start(version, false, |o| ReceiveOptions {
+        on_cut: Some(CutPolicy::PassThrough),
+        ..o
+    })
+    .await;
+    rig.postcopy().await;
+    rig.advance(256 * 1024).await;
+    // See pass_through_relays_the_recovery_of_7_2.
+    stop_destination_vcpus(&rig.dst).await;
+    let dq = rig.dst.qmp();
+    let before_cut = dq.event_cursor();
+    rig.cut_until_paused(Link::cut, false).await;
+    let s = dq
+        .wait_migration_status_after(before_cut, &["postcopy-paused", "failed"], STEP)
+        .await
+        .expect("the destination pauses with the source");
+    assert_eq!(s, MigrationStatus::PostcopyPaused);
+    let before_impostor = dq.event_cursor();
+    // A fresh migration stream: refused while this migration is in progress.
+    let mut impostor = tokio::net::TcpStream::connect(rig.port).await.unwrap();
+    impostor
+        .write_all(&[b'Q', b'E', b'V', b'M', 0, 0, 0, 3])
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(STEP, impostor.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the sidecar refuses the impostor: {read:?}, {rest:?}"
+    );
+    let early = version == QemuVersion::V10_0;
+    if early {
+        let s = dq
+            .wait_migration_status_after(before_impostor, &["postcopy-paused", "failed"], STEP)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the destination pauses again once the early connection closes: {e}; its stderr:\n{}",
+                    rig.dst.stderr().tail(20)
+                )
+            });
+        assert_eq!(s, MigrationStatus::PostcopyPaused);
+    }
+    let flap: Vec<_> = dq
+        .events_since(before_impostor)
+        .iter()
+        .filter_map(migration_event_status)
+        .collect();
+    eprintln!("the destination while the impostor was judged: {flap:?}");
+    if early {
+        assert_eq!(
+            flap,
+            [
+                MigrationStatus::PostcopyRecover,
+                MigrationStatus::PostcopyPaused
+            ],
+            "the sidecar connected the destination before judging the peer, then let it pause"
+        );
+    } else {
+        assert_eq!(
+            dq.migrate_status().await.unwrap(),
+            MigrationStatus::PostcopyPaused
+        );
+        assert!(flap.is_empty(), "the destination was left alone: {flap:?}");
+    }
+    rig.resume_source(rig.link.addr()).await;
+    cont_destination(&rig.dst).await;
+    let report = rig.finish(sidecar).await;
+    assert_eq!(report.recoveries.len(), 1);
+    assert!(report.recoveries.iter().all(|r| r.mode == "pass-through"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_at_the_resume_port_costs_the_paused_destination_nothing_10_0() {
+    an_impostor_at_the_resume_port(QemuVersion::V10_0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_at_the_resume_port_leaves_a_paused_7_2_destination_alone() {
+    an_impostor_at_the_resume_port(QemuVersion::V7_2).await;
 }
 
 /// The sidecar's own preempt channel to the destination (the source has none,

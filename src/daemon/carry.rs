@@ -127,6 +127,24 @@ pub struct CarryOptions {
     pub source_tls: Option<SourceTls>,
     /// TLS towards a destination that expects it (libvirt's `--tls`).
     pub destination_tls: Option<DestinationTls>,
+    /// Whether a pass-through resume may connect the destination while the source's
+    /// connection is still judged ([`EarlyDestination`]; see [`closes_a_recovery_safely`]).
+    pub early_destination: bool,
+}
+
+/// Whether a destination of this QEMU version (`major.minor.micro`) survives a recovery
+/// connection that closes before its first byte, as the sidecar's early destination
+/// connection does when the peer that prompted it is refused. 10.0 pauses again (run
+/// here); 7.2 dies of a segmentation fault (run here), as it would directly with any peer
+/// that connects to its recovery listener and closes; 8.0–9.2 have not been run, so they
+/// get the judged-first order. Unknown versions (no QMP) too.
+/// (protocol-spec/postcopy-sequence.md#sequence-early-destination)
+pub fn closes_a_recovery_safely(version: &str) -> bool {
+    version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok())
+        .is_some_and(|major| major >= 10)
 }
 
 /// How long to wait for a destination connection.
@@ -605,6 +623,72 @@ async fn reconnect_destination(
     connect_destination(endpoint, opts.sockets.dst_sndbuf, tls).await
 }
 
+/// A destination connection opened for a resume as soon as a connection from the
+/// source's address is accepted, while that connection is still being judged.
+///
+/// The window it closes: a source counts as recovering from its TCP connect on, and a
+/// manager may check the destination at once (libvirt 9.0's resume fails if the
+/// destination is still `postcopy-paused`); judging the source's first bytes first took
+/// milliseconds under load (protocol-spec/postcopy-sequence.md#sequence-early-destination).
+/// Nothing is sent on it until a connection is judged a resume of this migration; if the
+/// connection that prompted it is refused, it is dropped, and the destination pauses again.
+/// Dropping it closes the connection, or stops the attempt.
+struct EarlyDestination {
+    /// The accepted connection that prompted it.
+    seq: u64,
+    /// The connection attempt to the address known so far.
+    attempt: tokio::task::JoinHandle<Result<(Reader, Writer, socket2::Socket), ReceiveError>>,
+    /// Whether a resume took it.
+    taken: bool,
+}
+
+impl EarlyDestination {
+    fn open(seq: u64, endpoint: &Endpoint, opts: &CarryOptions) -> EarlyDestination {
+        let (endpoint, sndbuf, tls) = (
+            endpoint.clone(),
+            opts.sockets.dst_sndbuf,
+            opts.destination_tls.clone(),
+        );
+        EarlyDestination {
+            seq,
+            attempt: tokio::spawn(async move {
+                connect_destination(&endpoint, sndbuf, tls.as_ref()).await
+            }),
+            taken: false,
+        }
+    }
+
+    /// The connection, or, if the early attempt failed, one made now the usual way
+    /// ([`reconnect_destination`], which may ask the destination where it listens).
+    async fn take(
+        mut self,
+        endpoint: &mut Endpoint,
+        opts: &CarryOptions,
+        qmp: Option<&Qmp>,
+    ) -> Result<(Reader, Writer, socket2::Socket), ReceiveError> {
+        self.taken = true;
+        let why = match (&mut self.attempt).await {
+            Ok(Ok(connection)) => return Ok(connection),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::info!("the early destination connection failed ({why}); connecting again");
+        reconnect_destination(endpoint, opts, qmp).await
+    }
+}
+
+impl Drop for EarlyDestination {
+    fn drop(&mut self) {
+        if !self.taken {
+            tracing::info!(
+                "closing the destination connection opened early: the connection that prompted it was not let in as a resume"
+            );
+        }
+        // A finished attempt's connection is dropped with the handle.
+        self.attempt.abort();
+    }
+}
+
 /// The pumps' channels.
 struct Pumps {
     main: Option<mpsc::Sender<Feed>>,
@@ -670,6 +754,8 @@ pub async fn carry(
     let mut first_main = !opts.takeover;
     // In pass-through, a destination connection must be made for the next resume.
     let mut need_destination = opts.takeover;
+    // That connection, opened while a connection from the source's address is judged.
+    let mut early_destination: Option<EarlyDestination> = None;
     let accept_deadline = tokio::time::Instant::now() + opts.accept_timeout;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut state_file = opts.state_file.clone();
@@ -724,6 +810,16 @@ pub async fn carry(
                     refuse(&relay, peer, "extra", "the source's channels are all up");
                     continue;
                 }
+                if opts.early_destination
+                    && need_destination
+                    && !first_main
+                    && !main_up
+                    && early_destination.is_none()
+                    && admission.is_source_address(peer.ip())
+                {
+                    tracing::info!(%peer, destination = %endpoint, "connecting the destination while the connection is judged");
+                    early_destination = Some(EarlyDestination::open(seq, &endpoint, &opts));
+                }
                 // With the main channel up, this is the preempt channel (once its TLS
                 // handshake, if any, is done).
                 let sock = dup(&s);
@@ -738,9 +834,17 @@ pub async fn carry(
                 classifying.spawn(async move { (judging.await, sock) });
             }
             Some(done) = classifying.join_next() => {
-                let Ok((judged, sock)) = done else { continue };
+                let Ok((judged, sock)) = done else {
+                    // Whose it was is lost with the task: a resume connects again.
+                    early_destination = None;
+                    continue;
+                };
                 let Judged { stream, peer, seq, name, class, refused_at } = judged;
                 let who = PeerId { ip: peer.ip(), name };
+                // The destination connection this connection prompted: used if it is let in
+                // as the resume, else dropped (closed) on any way out of this branch. One
+                // prompted by a connection still being judged serves a resume let in first.
+                let prompted = early_destination.take_if(|e| e.seq == seq);
                 tracing::debug!(%peer, class = class.name(), main_up = *main_up_tx.borrow(), "classified a source connection");
                 let (class, s) = match (class, stream) {
                     (Classified::Refused(why), _) => {
@@ -798,6 +902,8 @@ pub async fn carry(
                         if first_main || need_destination {
                             let (dr, dw, dsock) = if first_main {
                                 connect_destination(&endpoint, opts.sockets.dst_sndbuf, opts.destination_tls.as_ref()).await?
+                            } else if let Some(early) = prompted.or_else(|| early_destination.take()) {
+                                early.take(&mut endpoint, &opts, qmp).await?
                             } else {
                                 reconnect_destination(&mut endpoint, &opts, qmp).await?
                             };
@@ -1207,4 +1313,19 @@ pub async fn recover_privately(qmp: &Qmp, dir: &std::path::Path) -> Result<Endpo
     qmp.migrate_recover(&format!("unix:{}", path.display()), QMP_TIMEOUT)
         .await?;
     Ok(Endpoint::Unix(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::closes_a_recovery_safely;
+
+    #[test]
+    fn only_versions_run_safe_get_the_early_destination_connection() {
+        assert!(closes_a_recovery_safely("10.0.7"));
+        assert!(closes_a_recovery_safely("11.1.0"));
+        assert!(!closes_a_recovery_safely("7.2.22"), "7.2 dies of it");
+        assert!(!closes_a_recovery_safely("9.2.0"), "not run");
+        assert!(!closes_a_recovery_safely(""), "no QMP");
+        assert!(!closes_a_recovery_safely("x.y"));
+    }
 }

@@ -794,6 +794,7 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
             handshake_timeout: opts.handshake_timeout,
             source_tls,
             destination_tls,
+            early_destination: super::carry::closes_a_recovery_safely(&dest.qemu_version),
         },
         relay.clone(),
         reports,

@@ -267,7 +267,6 @@ impl Admission {
     }
 
     /// Checked when a connection has shown what it is: after the fresh main channel,
-    /// every further channel must come from the same source.
     /// every further channel must come from the same source: the same address and, with
     /// TLS, the same certificate name.
     pub fn joining(&self, peer: &PeerId, what: Joining) -> Result<(), String> {
@@ -277,6 +276,13 @@ impl Admission {
             (_, Some(s)) if s.ip == peer.ip && s.name == peer.name => Ok(()),
             (_, Some(s)) => Err(format!("it is {peer}, the source is {s}")),
         }
+    }
+
+    /// Whether `ip` is the admitted source's address: before a byte is read, the most a
+    /// connection can show. Enough to prepare for it (a destination connection opened
+    /// early for a resume), never to let a byte of it through.
+    pub fn is_source_address(&self, ip: IpAddr) -> bool {
+        self.source.as_ref().is_some_and(|s| s.ip == ip) && self.at_accept(ip).is_ok()
     }
 
     /// Records who the admitted source is.
@@ -390,7 +396,10 @@ mod tests {
         let other = id("127.0.0.2", Some("CN=src,O=Lab"));
         let other_cert = id("127.0.0.1", Some("CN=intruder,O=Lab"));
         assert!(p.joining(&other, Joining::Preempt).is_ok(), "no source yet");
+        assert!(!p.is_source_address(src.ip), "no source yet");
         p.admitted(src.clone());
+        assert!(p.is_source_address(src.ip));
+        assert!(!p.is_source_address(other.ip));
         assert!(p.joining(&src, Joining::Preempt).is_ok());
         assert!(p.joining(&src, Joining::Resume).is_ok());
         assert!(p.joining(&other, Joining::Preempt).is_err());
