@@ -835,6 +835,14 @@ fn virsh_postcopy_resume_recovers_a_cut_through_the_hooks_sidecar() {
     let rec = report["recoveries"].as_array().unwrap();
     assert_eq!(rec.len(), 1, "{rec:?}");
     assert_eq!(rec[0]["mode"], "pass-through");
+    // libvirt's Finish fails if the destination still looks paused once the source is
+    // recovering: the sidecar connected it while it judged the source's resume
+    // (protocol-spec/postcopy-sequence.md#sequence-early-destination).
+    let log = sidecar_logs(&p.b);
+    assert!(
+        log.contains("connecting the destination while the connection is judged"),
+        "no early destination connection for the resume; sidecar log:\n{log}"
+    );
     p.assert_guest_healthy();
     drop(link);
 }
