@@ -22,7 +22,7 @@
 //! list of the names in [`MODES`] (sidecar: requests first, prefetch and data pages
 //! first; -plain: none of them; -no-data-first, -no-prefetch: all but that one;
 //! -in-order: prefetch only, the queue in stream order; -mt: on a two-worker multi-thread
-//! runtime, as the binary runs `receive`, instead of one thread; -multifd: precopy with four
+//! runtime instead of the one thread the binary gives it; -multifd: precopy with four
 //! multifd channels; copy-relay: no sidecar but a plain copying relay, the floor of any
 //! relay on this host,
 //! as QEMU 10.0 refuses postcopy beside multifd), default [`DEFAULT_MODES`]; BENCH_WORKLOAD,
@@ -383,8 +383,8 @@ struct Mode {
     data_first: bool,
     /// Not the sidecar: a plain copying relay in the path (the floor of any relay).
     copy_relay: bool,
-    /// The sidecar on a two-worker multi-thread runtime, as the `postcopy-sidecar` binary
-    /// runs `receive`, instead of one thread.
+    /// The sidecar on a two-worker multi-thread runtime instead of one thread (the
+    /// `postcopy-sidecar` binary's `receive` runs on one: this mode is why).
     multi_thread: bool,
 }
 
