@@ -685,6 +685,70 @@ async fn an_impostor_at_the_resume_port(version: QemuVersion) {
     assert!(report.recoveries.iter().all(|r| r.mode == "pass-through"));
 }
 
+/// The same with an impostor that is refused at its first byte, and the source's resume
+/// right behind it, three times: the destination connection the impostor prompted closes,
+/// and the destination must have paused again before the resume's own connection reaches
+/// it (one still leaving `postcopy-recover` would meet it mid-way): its states go
+/// recover, paused, recover, active — or, where the refusal came before the early
+/// connection began, straight recover, active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_refused_right_before_the_resume_lets_the_destination_pause_first_10_0() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (rig, sidecar) = Rig::start(QemuVersion::V10_0, false, |o| ReceiveOptions {
+        on_cut: Some(CutPolicy::PassThrough),
+        ..o
+    })
+    .await;
+    rig.postcopy().await;
+    let mut flaps = 0;
+    for _ in 0..3 {
+        rig.advance(256 * 1024).await;
+        stop_destination_vcpus(&rig.dst).await;
+        let dq = rig.dst.qmp();
+        let before_cut = dq.event_cursor();
+        rig.cut_until_paused(Link::cut, false).await;
+        dq.wait_migration_status_after(before_cut, &["postcopy-paused"], STEP)
+            .await
+            .expect("the destination pauses with the source");
+        let before_impostor = dq.event_cursor();
+        let mut impostor = tokio::net::TcpStream::connect(rig.port).await.unwrap();
+        impostor.write_all(&[0xff]).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(STEP, impostor.read_to_end(&mut rest)).await;
+        rig.resume_source(rig.link.addr()).await;
+        cont_destination(&rig.dst).await;
+        let events: Vec<_> = dq
+            .events_since(before_impostor)
+            .into_iter()
+            .filter_map(|e| migration_event_status(&e).map(|s| (s, e.timestamp_us)))
+            .collect();
+        let states: Vec<_> = events.iter().map(|(s, _)| s.clone()).collect();
+        let since_first: Vec<_> = events.iter().map(|(_, t)| t - events[0].1).collect();
+        eprintln!(
+            "the destination from the impostor to the resume: {states:?} at {since_first:?} µs"
+        );
+        use MigrationStatus::{PostcopyActive, PostcopyPaused, PostcopyRecover};
+        if states
+            == [
+                PostcopyRecover,
+                PostcopyPaused,
+                PostcopyRecover,
+                PostcopyActive,
+            ]
+        {
+            flaps += 1;
+        } else {
+            assert_eq!(states, [PostcopyRecover, PostcopyActive]);
+        }
+    }
+    assert!(
+        flaps > 0,
+        "no impostor's early connection reached the destination"
+    );
+    let report = rig.finish(sidecar).await;
+    assert_eq!(report.recoveries.len(), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impostor_at_the_resume_port_costs_the_paused_destination_nothing_10_0() {
     an_impostor_at_the_resume_port(QemuVersion::V10_0).await;

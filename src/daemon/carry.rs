@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use super::receive::ReceiveError;
 use super::relay::{self, Feed, PumpReport, Reader, Relay, RelayError, Writer};
 use super::tls::{DestinationTls, EofAsEnd, SourceTls};
-use crate::qmp::{IncomingAddress, MigrationStatus, Qmp};
+use crate::qmp::{EventCursor, IncomingAddress, MigrationStatus, Qmp};
 use crate::session::admission::{
     Admission, DistinguishedName, Joining, OpeningCheck, OpeningVerdict, PeerId,
 };
@@ -640,6 +640,8 @@ struct EarlyDestination {
     attempt: tokio::task::JoinHandle<Result<(Reader, Writer, socket2::Socket), ReceiveError>>,
     /// Whether a resume took it.
     taken: bool,
+    /// Whether the attempt has begun: until then, dropping it leaves the destination alone.
+    started: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EarlyDestination {
@@ -649,13 +651,23 @@ impl EarlyDestination {
             opts.sockets.dst_sndbuf,
             opts.destination_tls.clone(),
         );
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let starting = started.clone();
         EarlyDestination {
             seq,
             attempt: tokio::spawn(async move {
+                starting.store(true, std::sync::atomic::Ordering::Release);
                 connect_destination(&endpoint, sndbuf, tls.as_ref()).await
             }),
             taken: false,
+            started,
         }
+    }
+
+    /// Whether the destination may have seen this connection (so must be let pause again
+    /// once it closes): on one thread, a prompt refusal often comes before the attempt ran.
+    fn may_have_reached(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The connection, or, if the early attempt failed, one made now the usual way
@@ -686,6 +698,29 @@ impl Drop for EarlyDestination {
         }
         // A finished attempt's connection is dropped with the handle.
         self.attempt.abort();
+    }
+}
+
+/// How long a destination may take to pause again after an early connection closed.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Waits until the destination has paused again after an early connection was closed
+/// unused (its `postcopy-paused` after `cursor`): a 10.0 destination still in
+/// `postcopy-recover` would take the next connection for a channel of the recovery it is
+/// leaving. Without QMP, or if the event does not come in time (a main loop blocked on
+/// guest memory sends none), the resume goes ahead and QEMU judges it.
+async fn settle(qmp: Option<&Qmp>, cursor: Option<EventCursor>) {
+    let (Some(qmp), Some(cursor)) = (qmp, cursor) else {
+        return;
+    };
+    match qmp
+        .wait_migration_status_after(cursor, &["postcopy-paused", "failed"], SETTLE_TIMEOUT)
+        .await
+    {
+        Ok(s) => tracing::info!("the destination after the early connection closed: {s}"),
+        Err(e) => tracing::warn!(
+            "the destination did not pause again after the early connection closed ({e}); resuming anyway"
+        ),
     }
 }
 
@@ -756,6 +791,9 @@ pub async fn carry(
     let mut need_destination = opts.takeover;
     // That connection, opened while a connection from the source's address is judged.
     let mut early_destination: Option<EarlyDestination> = None;
+    // An early connection was closed unused: the destination leaves `postcopy-recover`
+    // again (events after this cursor), and takes no other connection until it has.
+    let mut settling: Option<Option<EventCursor>> = None;
     let accept_deadline = tokio::time::Instant::now() + opts.accept_timeout;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut state_file = opts.state_file.clone();
@@ -815,6 +853,7 @@ pub async fn carry(
                     && !first_main
                     && !main_up
                     && early_destination.is_none()
+                    && settling.is_none()
                     && admission.is_source_address(peer.ip())
                 {
                     tracing::info!(%peer, destination = %endpoint, "connecting the destination while the connection is judged");
@@ -836,15 +875,26 @@ pub async fn carry(
             Some(done) = classifying.join_next() => {
                 let Ok((judged, sock)) = done else {
                     // Whose it was is lost with the task: a resume connects again.
-                    early_destination = None;
+                    if early_destination.take().is_some_and(|e| e.may_have_reached()) {
+                        settling = Some(qmp.map(Qmp::event_cursor));
+                    }
                     continue;
                 };
                 let Judged { stream, peer, seq, name, class, refused_at } = judged;
                 let who = PeerId { ip: peer.ip(), name };
                 // The destination connection this connection prompted: used if it is let in
-                // as the resume, else dropped (closed) on any way out of this branch. One
-                // prompted by a connection still being judged serves a resume let in first.
-                let prompted = early_destination.take_if(|e| e.seq == seq);
+                // as the resume, else closed here. One prompted by a connection still being
+                // judged serves a resume let in first.
+                let prompted = match early_destination.take_if(|e| e.seq == seq) {
+                    Some(e) if !matches!(class, Classified::ResumedMain(_)) => {
+                        if e.may_have_reached() {
+                            settling = Some(qmp.map(Qmp::event_cursor));
+                        }
+                        drop(e);
+                        None
+                    }
+                    other => other,
+                };
                 tracing::debug!(%peer, class = class.name(), main_up = *main_up_tx.borrow(), "classified a source connection");
                 let (class, s) = match (class, stream) {
                     (Classified::Refused(why), _) => {
@@ -905,8 +955,12 @@ pub async fn carry(
                             } else if let Some(early) = prompted.or_else(|| early_destination.take()) {
                                 early.take(&mut endpoint, &opts, qmp).await?
                             } else {
+                                if let Some(cursor) = settling.take() {
+                                    settle(qmp, cursor).await;
+                                }
                                 reconnect_destination(&mut endpoint, &opts, qmp).await?
                             };
+                            settling = None;
                             dst_socks.push(dsock);
                             destination = Some(dw);
                             if opts.own_preempt {
