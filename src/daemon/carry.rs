@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream, UnixStream};
@@ -641,33 +642,36 @@ struct EarlyDestination {
     /// Whether a resume took it.
     taken: bool,
     /// Whether the attempt has begun: until then, dropping it leaves the destination alone.
-    started: Arc<std::sync::atomic::AtomicBool>,
+    started: Arc<AtomicBool>,
+    /// Set when it is dropped unused after it began: the destination must be let pause
+    /// again before it is connected for anything else (see [`settle`]).
+    closed_unused: Arc<AtomicBool>,
 }
 
 impl EarlyDestination {
-    fn open(seq: u64, endpoint: &Endpoint, opts: &CarryOptions) -> EarlyDestination {
+    fn open(
+        seq: u64,
+        endpoint: &Endpoint,
+        opts: &CarryOptions,
+        closed_unused: &Arc<AtomicBool>,
+    ) -> EarlyDestination {
         let (endpoint, sndbuf, tls) = (
             endpoint.clone(),
             opts.sockets.dst_sndbuf,
             opts.destination_tls.clone(),
         );
-        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = Arc::new(AtomicBool::new(false));
         let starting = started.clone();
         EarlyDestination {
             seq,
             attempt: tokio::spawn(async move {
-                starting.store(true, std::sync::atomic::Ordering::Release);
+                starting.store(true, Ordering::Release);
                 connect_destination(&endpoint, sndbuf, tls.as_ref()).await
             }),
             taken: false,
             started,
+            closed_unused: closed_unused.clone(),
         }
-    }
-
-    /// Whether the destination may have seen this connection (so must be let pause again
-    /// once it closes): on one thread, a prompt refusal often comes before the attempt ran.
-    fn may_have_reached(&self) -> bool {
-        self.started.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The connection, or, if the early attempt failed, one made now the usual way
@@ -691,10 +695,13 @@ impl EarlyDestination {
 
 impl Drop for EarlyDestination {
     fn drop(&mut self) {
-        if !self.taken {
+        // The destination may have seen it only if the attempt began (on one thread a
+        // prompt refusal often comes first).
+        if !self.taken && self.started.load(Ordering::Acquire) {
             tracing::info!(
                 "closing the destination connection opened early: the connection that prompted it was not let in as a resume"
             );
+            self.closed_unused.store(true, Ordering::Release);
         }
         // A finished attempt's connection is dropped with the handle.
         self.attempt.abort();
@@ -794,6 +801,7 @@ pub async fn carry(
     // An early connection was closed unused: the destination leaves `postcopy-recover`
     // again (events after this cursor), and takes no other connection until it has.
     let mut settling: Option<Option<EventCursor>> = None;
+    let early_closed_unused = Arc::new(AtomicBool::new(false));
     let accept_deadline = tokio::time::Instant::now() + opts.accept_timeout;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut state_file = opts.state_file.clone();
@@ -814,6 +822,10 @@ pub async fn carry(
         Duration::from_millis(200),
     );
     let result: Result<(), ReceiveError> = loop {
+        if early_closed_unused.swap(false, Ordering::AcqRel) {
+            // Just closed: its `postcopy-paused` is still to come.
+            settling = Some(qmp.map(Qmp::event_cursor));
+        }
         let timeout = relay.with(|s| s.poll_timeout());
         let waiting_first = first_main && pumps.main.is_none();
         tokio::select! {
@@ -857,7 +869,7 @@ pub async fn carry(
                     && admission.is_source_address(peer.ip())
                 {
                     tracing::info!(%peer, destination = %endpoint, "connecting the destination while the connection is judged");
-                    early_destination = Some(EarlyDestination::open(seq, &endpoint, &opts));
+                    early_destination = Some(EarlyDestination::open(seq, &endpoint, &opts, &early_closed_unused));
                 }
                 // With the main channel up, this is the preempt channel (once its TLS
                 // handshake, if any, is done).
@@ -875,26 +887,15 @@ pub async fn carry(
             Some(done) = classifying.join_next() => {
                 let Ok((judged, sock)) = done else {
                     // Whose it was is lost with the task: a resume connects again.
-                    if early_destination.take().is_some_and(|e| e.may_have_reached()) {
-                        settling = Some(qmp.map(Qmp::event_cursor));
-                    }
+                    early_destination = None;
                     continue;
                 };
                 let Judged { stream, peer, seq, name, class, refused_at } = judged;
                 let who = PeerId { ip: peer.ip(), name };
                 // The destination connection this connection prompted: used if it is let in
-                // as the resume, else closed here. One prompted by a connection still being
-                // judged serves a resume let in first.
-                let prompted = match early_destination.take_if(|e| e.seq == seq) {
-                    Some(e) if !matches!(class, Classified::ResumedMain(_)) => {
-                        if e.may_have_reached() {
-                            settling = Some(qmp.map(Qmp::event_cursor));
-                        }
-                        drop(e);
-                        None
-                    }
-                    other => other,
-                };
+                // as the resume, else closed (dropped) on any way out of this branch. One
+                // prompted by a connection still being judged serves a resume let in first.
+                let prompted = early_destination.take_if(|e| e.seq == seq);
                 tracing::debug!(%peer, class = class.name(), main_up = *main_up_tx.borrow(), "classified a source connection");
                 let (class, s) = match (class, stream) {
                     (Classified::Refused(why), _) => {
