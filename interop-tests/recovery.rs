@@ -200,6 +200,48 @@ impl Rig {
         )
     }
 
+    /// [`Self::start`] with `--on-cut pass-through`, no preempt: the destination pauses
+    /// with the source at a cut.
+    async fn pass_through(
+        version: QemuVersion,
+    ) -> (Rig, tokio::task::JoinHandle<Result<Report, ReceiveError>>) {
+        Rig::start(version, false, |o| ReceiveOptions {
+            on_cut: Some(CutPolicy::PassThrough),
+            ..o
+        })
+        .await
+    }
+
+    /// Pass-through: stops the destination's vCPUs (see
+    /// pass_through_relays_the_recovery_of_7_2), cuts the link and waits until both ends
+    /// have paused; returns the destination's event cursor from then on.
+    async fn cut_until_both_paused(&self) -> EventCursor {
+        stop_destination_vcpus(&self.dst).await;
+        let dq = self.dst.qmp();
+        let before_cut = dq.event_cursor();
+        self.cut_until_paused(Link::cut, false).await;
+        let s = dq
+            .wait_migration_status_after(before_cut, &["postcopy-paused", "failed"], STEP)
+            .await
+            .expect("the destination pauses with the source");
+        assert_eq!(s, MigrationStatus::PostcopyPaused);
+        dq.event_cursor()
+    }
+
+    /// A peer at the sidecar's own port that sends `first_bytes` and must be refused: the
+    /// sidecar closes the connection without a byte.
+    async fn impostor(&self, first_bytes: &[u8]) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut impostor = tokio::net::TcpStream::connect(self.port).await.unwrap();
+        impostor.write_all(first_bytes).await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(STEP, impostor.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "the sidecar refuses the impostor: {read:?}, {rest:?}"
+        );
+    }
+
     async fn postcopy(&self) {
         start_postcopy(
             &self.src,
@@ -546,11 +588,7 @@ async fn a_silent_partition_is_seen_and_recovered_10_0() {
 /// makes it listen again (migrate-recover, out of band) and relays QEMU's own handshake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pass_through_lets_the_destination_pause_and_relays_its_recovery_10_0() {
-    let (rig, sidecar) = Rig::start(QemuVersion::V10_0, false, |o| ReceiveOptions {
-        on_cut: Some(CutPolicy::PassThrough),
-        ..o
-    })
-    .await;
+    let (rig, sidecar) = Rig::pass_through(QemuVersion::V10_0).await;
     rig.postcopy().await;
     let cursors = (rig.src.qmp().event_cursor(), rig.dst.qmp().event_cursor());
     // vCPUs stopped across each cut: see pass_through_relays_the_recovery_of_7_2 (10.0
@@ -586,11 +624,7 @@ async fn pass_through_lets_the_destination_pause_and_relays_its_recovery_10_0() 
 /// pauses, does not (`resets_of_the_source_link_are_held_7_2` runs with the vCPUs going).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pass_through_relays_the_recovery_of_7_2() {
-    let (rig, sidecar) = Rig::start(QemuVersion::V7_2, false, |o| ReceiveOptions {
-        on_cut: Some(CutPolicy::PassThrough),
-        ..o
-    })
-    .await;
+    let (rig, sidecar) = Rig::pass_through(QemuVersion::V7_2).await;
     rig.postcopy().await;
     for _ in 0..2 {
         rig.advance(256 * 1024).await;
@@ -612,37 +646,13 @@ async fn pass_through_relays_the_recovery_of_7_2() {
 /// such a connection (run here), so to it the sidecar connects only for a judged resume:
 /// it must stay paused, untouched, while the impostor is judged.
 async fn an_impostor_at_the_resume_port(version: QemuVersion) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (rig, sidecar) = Rig::start(version, false, |o| ReceiveOptions {
-        on_cut: Some(CutPolicy::PassThrough),
-        ..o
-    })
-    .await;
+    let (rig, sidecar) = Rig::pass_through(version).await;
     rig.postcopy().await;
     rig.advance(256 * 1024).await;
-    // See pass_through_relays_the_recovery_of_7_2.
-    stop_destination_vcpus(&rig.dst).await;
+    let before_impostor = rig.cut_until_both_paused().await;
     let dq = rig.dst.qmp();
-    let before_cut = dq.event_cursor();
-    rig.cut_until_paused(Link::cut, false).await;
-    let s = dq
-        .wait_migration_status_after(before_cut, &["postcopy-paused", "failed"], STEP)
-        .await
-        .expect("the destination pauses with the source");
-    assert_eq!(s, MigrationStatus::PostcopyPaused);
-    let before_impostor = dq.event_cursor();
     // A fresh migration stream: refused while this migration is in progress.
-    let mut impostor = tokio::net::TcpStream::connect(rig.port).await.unwrap();
-    impostor
-        .write_all(&[b'Q', b'E', b'V', b'M', 0, 0, 0, 3])
-        .await
-        .unwrap();
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(STEP, impostor.read_to_end(&mut rest)).await;
-    assert!(
-        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
-        "the sidecar refuses the impostor: {read:?}, {rest:?}"
-    );
+    rig.impostor(&[b'Q', b'E', b'V', b'M', 0, 0, 0, 3]).await;
     let early = version == QemuVersion::V10_0;
     if early {
         let s = dq
@@ -693,28 +703,14 @@ async fn an_impostor_at_the_resume_port(version: QemuVersion) {
 /// connection began, straight recover, active.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_impostor_refused_right_before_the_resume_lets_the_destination_pause_first_10_0() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (rig, sidecar) = Rig::start(QemuVersion::V10_0, false, |o| ReceiveOptions {
-        on_cut: Some(CutPolicy::PassThrough),
-        ..o
-    })
-    .await;
+    let (rig, sidecar) = Rig::pass_through(QemuVersion::V10_0).await;
     rig.postcopy().await;
     let mut flaps = 0;
     for _ in 0..3 {
         rig.advance(256 * 1024).await;
-        stop_destination_vcpus(&rig.dst).await;
+        let before_impostor = rig.cut_until_both_paused().await;
         let dq = rig.dst.qmp();
-        let before_cut = dq.event_cursor();
-        rig.cut_until_paused(Link::cut, false).await;
-        dq.wait_migration_status_after(before_cut, &["postcopy-paused"], STEP)
-            .await
-            .expect("the destination pauses with the source");
-        let before_impostor = dq.event_cursor();
-        let mut impostor = tokio::net::TcpStream::connect(rig.port).await.unwrap();
-        impostor.write_all(&[0xff]).await.unwrap();
-        let mut rest = Vec::new();
-        let _ = tokio::time::timeout(STEP, impostor.read_to_end(&mut rest)).await;
+        rig.impostor(&[0xff]).await;
         rig.resume_source(rig.link.addr()).await;
         cont_destination(&rig.dst).await;
         let events: Vec<_> = dq

@@ -676,7 +676,7 @@ impl EarlyDestination {
 
     /// The connection, or, if the early attempt failed, one made now the usual way
     /// ([`reconnect_destination`], which may ask the destination where it listens).
-    async fn take(
+    async fn into_connection(
         mut self,
         endpoint: &mut Endpoint,
         opts: &CarryOptions,
@@ -954,7 +954,7 @@ pub async fn carry(
                             let (dr, dw, dsock) = if first_main {
                                 connect_destination(&endpoint, opts.sockets.dst_sndbuf, opts.destination_tls.as_ref()).await?
                             } else if let Some(early) = prompted.or_else(|| early_destination.take()) {
-                                early.take(&mut endpoint, &opts, qmp).await?
+                                early.into_connection(&mut endpoint, &opts, qmp).await?
                             } else {
                                 if let Some(cursor) = settling.take() {
                                     settle(qmp, cursor).await;
