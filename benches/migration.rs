@@ -249,6 +249,10 @@ async fn once(mode: Mode, tls: Option<&Tls>, load: Load) -> Sample {
                 .map_or(postcopy_sidecar::daemon::relay::DEFAULT_READ_AHEAD, |m| {
                     m << 20
                 }),
+            max_queued_units: std::env::var("BENCH_QUEUED_UNITS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(postcopy_sidecar::session::MAX_QUEUED_UNITS),
             ..ReceiveOptions::new(dst.spare_qmp_path(), Listen::At(addr))
         };
         let std_listener = listener.into_std().unwrap();

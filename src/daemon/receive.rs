@@ -115,6 +115,10 @@ pub struct ReceiveOptions {
     pub multifd: Option<u8>,
     /// How many bytes of the main stream the sidecar reads ahead of the destination.
     pub read_ahead: usize,
+    /// Most records the read-ahead queue holds ([`crate::session::MAX_QUEUED_UNITS`] by
+    /// default): with data pages first, zero pages wait there, and their bookkeeping is
+    /// what the sidecar's CPU spends per record.
+    pub max_queued_units: usize,
     /// Write the JSON report here.
     pub report: Option<PathBuf>,
     /// Show the live view (on a terminal).
@@ -210,6 +214,7 @@ impl ReceiveOptions {
             own_preempt: false,
             multifd: None,
             read_ahead: crate::daemon::relay::DEFAULT_READ_AHEAD,
+            max_queued_units: crate::session::MAX_QUEUED_UNITS,
             report: None,
             live: false,
             allow_paused: false,
@@ -634,7 +639,7 @@ async fn run(listener: Option<TcpListener>, opts: ReceiveOptions) -> Result<Repo
         requests_first: opts.requests_first,
         prefetch: opts.prefetch,
         data_first: opts.data_first,
-        max_queued_units: crate::session::MAX_QUEUED_UNITS,
+        max_queued_units: opts.max_queued_units.max(1),
         own_preempt,
         // Set below once the destination's capabilities are known.
         no_postcopy: None,
