@@ -77,7 +77,9 @@ pub enum TimerAction {
 }
 
 /// Most records (pages, zero pages, moved places) the main channel's queue holds before
-/// the sidecar stops reading the source: about 20 MiB of bookkeeping at most.
+/// the sidecar stops reading the source: 56 bytes per record plus the index of waiting
+/// pages, about 16 MiB of bookkeeping for a stream that walks memory and 40 MiB at most
+/// (a source that scatters its pages, one index chunk each).
 pub const MAX_QUEUED_UNITS: usize = 1 << 18;
 
 /// How a session behaves.
@@ -1283,8 +1285,10 @@ impl Session {
             self.digests
                 .get_or_insert_with(|| PageDigests::new(&blocks, tps));
         }
-        self.outbox
-            .set_block_names(layout.blocks().iter().map(|b| b.name.to_vec()).collect());
+        self.outbox.set_block_names(
+            layout.blocks().iter().map(|b| b.name.to_vec()).collect(),
+            tps,
+        );
         self.layout_published = true;
         if self.preempt_used && self.preempt.is_none() {
             self.preempt = Some(PreemptDecoder::new(tps, layout));

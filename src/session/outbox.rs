@@ -42,14 +42,123 @@ use crate::wire::ram::FLAG_CONTINUE;
 /// still seeded per map at random, so a peer cannot choose colliding keys ahead of time.
 pub(crate) type PageMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// Queued pages by (block, offset). A B-tree, not a hash map: with data pages first the
-/// queue holds up to [`super::MAX_QUEUED_UNITS`] zero pages, and a hash table that size
-/// misses the cache on every insert and removal, while the stream inserts pages at the
-/// tree's right edge (addresses rising) and the queue removes them at its left edge or
-/// in order: measured with `cargo bench --bench session` for a composed 512 MiB guest,
-/// hash map against B-tree, 90 against 50-64 ms in one run and 133 against 89 ms in
-/// another (a different machine's day).
-type WaitingPages = std::collections::BTreeMap<(usize, u64), (u64, bool)>;
+/// Pages per [`WaitingPages`] chunk.
+const CHUNK_PAGES: u64 = 16;
+
+/// Sixteen neighbouring pages of one block in [`WaitingPages`]: which are waiting, which
+/// of those wait in `ahead` too, and each one's sequence number (its low 32 bits: the
+/// queue never holds 2^32 units, see [`WaitingPages`]).
+#[derive(Debug, Default)]
+struct Chunk {
+    present: u16,
+    ahead: u16,
+    seqs: [u32; CHUNK_PAGES as usize],
+}
+
+/// Movable pages still queued at their place, by (block, page): a hash map of chunks of
+/// [`CHUNK_PAGES`] neighbouring pages. Every page the stream brings is inserted once and
+/// removed once, and with data pages first the queue holds up to
+/// [`super::MAX_QUEUED_UNITS`] zero pages: a hash map of single pages missed the cache on
+/// every insert and removal (133 ms against 89 for a B-tree, `cargo bench --bench
+/// session`, composed 512 MiB guest) and the B-tree's search was half of the sidecar's
+/// time per record in the migration bench's profile, while the stream's neighbours fall
+/// into one chunk. At most one chunk per queued page (a source scattering its pages), 16
+/// times fewer for a stream that walks memory.
+///
+/// Sequence numbers are kept as their low 32 bits and compared or widened against the
+/// queue's first one: every entry is a unit still queued, and the queue holds far fewer
+/// than 2^32 units ([`Outbox::push_page`] makes pages past that unmovable).
+#[derive(Debug, Default)]
+struct WaitingPages {
+    chunks: PageMap<(usize, u64), Chunk>,
+    /// log2 of the page size the index counts in (the target page size).
+    page_shift: u32,
+}
+
+impl WaitingPages {
+    /// The chunk key and the slot of a page; `None` for an offset that is not on a page
+    /// boundary (such a record is never moved).
+    fn slot(&self, block: usize, offset: u64) -> Option<((usize, u64), usize)> {
+        if offset & ((1u64 << self.page_shift) - 1) != 0 {
+            return None;
+        }
+        let page = offset >> self.page_shift;
+        Some(((block, page / CHUNK_PAGES), (page % CHUNK_PAGES) as usize))
+    }
+
+    /// Records a page queued at `seq`, unless it is waiting already (then false).
+    fn insert(&mut self, block: usize, offset: u64, seq: u64) -> bool {
+        let Some((key, i)) = self.slot(block, offset) else {
+            return false;
+        };
+        let c = self.chunks.entry(key).or_default();
+        if c.present & (1 << i) != 0 {
+            return false;
+        }
+        c.present |= 1 << i;
+        c.seqs[i] = seq as u32;
+        true
+    }
+
+    /// Whether the page is waiting.
+    fn contains(&self, block: usize, offset: u64) -> bool {
+        self.slot(block, offset)
+            .and_then(|(key, i)| self.chunks.get(&key).map(|c| c.present & (1 << i) != 0))
+            .unwrap_or(false)
+    }
+
+    /// Takes the page out, returning its full sequence number (`first_seq`: the queue's
+    /// first unit, at or before every waiting one).
+    fn remove(&mut self, block: usize, offset: u64, first_seq: u64) -> Option<u64> {
+        let (key, i) = self.slot(block, offset)?;
+        let c = self.chunks.get_mut(&key)?;
+        if c.present & (1 << i) == 0 {
+            return None;
+        }
+        let seq = first_seq + u64::from(c.seqs[i].wrapping_sub(first_seq as u32));
+        self.clear(key, i);
+        Some(seq)
+    }
+
+    /// Takes the page out if it waits as the unit `seq` (not as a later duplicate).
+    fn remove_if_at(&mut self, block: usize, offset: u64, seq: u64) {
+        let Some((key, i)) = self.slot(block, offset) else {
+            return;
+        };
+        if self
+            .chunks
+            .get(&key)
+            .is_some_and(|c| c.present & (1 << i) != 0 && c.seqs[i] == seq as u32)
+        {
+            self.clear(key, i);
+        }
+    }
+
+    fn clear(&mut self, key: (usize, u64), i: usize) {
+        if let Some(c) = self.chunks.get_mut(&key) {
+            c.present &= !(1 << i);
+            c.ahead &= !(1 << i);
+            if c.present == 0 {
+                self.chunks.remove(&key);
+            }
+        }
+    }
+
+    /// Marks a waiting page as waiting in `ahead` too, returning its full sequence
+    /// number; `None` if it is not waiting or was marked before.
+    fn mark_ahead(&mut self, block: usize, offset: u64, first_seq: u64) -> Option<u64> {
+        let (key, i) = self.slot(block, offset)?;
+        let c = self.chunks.get_mut(&key)?;
+        if c.present & (1 << i) == 0 || c.ahead & (1 << i) != 0 {
+            return None;
+        }
+        c.ahead |= 1 << i;
+        Some(first_seq + u64::from(c.seqs[i].wrapping_sub(first_seq as u32)))
+    }
+}
+
+/// Most units the queue may hold with its pages still movable (see [`WaitingPages`]).
+const MOVABLE_UNITS: usize = 1 << 31;
 
 /// A page record's place in the stream, as the decoder saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,8 +182,12 @@ pub struct PageMark {
     pub ends_host_page: bool,
 }
 
-/// Records shorter than this are copied into the queue's own small buffers: a zero-page
-/// record waiting at its place must not hold a whole read buffer of the relay's alive.
+/// Records and pieces shorter than this are copied into the queue's own small buffers: a
+/// zero-page record or a section's framing waiting at its place must not hold a whole
+/// read buffer of the relay's alive. With data pages first, zero pages and the framing
+/// between them wait while the data pages around them leave: before framing was copied
+/// too, the composed 512 MiB stream of `cargo bench --bench session` kept every read
+/// buffer of the stream alive to its end (146 MB, each page of it faulted in fresh).
 const SMALL_RECORD: usize = 256;
 
 /// Size of each buffer that small records are copied into.
@@ -125,7 +238,7 @@ pub struct Outbox {
     units: VecDeque<Unit>,
     /// Sequence number of `units[0]`.
     first_seq: u64,
-    /// Movable pages still queued at their place, by (block, offset): their sequence
+    /// Movable pages still queued at their place, by (block, page): their sequence
     /// number, and whether they already wait in `ahead`.
     waiting: WaitingPages,
     /// Promoted pages, in the order they were asked for.
@@ -140,6 +253,8 @@ pub struct Outbox {
     between_pages: bool,
     /// Block names, to write out a name a moved record's neighbour relied on.
     names: Vec<Vec<u8>>,
+    /// log2 of the target page size, once known: pages are movable from then on.
+    page_shift: Option<u32>,
     /// Promoted pages leave on the destination's preempt channel, not on main.
     preempt: bool,
     /// Data pages queued, for [`Self::data_first`]: after the promoted ones and before the
@@ -158,9 +273,16 @@ impl Outbox {
         Outbox::default()
     }
 
-    /// Learns the block names (the block table), needed to name a record.
-    pub fn set_block_names(&mut self, names: Vec<Vec<u8>>) {
+    /// Learns the block names (the block table), needed to name a record, and the target
+    /// page size the stream's offsets count in. Until then no page is movable.
+    pub fn set_block_names(&mut self, names: Vec<Vec<u8>>, target_page_size: u64) {
         self.names = names;
+        // QEMU's target page sizes are powers of two (the decoder refuses others); a
+        // page size the index cannot count in leaves every page unmovable.
+        self.page_shift = target_page_size
+            .is_power_of_two()
+            .then(|| target_page_size.trailing_zeros());
+        self.waiting.page_shift = self.page_shift.unwrap_or(0);
     }
 
     /// Sends promoted pages on a preempt channel ([`Self::take_preempt`]) from now on
@@ -189,9 +311,14 @@ impl Outbox {
     /// Queues stream bytes that go out as they are. `then_between_pages`: after them a
     /// page record may be inserted (a postcopy RAM section stands open, outside the
     /// package); `unmarked_pages`: they may hold page records not queued as pages.
-    pub fn push_bytes(&mut self, bytes: Bytes, then_between_pages: bool, unmarked_pages: bool) {
+    pub fn push_bytes(&mut self, mut bytes: Bytes, then_between_pages: bool, unmarked_pages: bool) {
         if bytes.is_empty() {
             return;
+        }
+        // A section's header or footer waiting between zero pages must not keep its read
+        // buffer alive either (see [`SMALL_RECORD`]).
+        if bytes.len() < SMALL_RECORD {
+            bytes = self.small_copy(&bytes);
         }
         self.queued_bytes += bytes.len();
         self.units.push_back(Unit::Bytes {
@@ -205,7 +332,10 @@ impl Outbox {
     /// Queues one page record. A movable record of a block without a known name is
     /// queued as unmovable: it could not be named if its neighbour moved.
     pub fn push_page(&mut self, mut bytes: Bytes, mut mark: PageMark) {
-        if mark.block >= self.names.len() {
+        if mark.block >= self.names.len() || self.units.len() >= MOVABLE_UNITS {
+            mark.movable = false;
+        }
+        if self.page_shift.is_none() || self.waiting.slot(mark.block, mark.offset).is_none() {
             mark.movable = false;
         }
         if bytes.len() < SMALL_RECORD {
@@ -216,17 +346,15 @@ impl Outbox {
         if mark.movable {
             // A page appears once in a stream while it is queued; if a source sent it
             // again, the later record must not be moved ahead of the earlier.
-            if let std::collections::btree_map::Entry::Vacant(v) =
-                self.waiting.entry((mark.block, mark.offset))
-            {
-                if mark.answers {
+            if mark.answers {
+                if !self.waiting.contains(mark.block, mark.offset) {
                     self.urgent.push_back(seq);
-                } else {
-                    v.insert((seq, false));
-                    if self.data_first && !mark.zero {
-                        self.data.push_back(seq);
-                    }
                 }
+            } else if self.waiting.insert(mark.block, mark.offset, seq)
+                && self.data_first
+                && !mark.zero
+            {
+                self.data.push_back(seq);
             }
         }
         self.units.push_back(Unit::Page { bytes, mark });
@@ -242,8 +370,8 @@ impl Outbox {
     /// next. Returns whether it was promoted.
     #[must_use = "false: not queued (never, or already given out)"]
     pub fn promote(&mut self, block: usize, offset: u64) -> bool {
-        match self.waiting.remove(&(block, offset)) {
-            Some((seq, _)) => {
+        match self.waiting.remove(block, offset, self.first_seq) {
+            Some(seq) => {
                 // If it waited in `ahead` too, the later of the two turns finds it gone.
                 self.urgent.push_back(seq);
                 true
@@ -256,13 +384,12 @@ impl Outbox {
     /// the stream's order (a page the guest is about to touch). Returns whether it was
     /// queued for that.
     pub fn send_ahead(&mut self, block: usize, offset: u64) -> bool {
-        match self.waiting.get_mut(&(block, offset)) {
-            Some((seq, in_ahead @ false)) => {
-                *in_ahead = true;
-                self.ahead.push_back(*seq);
+        match self.waiting.mark_ahead(block, offset, self.first_seq) {
+            Some(seq) => {
+                self.ahead.push_back(seq);
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
@@ -292,9 +419,7 @@ impl Outbox {
             let Unit::Page { bytes, mark } = std::mem::replace(unit, Unit::Moved) else {
                 continue;
             };
-            if self.waiting.get(&(mark.block, mark.offset)).map(|w| w.0) == Some(seq) {
-                self.waiting.remove(&(mark.block, mark.offset));
-            }
+            self.waiting.remove_if_at(mark.block, mark.offset, seq);
             return Some((bytes, mark));
         }
     }
@@ -325,9 +450,11 @@ impl Outbox {
     pub fn reset(&mut self) {
         let names = std::mem::take(&mut self.names);
         let figures = self.figures;
-        let (preempt, data_first) = (self.preempt, self.data_first);
+        let (preempt, data_first, page_shift) = (self.preempt, self.data_first, self.page_shift);
         *self = Outbox::default();
         self.names = names;
+        self.page_shift = page_shift;
+        self.waiting.page_shift = page_shift.unwrap_or(0);
         self.figures = figures;
         self.preempt = preempt;
         self.data_first = data_first;
@@ -394,10 +521,8 @@ impl Outbox {
                     // Waiting, or promoted with no place for it before its own: it goes
                     // here, and a turn it may still have in `urgent` or `ahead` finds it
                     // gone.
-                    let seq = self.first_seq - 1;
-                    if self.waiting.get(&(mark.block, mark.offset)).map(|w| w.0) == Some(seq) {
-                        self.waiting.remove(&(mark.block, mark.offset));
-                    }
+                    self.waiting
+                        .remove_if_at(mark.block, mark.offset, self.first_seq - 1);
                     n += self.give_page(bytes, mark, &mut out);
                 }
             }
@@ -629,7 +754,7 @@ mod tests {
 
     fn outbox() -> Outbox {
         let mut o = Outbox::new();
-        o.set_block_names(vec![b"pc.ram".to_vec(), b"other".to_vec()]);
+        o.set_block_names(vec![b"pc.ram".to_vec(), b"other".to_vec()], 4096);
         o
     }
 
@@ -734,6 +859,62 @@ mod tests {
             "the read buffer is the relay's again while the zero page waits"
         );
         assert!(!o.is_empty());
+    }
+
+    #[test]
+    fn queued_section_framing_does_not_keep_the_read_buffer_alive() {
+        let mut o = outbox();
+        o.data_first();
+        let mut buf = BytesMut::with_capacity(1 << 20);
+        buf.extend_from_slice(&[0x10, 0, 0, 0, 2]);
+        buf.extend_from_slice(&[0u8; 4096]);
+        o.push_bytes(buf.split_to(5).freeze(), true, false);
+        buf.clear();
+        assert!(
+            buf.try_reclaim(1 << 20),
+            "the read buffer is the relay's again while the section header waits"
+        );
+        assert_eq!(flat(o.take(1 << 20)), [0x10, 0, 0, 0, 2]);
+    }
+
+    #[test]
+    fn pages_are_movable_only_once_the_page_size_is_known_and_on_its_boundaries() {
+        let mut o = Outbox::new();
+        o.push_page(page(Some(b"pc.ram"), 0, 1), mark(0, 0, false));
+        assert!(!o.promote(0, 0), "no block table yet");
+        o.set_block_names(vec![b"pc.ram".to_vec()], 4096);
+        o.push_page(page(Some(b"pc.ram"), 0x1800, 2), mark(0, 0x1800, false));
+        assert!(!o.promote(0, 0x1800), "off a page boundary");
+        o.push_page(page(Some(b"pc.ram"), 0x3000, 3), mark(0, 0x3000, false));
+        assert!(o.promote(0, 0x3000));
+        o.reset();
+        o.push_page(page(Some(b"pc.ram"), 0x4000, 4), mark(0, 0x4000, false));
+        assert!(o.promote(0, 0x4000), "the page size outlives a reset");
+    }
+
+    #[test]
+    fn waiting_pages_keep_full_sequence_numbers_across_a_32_bit_wrap() {
+        let mut w = WaitingPages {
+            page_shift: 12,
+            ..WaitingPages::default()
+        };
+        let first = (1u64 << 32) - 2;
+        assert!(w.insert(0, 0x1000, first + 1));
+        assert!(w.insert(0, 0x2000, first + 3), "past 2^32");
+        assert!(w.insert(1, 0x1000, first + 4), "another block, same page");
+        assert!(!w.insert(0, 0x2000, first + 5), "a duplicate stays out");
+        assert_eq!(w.mark_ahead(0, 0x2000, first), Some(first + 3));
+        assert_eq!(w.mark_ahead(0, 0x2000, first), None, "marked once");
+        w.remove_if_at(0, 0x1000, first + 2);
+        assert!(
+            w.contains(0, 0x1000),
+            "another unit's number removes nothing"
+        );
+        w.remove_if_at(0, 0x1000, first + 1);
+        assert!(!w.contains(0, 0x1000));
+        assert_eq!(w.remove(0, 0x2000, first + 2), Some(first + 3));
+        assert_eq!(w.remove(1, 0x1000, first + 2), Some(first + 4));
+        assert!(w.chunks.is_empty(), "empty chunks are dropped");
     }
 
     #[test]
