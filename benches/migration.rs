@@ -593,11 +593,11 @@ async fn main() {
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     // Each sidecar mode against the direct mode with the same channels (the sidecar's own
     // preempt channel also against direct preempt, what it stands in for).
-    for (m, r) in modes.iter().zip(&rows) {
+    for ((m, r), ms) in modes.iter().zip(&rows).zip(&samples) {
         if !m.through_sidecar && !m.copy_relay {
             continue;
         }
-        for (b, base) in modes.iter().zip(&rows).filter(|(b, _)| {
+        for ((b, base), bs) in modes.iter().zip(&rows).zip(&samples).filter(|((b, _), _)| {
             !b.through_sidecar
                 && !b.copy_relay
                 && b.multifd == m.multifd
@@ -614,6 +614,34 @@ async fn main() {
                 ratio(r[6], base[6]),
                 ratio(r[10], base[10])
             );
+            println!(
+                "  paired by round (median, min-max): total {}, blocktime {}",
+                paired(ms, bs, |x| x.total_ms),
+                paired(ms, bs, |x| x.blocktime_ms)
+            );
         }
     }
+}
+
+/// The ratios of `a` to `b` round by round (the modes alternate, so a round's two
+/// migrations ran under the same load), as "median (min-max)": on two busy cores one
+/// mode's median moves by more than the ratios themselves between runs, and the spread
+/// says how far a ratio can be trusted.
+fn paired(a: &[Sample], b: &[Sample], f: impl Fn(&Sample) -> f64) -> String {
+    let mut v: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .filter(|(_, y)| f(y) > 0.0)
+        .map(|(x, y)| f(x) / f(y))
+        .collect();
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.sort_by(|x, y| x.total_cmp(y));
+    format!(
+        "{:.2}x ({:.2}-{:.2})",
+        median(v.clone()),
+        v[0],
+        v[v.len() - 1]
+    )
 }
