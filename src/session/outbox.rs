@@ -60,10 +60,10 @@ struct Chunk {
 /// removed once, and with data pages first the queue holds up to
 /// [`super::MAX_QUEUED_UNITS`] zero pages: a hash map of single pages missed the cache on
 /// every insert and removal (133 ms against 89 for a B-tree, `cargo bench --bench
-/// session`, composed 512 MiB guest) and the B-tree's search was half of the sidecar's
-/// time per record in the migration bench's profile, while the stream's neighbours fall
-/// into one chunk. At most one chunk per queued page (a source scattering its pages), 16
-/// times fewer for a stream that walks memory.
+/// session`, composed 512 MiB guest), and the B-tree's inserts, searches and removals
+/// were about a fifth of the sidecar thread's samples in the migration bench's profile,
+/// while the stream's neighbours fall into one chunk here. At most one chunk per queued
+/// page (a source scattering its pages), 16 times fewer for a stream that walks memory.
 ///
 /// Sequence numbers are kept as their low 32 bits and compared or widened against the
 /// queue's first one: every entry is a unit still queued, and the queue holds far fewer
@@ -71,18 +71,20 @@ struct Chunk {
 #[derive(Debug, Default)]
 struct WaitingPages {
     chunks: PageMap<(usize, u64), Chunk>,
-    /// log2 of the page size the index counts in (the target page size).
-    page_shift: u32,
+    /// log2 of the page size the index counts in (the target page size), once known:
+    /// until then no page is indexed, so none is movable.
+    page_shift: Option<u32>,
 }
 
 impl WaitingPages {
     /// The chunk key and the slot of a page; `None` for an offset that is not on a page
-    /// boundary (such a record is never moved).
+    /// boundary, or before the page size is known (such a record is never moved).
     fn slot(&self, block: usize, offset: u64) -> Option<((usize, u64), usize)> {
-        if offset & ((1u64 << self.page_shift) - 1) != 0 {
+        let shift = self.page_shift?;
+        if offset & ((1u64 << shift) - 1) != 0 {
             return None;
         }
-        let page = offset >> self.page_shift;
+        let page = offset >> shift;
         Some(((block, page / CHUNK_PAGES), (page % CHUNK_PAGES) as usize))
     }
 
@@ -253,8 +255,6 @@ pub struct Outbox {
     between_pages: bool,
     /// Block names, to write out a name a moved record's neighbour relied on.
     names: Vec<Vec<u8>>,
-    /// log2 of the target page size, once known: pages are movable from then on.
-    page_shift: Option<u32>,
     /// Promoted pages leave on the destination's preempt channel, not on main.
     preempt: bool,
     /// Data pages queued, for [`Self::data_first`]: after the promoted ones and before the
@@ -279,10 +279,9 @@ impl Outbox {
         self.names = names;
         // QEMU's target page sizes are powers of two (the decoder refuses others); a
         // page size the index cannot count in leaves every page unmovable.
-        self.page_shift = target_page_size
+        self.waiting.page_shift = target_page_size
             .is_power_of_two()
             .then(|| target_page_size.trailing_zeros());
-        self.waiting.page_shift = self.page_shift.unwrap_or(0);
     }
 
     /// Sends promoted pages on a preempt channel ([`Self::take_preempt`]) from now on
@@ -330,12 +329,13 @@ impl Outbox {
     }
 
     /// Queues one page record. A movable record of a block without a known name is
-    /// queued as unmovable: it could not be named if its neighbour moved.
+    /// queued as unmovable: it could not be named if its neighbour moved; so is one the
+    /// index of waiting pages cannot hold (off a page boundary, or a queue of 2^31 units).
     pub fn push_page(&mut self, mut bytes: Bytes, mut mark: PageMark) {
-        if mark.block >= self.names.len() || self.units.len() >= MOVABLE_UNITS {
-            mark.movable = false;
-        }
-        if self.page_shift.is_none() || self.waiting.slot(mark.block, mark.offset).is_none() {
+        if mark.block >= self.names.len()
+            || self.units.len() >= MOVABLE_UNITS
+            || self.waiting.slot(mark.block, mark.offset).is_none()
+        {
             mark.movable = false;
         }
         if bytes.len() < SMALL_RECORD {
@@ -450,11 +450,11 @@ impl Outbox {
     pub fn reset(&mut self) {
         let names = std::mem::take(&mut self.names);
         let figures = self.figures;
-        let (preempt, data_first, page_shift) = (self.preempt, self.data_first, self.page_shift);
+        let (preempt, data_first) = (self.preempt, self.data_first);
+        let page_shift = self.waiting.page_shift;
         *self = Outbox::default();
         self.names = names;
-        self.page_shift = page_shift;
-        self.waiting.page_shift = page_shift.unwrap_or(0);
+        self.waiting.page_shift = page_shift;
         self.figures = figures;
         self.preempt = preempt;
         self.data_first = data_first;
@@ -895,7 +895,7 @@ mod tests {
     #[test]
     fn waiting_pages_keep_full_sequence_numbers_across_a_32_bit_wrap() {
         let mut w = WaitingPages {
-            page_shift: 12,
+            page_shift: Some(12),
             ..WaitingPages::default()
         };
         let first = (1u64 << 32) - 2;
