@@ -16,8 +16,7 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use postcopy_sidecar::daemon::relay::{DEFAULT_READ_AHEAD, READ_CHUNK};
+use postcopy_sidecar::daemon::relay::{DEFAULT_READ_AHEAD, READ_CHUNK, ReadBuffer};
 use postcopy_sidecar::inspect::read_capture;
 use postcopy_sidecar::session::{Session, SessionConfig};
 
@@ -88,24 +87,15 @@ fn carry(data: &[u8], data_first: bool) -> usize {
     );
     s.source_main_connected(now).expect("first connection");
     let epoch = s.epoch();
-    let mut buf = BytesMut::with_capacity(1 << 20);
-    // Read buffers are reused once their records are all handed out, as the relay's
-    // `ReadBuffer` does: fresh memory would be measured as page faults, not as the core.
-    let mut spares: Vec<BytesMut> = Vec::new();
+    // Read buffers are reused once their records are all handed out, as in the relay:
+    // fresh memory would be measured as page faults, not as the core.
+    let mut rb = ReadBuffer::default();
     let mut units = 0;
     for chunk in data.chunks(READ_CHUNK) {
-        if buf.capacity() - buf.len() < READ_CHUNK && !buf.try_reclaim(READ_CHUNK) {
-            let mut next = match spares.iter_mut().position(|b| b.try_reclaim(1 << 20)) {
-                Some(i) => spares.swap_remove(i),
-                None => BytesMut::with_capacity(1 << 20),
-            };
-            next.extend_from_slice(&buf);
-            let mut old = std::mem::replace(&mut buf, next);
-            old.clear();
-            spares.push(old);
-        }
+        rb.room();
+        let buf = &mut rb.cur;
         buf.extend_from_slice(chunk);
-        let step = s.queue_source_main(epoch, &mut buf, now);
+        let step = s.queue_source_main(epoch, buf, now);
         assert!(step.error.is_none(), "{:?}", step.error);
         units = units.max(s.main_queued_bytes());
         // The destination is slower than the source, as in a real migration: the queue

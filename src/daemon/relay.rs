@@ -240,15 +240,18 @@ const SPARE_BUFFERS: usize = 80;
 /// until its last queued record was written. Reading goes on in a spare buffer whose
 /// records are all written, and only allocates when none is free: fresh memory costs a
 /// page fault per page read, which on a busy host is felt in the total time.
+/// Public so `cargo bench --bench session` feeds the session core as the relay does.
 #[derive(Default)]
-struct ReadBuffer {
-    cur: BytesMut,
+pub struct ReadBuffer {
+    /// The buffer reads go into: the session takes its records off the front.
+    pub cur: BytesMut,
     spares: Vec<BytesMut>,
 }
 
 impl ReadBuffer {
-    /// Makes room for one more read, keeping the bytes not yet consumed.
-    fn room(&mut self) {
+    /// Makes room for one more read of up to [`READ_CHUNK`] bytes, keeping the bytes not
+    /// yet consumed.
+    pub fn room(&mut self) {
         if self.cur.capacity() - self.cur.len() >= READ_CHUNK || self.cur.try_reclaim(READ_CHUNK) {
             return;
         }
